@@ -1,0 +1,61 @@
+"""Suite-wide fixtures: the slow-callback detector and scratch directories.
+
+Every asyncio test runs its loop in debug mode with `slow_callback_duration` at 50 ms; asyncio
+then logs each callback that held the loop longer. The autouse fixture below collects those
+records and fails the test that caused them, so blocking the event loop is a test failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+SLOW_CALLBACK_SECONDS = 0.05
+
+
+class _SlowCallbackCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "took" in message and "seconds" in message:
+            self.records.append(message)
+
+
+def _debug_loop() -> asyncio.AbstractEventLoop:
+    loop = asyncio.new_event_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = SLOW_CALLBACK_SECONDS
+    return loop
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every asyncio test runs on a debug loop that reports slow callbacks."""
+    return {"debugloop": _debug_loop}
+
+
+@pytest.fixture(autouse=True)
+def no_slow_callbacks() -> Iterator[None]:
+    collector = _SlowCallbackCollector()
+    logger = logging.getLogger("asyncio")
+    logger.addHandler(collector)
+    try:
+        yield
+    finally:
+        logger.removeHandler(collector)
+    if collector.records:
+        pytest.fail("event loop blocked: " + "; ".join(collector.records[:5]))
+
+
+@pytest.fixture
+def scratch(tmp_path: Path) -> Path:
+    """A scratch directory short enough for unix socket paths (108-byte limit)."""
+    return tmp_path
