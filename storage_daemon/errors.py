@@ -11,10 +11,14 @@ from __future__ import annotations
 class QmpError(Exception):
     """A failure reported to a QMP client (or the command line) in qsd's words."""
 
-    def __init__(self, desc: str, error_class: str = "GenericError") -> None:
+    def __init__(
+        self, desc: str, error_class: str = "GenericError", hint: str | None = None
+    ) -> None:
         super().__init__(desc)
         self.desc = desc
         self.error_class = error_class
+        # QEMU prints hints after the message on the command line, never over QMP.
+        self.hint = hint
 
     def __repr__(self) -> str:
         return f"QmpError({self.desc!r}, {self.error_class!r})"

@@ -1,1 +1,11 @@
-"""Package marker."""
+"""Driver registry: the `driver` value of BlockdevOptions -> driver class."""
+
+from __future__ import annotations
+
+from storage_daemon.blockdev.driver import BlockDriver
+from storage_daemon.blockdev.drivers.null import NullAioDriver, NullDriver
+from storage_daemon.blockdev.drivers.raw import RawDriver
+
+DRIVERS: dict[str, type[BlockDriver]] = {
+    cls.name: cls for cls in (NullDriver, NullAioDriver, RawDriver)
+}

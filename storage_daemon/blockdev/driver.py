@@ -1,0 +1,132 @@
+"""The block driver interface (domain ring).
+
+A driver implements the data operations for one node. The generic I/O path (`io.py`) checks
+bounds, alignment and permissions before calling it, so drivers assume valid requests.
+Optional operations have defaults that either pass through to the primary child (filters,
+`raw`) or fail with ENOTSUP, as QEMU's block layer falls back.
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from storage_daemon.blockdev.child import BdrvChild, ChildRole
+from storage_daemon.blockdev.perm import PERM_ALL, Perm
+from storage_daemon.errors import QmpError
+
+if TYPE_CHECKING:
+    from storage_daemon.blockdev.node import BlockNode
+
+
+class ChildOpener(Protocol):
+    """What a driver uses to open its children (the graph)."""
+
+    async def open_child(
+        self, parent: BlockNode, ref: Any, name: str, role: ChildRole
+    ) -> BdrvChild: ...
+
+
+@dataclass(frozen=True)
+class BlockStatus:
+    """One extent's allocation state, as block status reports it."""
+
+    length: int
+    data: bool  # not a hole: reads may return nonzero data
+    zero: bool  # reads return zeroes
+    depth: int = 1  # allocation depth in the backing chain (0: unallocated)
+
+
+class BlockDriver(ABC):
+    """Base class of every driver; one instance per node."""
+
+    name: ClassVar[str]
+    # raw and filters show their child's filename when they add no strong options.
+    passes_filename: ClassVar[bool] = False
+    is_filter: ClassVar[bool] = False
+    request_alignment: ClassVar[int] = 1
+    max_transfer: ClassVar[int] = 0  # 0: unlimited
+
+    def __init__(self, node: BlockNode) -> None:
+        self.node = node
+
+    @abstractmethod
+    async def open(self, options: Any, opener: ChildOpener) -> None:
+        """Open the driver with its typed options; open children through `opener`."""
+
+    async def close(self) -> None:
+        """Release what `open` acquired. Children are detached by the graph."""
+
+    # --- permissions ------------------------------------------------------------------
+
+    def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        """The permissions this node needs on `child`, given what its own users need."""
+        return perm, shared
+
+    def check_perm(self, perm: Perm, shared: Perm) -> None:
+        """Refuse (QmpError) a cumulative permission set the node cannot grant."""
+
+    def set_perm(self, perm: Perm, shared: Perm) -> None:
+        """Commit a checked permission set (file locks follow it)."""
+
+    def abort_perm(self) -> None:
+        """Undo what `check_perm` prepared."""
+
+    # --- naming and info --------------------------------------------------------------
+
+    def exact_filename(self) -> str | None:
+        return None
+
+    def strong_options(self) -> dict[str, Any]:
+        """Options that change the data the node presents; they appear in `json:` names."""
+        return {}
+
+    def format_name(self) -> str:
+        return self.name
+
+    async def actual_size(self) -> int:
+        return 0
+
+    def image_info_extra(self) -> dict[str, Any]:
+        """Extra ImageInfo members (cluster-size, format-specific, dirty-flag...)."""
+        return {}
+
+    # --- data path --------------------------------------------------------------------
+
+    def _primary(self) -> BlockNode:
+        edge = self.node.primary
+        if edge is None:
+            raise OSError(errno.ENOTSUP, "operation not supported")
+        return edge.node
+
+    def getlength(self) -> int:
+        return self._primary().driver.getlength()
+
+    async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        return await self._primary().driver.preadv(offset, length)
+
+    async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._primary().driver.pwritev(offset, data, fua)
+
+    async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
+        await self.pwritev(offset, bytes(length), fua)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        raise OSError(errno.ENOTSUP, "discard not supported")
+
+    async def flush(self) -> None:
+        edge = self.node.primary
+        if edge is not None:
+            await edge.node.driver.flush()
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return BlockStatus(length=length, data=True, zero=False)
+
+    async def truncate(self, size: int) -> None:
+        raise QmpError("Image format driver does not support resize")
+
+
+def default_shared() -> Perm:
+    return PERM_ALL

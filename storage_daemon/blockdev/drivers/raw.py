@@ -1,0 +1,82 @@
+"""The `raw` format driver: the child's bytes, optionally a window of them (domain ring).
+
+Without `offset`/`size` it is a pass-through and shows its child's filename; with them it
+presents `size` bytes starting at `offset` of the child.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild
+from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
+from storage_daemon.blockdev.perm import Perm
+from storage_daemon.errors import QmpError
+
+
+class RawDriver(BlockDriver):
+    name = "raw"
+    passes_filename = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self.offset = 0
+        self.size: int | None = None
+
+    async def open(self, options: Any, opener: ChildOpener) -> None:
+        # The window is known before the child is attached: it decides the child's perms.
+        self.offset = int(options.offset or 0)
+        if options.size is not None:
+            self.size = int(options.size)
+        await opener.open_child(self.node, options.file, "file", ROLE_FILTERED)
+        child_len = self._primary().driver.getlength()
+        if self.offset > child_len:
+            raise QmpError(
+                f"Offset ({self.offset}) cannot be greater than size of the containing "
+                f"file ({child_len})"
+            )
+        if self.size is not None:
+            if self.offset + self.size > child_len:
+                raise QmpError(
+                    f"The sum of offset ({self.offset}) and size ({self.size}) has to be "
+                    f"smaller or equal to the  actual size of the containing file ({child_len})"
+                )
+            if self.size % 512:
+                raise QmpError("Specified size is not multiple of 512")
+
+    def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        # A window into the child must not see the child resized under it.
+        if self.offset or self.size is not None:
+            return perm, shared & ~Perm.RESIZE
+        return perm, shared
+
+    def strong_options(self) -> dict[str, Any]:
+        strong: dict[str, Any] = {}
+        if self.offset:
+            strong["offset"] = self.offset
+        if self.size is not None:
+            strong["size"] = self.size
+        return strong
+
+    def format_name(self) -> str:
+        return "raw"
+
+    def getlength(self) -> int:
+        if self.size is not None:
+            return self.size
+        return self._primary().driver.getlength() - self.offset
+
+    async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        return await self._primary().driver.preadv(self.offset + offset, length)
+
+    async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        await self._primary().driver.pwritev(self.offset + offset, data, fua)
+
+    async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
+        await self._primary().driver.pwrite_zeroes(self.offset + offset, length, unmap, fua)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        await self._primary().driver.pdiscard(self.offset + offset, length)
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        return await self._primary().driver.block_status(self.offset + offset, length)

@@ -1,0 +1,295 @@
+"""The block graph: every node, the edges between them, and permission transactions.
+
+Domain ring. All changes to edges go through `attach`/`detach`/`set_edge_perm`, which check
+the permissions of every affected node first and commit only if all agree, so a failed change
+leaves the graph as it was. Node names follow qsd's rules; implicit children get `#blockNNN`.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterator
+from enum import Enum
+from typing import Any
+
+from storage_daemon.blockdev.child import BdrvChild, BlockParent, ChildRole
+from storage_daemon.blockdev.driver import BlockDriver
+from storage_daemon.blockdev.drivers import DRIVERS
+from storage_daemon.blockdev.node import BlockNode, NodeOptions
+from storage_daemon.blockdev.perm import (
+    PERM_ALL,
+    PERM_NONE,
+    Perm,
+    PermUser,
+    cumulative,
+    find_conflict,
+)
+from storage_daemon.errors import QmpError
+
+_NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
+NODE_NAME_MAX = 31
+
+
+def wire(value: Any) -> Any:
+    """An enum member's wire value; anything else unchanged."""
+    return value.value if isinstance(value, Enum) else value
+
+
+def node_options(options: Any, inherited: NodeOptions | None) -> NodeOptions:
+    """The base BlockdevOptions members, with defaults inherited from a parent node."""
+    base = NodeOptions()
+    if inherited is not None:
+        # Children inherit read-only-ness and caching; lower layers may always discard.
+        base.read_only = inherited.read_only
+        base.auto_read_only = inherited.auto_read_only
+        base.force_share = inherited.force_share
+        base.cache_direct = inherited.cache_direct
+        base.cache_no_flush = inherited.cache_no_flush
+        base.discard = "unmap"
+    if options.read_only is not None:
+        base.read_only = bool(options.read_only)
+    if options.auto_read_only is not None:
+        base.auto_read_only = bool(options.auto_read_only)
+    if options.force_share is not None:
+        base.force_share = bool(options.force_share)
+    if options.detect_zeroes is not None:
+        base.detect_zeroes = wire(options.detect_zeroes)
+    if options.discard is not None:
+        base.discard = wire(options.discard)
+    if options.cache is not None:
+        if options.cache.direct is not None:
+            base.cache_direct = bool(options.cache.direct)
+        if options.cache.no_flush is not None:
+            base.cache_no_flush = bool(options.cache.no_flush)
+    return base
+
+
+class BlockGraph:
+    """The daemon's nodes, by name, in creation order."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._nodes: dict[str, BlockNode] = {}
+        self._serial = 0
+        self._auto_counter = 0
+        self._rng = rng or random.Random()
+
+    # --- lookup -----------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[BlockNode]:
+        return iter(list(self._nodes.values()))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def find(self, name: str) -> BlockNode | None:
+        return self._nodes.get(name)
+
+    def lookup(self, name: str) -> BlockNode:
+        """A node by name, with qsd's message for references that name nothing."""
+        node = self._nodes.get(name)
+        if node is None:
+            raise QmpError(f"Cannot find device='{name}' nor node-name='{name}'")
+        return node
+
+    def lookup_node_name(self, node_name: str) -> BlockNode:
+        """For commands taking only a node name (no device): qsd's device='' message."""
+        node = self._nodes.get(node_name)
+        if node is None:
+            raise QmpError(f"Cannot find device='' nor node-name='{node_name}'")
+        return node
+
+    # --- creating and deleting nodes --------------------------------------------------
+
+    def _check_name(self, name: str) -> None:
+        if not _NODE_NAME.match(name):
+            raise QmpError(f"Invalid node-name: '{name}'")
+        if name in self._nodes:
+            raise QmpError(f"Duplicate nodes with node-name='{name}'")
+        if len(name) > NODE_NAME_MAX:
+            raise QmpError("Node name too long")
+
+    def _auto_name(self) -> str:
+        # qsd: '#block' + a counter + two random digits, never valid as a user name.
+        self._auto_counter += 1
+        while True:
+            name = f"#block{self._auto_counter}{self._rng.randrange(100):02d}"
+            if name not in self._nodes:
+                return name
+
+    async def add(
+        self, options: Any, *, monitor_owned: bool, inherited: NodeOptions | None = None
+    ) -> BlockNode:
+        """Open a node (and its inline children) from typed BlockdevOptions."""
+        opts = node_options(options, inherited)
+        if opts.detect_zeroes == "unmap" and opts.discard != "unmap":
+            raise QmpError(
+                "setting detect-zeroes to unmap is not allowed without setting discard "
+                "operation to unmap"
+            )
+        driver_name = wire(options.driver)
+        if options.node_name is not None:
+            name = options.node_name
+            self._check_name(name)
+            implicit = False
+        else:
+            name = self._auto_name()
+            implicit = True
+        driver_cls: type[BlockDriver] = DRIVERS[driver_name]
+        self._serial += 1
+        node = BlockNode(
+            name=name,
+            driver=None,  # type: ignore[arg-type]  # set just below; the driver needs the node
+            options=opts,
+            serial=self._serial,
+            implicit=implicit,
+        )
+        node.driver = driver_cls(node)
+        try:
+            await node.driver.open(options, self._opener(opts))
+        except BaseException:
+            await self._discard_children(node)
+            raise
+        # Children may have claimed the name meanwhile (an inline child with the same name).
+        if name in self._nodes:
+            await node.driver.close()
+            await self._discard_children(node)
+            raise QmpError(f"Duplicate nodes with node-name='{name}'")
+        node.monitor_owned = monitor_owned
+        self._nodes[name] = node
+        return node
+
+    def _opener(self, opts: NodeOptions) -> _Opener:
+        return _Opener(self, opts)
+
+    async def _discard_children(self, node: BlockNode) -> None:
+        for edge in list(node.children):
+            child = edge.node
+            self.detach(edge)
+            if not child.monitor_owned and not child.parents:
+                await self.remove(child)
+
+    async def remove(self, node: BlockNode) -> None:
+        """Close a node nobody uses, and its implicit children that become unused."""
+        self._nodes.pop(node.name, None)
+        await node.driver.close()
+        await self._discard_children(node)
+
+    async def delete(self, node_name: str) -> None:
+        """blockdev-del, with qsd's checks in qsd's order."""
+        node = self._nodes.get(node_name)
+        if node is None:
+            raise QmpError(f"Failed to find node with node-name='{node_name}'")
+        if any(edge.parent_node is None for edge in node.parents):
+            raise QmpError(f"Node {node_name} is in use")
+        if any(edge.name == "backing" for edge in node.parents):
+            raise QmpError(f"Block device {node_name} is in use")
+        if not node.monitor_owned:
+            raise QmpError(f"Node {node_name} is not owned by the monitor")
+        if node.parents:
+            raise QmpError(f"Block device {node_name} is in use")
+        await self.remove(node)
+
+    # --- edges and permissions --------------------------------------------------------
+
+    def attach(
+        self,
+        parent: BlockParent,
+        node: BlockNode,
+        name: str,
+        role: ChildRole,
+        perm: Perm = PERM_NONE,
+        shared: Perm = PERM_ALL,
+    ) -> BdrvChild:
+        """Add an edge; for node parents the parent's driver decides its permissions."""
+        edge = BdrvChild(parent=parent, node=node, name=name, role=role)
+        parent_node = edge.parent_node
+        if parent_node is not None:
+            perm, shared = parent_node.driver.child_perm(edge, parent_node.perm, parent_node.shared)
+        self._transaction({edge: (perm, shared)}, added=[edge])
+        node.parents.insert(0, edge)
+        if parent_node is not None:
+            parent_node.children.append(edge)
+        return edge
+
+    def detach(self, edge: BdrvChild) -> None:
+        """Remove an edge; dropping permissions cannot fail, so this always succeeds."""
+        if edge in edge.node.parents:
+            edge.node.parents.remove(edge)
+        parent_node = edge.parent_node
+        if parent_node is not None and edge in parent_node.children:
+            parent_node.children.remove(edge)
+        try:
+            self._transaction({}, touched=[edge.node])
+        except QmpError:
+            pass  # fewer users can always coexist; nothing to undo
+
+    def set_edge_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> None:
+        """Change what a non-node parent (export, job) uses; all-or-nothing."""
+        self._transaction({edge: (perm, shared)})
+
+    def _transaction(
+        self,
+        changes: dict[BdrvChild, tuple[Perm, Perm]],
+        *,
+        added: list[BdrvChild] | None = None,
+        touched: list[BlockNode] | None = None,
+    ) -> None:
+        """Check every node below the changed edges, then commit all or nothing."""
+        added = added or []
+        proposed = dict(changes)
+        queue: list[BlockNode] = [edge.node for edge in changes] + list(touched or [])
+        new_perms: dict[BlockNode, tuple[Perm, Perm]] = {}
+        checked: list[BlockNode] = []
+        try:
+            while queue:
+                node = queue.pop(0)
+                users = [edge for edge in added if edge.node is node] + node.parents
+                perm_users = [
+                    PermUser(edge.describe(), *proposed.get(edge, (edge.perm, edge.shared)))
+                    for edge in users
+                ]
+                conflict = find_conflict(node.name, perm_users)
+                if conflict is not None:
+                    raise QmpError(conflict)
+                perm, shared = cumulative(perm_users)
+                if perm & (Perm.WRITE | Perm.WRITE_UNCHANGED) and node.read_only:
+                    raise QmpError("Block node is read-only")
+                node.driver.check_perm(perm, shared)
+                checked.append(node)
+                new_perms[node] = (perm, shared)
+                for edge in node.children:
+                    wanted = node.driver.child_perm(edge, perm, shared)
+                    if wanted != proposed.get(edge, (edge.perm, edge.shared)):
+                        proposed[edge] = wanted
+                        queue.append(edge.node)
+        except BaseException:
+            for node in checked:
+                node.driver.abort_perm()
+            raise
+        for edge, (perm, shared) in proposed.items():
+            edge.perm, edge.shared = perm, shared
+        for node, (perm, shared) in new_perms.items():
+            node.perm, node.shared = perm, shared
+            node.driver.set_perm(perm, shared)
+
+
+class _Opener:
+    """Opens a driver's children: references by name, or inline options as new nodes."""
+
+    def __init__(self, graph: BlockGraph, parent_opts: NodeOptions) -> None:
+        self._graph = graph
+        self._parent_opts = parent_opts
+
+    async def open_child(
+        self, parent: BlockNode, ref: Any, name: str, role: ChildRole
+    ) -> BdrvChild:
+        if isinstance(ref, str):
+            child = self._graph.lookup(ref)
+            return self._graph.attach(parent, child, name, role)
+        child = await self._graph.add(ref, monitor_owned=False, inherited=self._parent_opts)
+        try:
+            return self._graph.attach(parent, child, name, role)
+        except BaseException:
+            await self._graph.remove(child)
+            raise

@@ -1,0 +1,93 @@
+"""What query-named-block-nodes and x-debug-query-block-graph say about the graph.
+
+Domain ring. Plain JSON-able dicts, members in schema order (the QMP encoder puts keys in
+qsd's order). Sizes are whole 512-byte sectors, as qsd reports node lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from storage_daemon.blockdev.graph import BlockGraph
+from storage_daemon.blockdev.node import BlockNode
+from storage_daemon.blockdev.perm import perm_list
+
+SECTOR = 512
+
+
+def node_length(node: BlockNode) -> int:
+    """The length qsd reports: the driver's length rounded up to whole sectors."""
+    length = node.driver.getlength()
+    return -(-length // SECTOR) * SECTOR
+
+
+async def image_info(node: BlockNode) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "filename": node.filename(),
+        "format": node.driver.format_name(),
+    }
+    extra = node.driver.image_info_extra()
+    if "dirty-flag" in extra:
+        info["dirty-flag"] = extra.pop("dirty-flag")
+    info["actual-size"] = await node.driver.actual_size()
+    info["virtual-size"] = node_length(node)
+    info.update(extra)
+    return info
+
+
+async def block_device_info(node: BlockNode) -> dict[str, Any]:
+    """One BlockDeviceInfo entry."""
+    opts = node.options
+    filename = node.filename()
+    return {
+        "file": filename,
+        "node-name": node.name,
+        "ro": opts.read_only,
+        "drv": node.driver.name,
+        "backing_file_depth": 0,
+        "encrypted": False,
+        "detect_zeroes": opts.detect_zeroes,
+        "bps": 0,
+        "bps_rd": 0,
+        "bps_wr": 0,
+        "iops": 0,
+        "iops_rd": 0,
+        "iops_wr": 0,
+        "image": await image_info(node),
+        "cache": {
+            "writeback": True,
+            "direct": opts.cache_direct,
+            "no-flush": opts.cache_no_flush,
+        },
+        "write_threshold": 0,
+    }
+
+
+async def named_block_nodes(graph: BlockGraph, flat: bool) -> list[dict[str, Any]]:
+    """Every node, newest first, as qsd lists them."""
+    # `flat` only drops nested backing-image chains, which appear with backing files.
+    return [await block_device_info(node) for node in reversed(list(graph))]
+
+
+def debug_block_graph(graph: BlockGraph, extra_parents: list[Any] | None = None) -> dict[str, Any]:
+    """x-debug-query-block-graph: nodes numbered in creation order, listed newest first."""
+    nodes = list(graph)
+    ids = {node: index for index, node in enumerate(nodes, start=1)}
+    edges: list[dict[str, Any]] = []
+    for node in nodes:
+        for edge in node.children:
+            edges.append(
+                {
+                    "parent": ids[node],
+                    "child": ids[edge.node],
+                    "name": edge.name,
+                    "perm": perm_list(edge.perm),
+                    "shared-perm": perm_list(edge.shared),
+                }
+            )
+    return {
+        "nodes": [
+            {"id": ids[node], "type": "block-driver", "name": node.name} for node in reversed(nodes)
+        ],
+        "edges": list(reversed(edges)),
+    }

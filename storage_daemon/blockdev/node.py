@@ -1,0 +1,98 @@
+"""A block node: a driver instance plus the options every driver shares (domain ring).
+
+The node owns its edges to children and lists the edges of its users (parents, newest first,
+as QEMU keeps them). Its name is unique in the graph; nodes created implicitly for inline
+child definitions get qsd-style `#blockNNN` names and are deleted with their parent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
+from storage_daemon.blockdev.stats import IoStats
+from storage_daemon.qdict import qdict_ordered
+
+if TYPE_CHECKING:
+    from storage_daemon.blockdev.driver import BlockDriver
+
+
+@dataclass
+class NodeOptions:
+    """The options of BlockdevOptions' base that apply to every driver."""
+
+    read_only: bool = False
+    auto_read_only: bool = False
+    force_share: bool = False
+    detect_zeroes: str = "off"  # off | on | unmap
+    discard: str = "ignore"  # ignore | unmap
+    cache_direct: bool = False
+    cache_no_flush: bool = False
+
+
+@dataclass(eq=False)
+class BlockNode:
+    name: str
+    driver: BlockDriver
+    options: NodeOptions
+    serial: int  # creation order; x-debug-query-block-graph numbers nodes by it
+    implicit: bool = False
+    monitor_owned: bool = False
+    parents: list[BdrvChild] = field(default_factory=list)
+    children: list[BdrvChild] = field(default_factory=list)
+    perm: Perm = PERM_NONE
+    shared: Perm = PERM_ALL
+    stats: IoStats = field(default_factory=IoStats)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def read_only(self) -> bool:
+        return self.options.read_only
+
+    def child(self, name: str) -> BdrvChild | None:
+        for edge in self.children:
+            if edge.name == name:
+                return edge
+        return None
+
+    @property
+    def primary(self) -> BdrvChild | None:
+        """The child that filters and `raw` pass requests and filenames through."""
+        from storage_daemon.blockdev.child import ChildRole
+
+        for edge in self.children:
+            if edge.role & ChildRole.PRIMARY:
+                return edge
+        return None
+
+    def parent_description(self, child: BdrvChild) -> str:
+        return f"node '{self.name}' (uses node '{child.node.name}' as '{child.name}' child)"
+
+    # --- naming the image, as query-named-block-nodes shows it -------------------------
+
+    def full_options(self) -> dict[str, Any]:
+        """The driver name, its strong options and its children's, as in `json:{...}`."""
+        options: dict[str, Any] = {"driver": self.driver.name}
+        options.update(self.driver.strong_options())
+        for edge in self.children:
+            options[edge.name] = edge.node.full_options()
+        return options
+
+    def filename(self) -> str:
+        """A plain filename when one describes the node fully, else a `json:` pseudo-name."""
+        strong = self.driver.strong_options()
+        primary = self.primary
+        if not strong and self.driver.passes_filename and primary is not None:
+            inner = primary.node.filename()
+            if not inner.startswith("json:"):
+                return inner
+        elif not strong:
+            exact = self.driver.exact_filename()
+            if exact is not None:
+                return exact
+        return "json:" + json.dumps(qdict_ordered(self.full_options()))

@@ -1,0 +1,94 @@
+"""The composition root: builds the daemon from its command line and runs it until exit.
+
+Edge ring. Options are applied strictly left to right through the same handlers QMP uses.
+Shutdown (quit, SIGTERM, SIGINT, SIGHUP) closes monitors after flushing their replies, then
+closes every node, removes the sockets we created and the pidfile, and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from storage_daemon import __version__
+from storage_daemon.blockdev.graph import BlockGraph
+from storage_daemon.clock import Clock, SystemClock
+from storage_daemon.errors import QmpError
+from storage_daemon.events import EventBus
+from storage_daemon.monitor.dispatch import CommandContext, Dispatcher
+from storage_daemon.objects import ObjectRegistry
+
+# The QEMU version whose interface we implement; clients gate features on it.
+QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
+
+
+class Daemon:
+    """Everything the daemon holds: nodes, objects, chardevs, monitors, event listeners."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or SystemClock()
+        self.graph = BlockGraph()
+        self.objects = ObjectRegistry()
+        self.events = EventBus(self.clock)
+        self.dispatcher = Dispatcher(self)
+        self.chardevs: dict[str, Any] = {}
+        self.monitors: list[Any] = []
+        self._exit = asyncio.Event()
+        self._closers: list[Callable[[], Any]] = []
+
+    # --- facts ------------------------------------------------------------------------
+
+    def version_info(self) -> dict[str, Any]:
+        return {"qemu": dict(QEMU_VERSION), "package": f"storage-daemon {__version__}"}
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def request_exit(self) -> None:
+        self._exit.set()
+
+    async def wait_exit(self) -> None:
+        await self._exit.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(signum, self.request_exit)
+
+    async def run_command(self, name: str, arguments: dict[str, Any] | None) -> Any:
+        """Run a QMP command as the command line does (no monitor session)."""
+        return await self.dispatcher.dispatch(None, name, arguments)
+
+    async def call_handler(self, name: str, args: Any) -> Any:
+        """Run a handler with already-typed arguments (command-line options)."""
+        handler = self.dispatcher.handlers[name]
+        return await handler(CommandContext(self), args)
+
+    async def shutdown(self) -> None:
+        """Close monitors (replies flushed), then nodes, newest first."""
+        for monitor in reversed(self.monitors):
+            await monitor.close()
+        self.monitors.clear()
+        for chardev in reversed(list(self.chardevs.values())):
+            await chardev.close()
+        self.chardevs.clear()
+        for node in reversed(list(self.graph)):
+            if node.monitor_owned and self.graph.find(node.name) is node:
+                try:
+                    await self.graph.delete(node.name)
+                except QmpError:
+                    pass  # still used by another node: closed with its parent
+        for node in reversed(list(self.graph)):
+            await self.graph.remove(node)
+
+
+def stderr_line(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def pid() -> int:
+    return os.getpid()
