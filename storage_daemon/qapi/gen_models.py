@@ -196,7 +196,11 @@ class _ModelWriter:
             "class QapiModel(BaseModel):",
             '    """Base of every generated model: wire names are aliases, unknown members are errors."""',
             "",
-            '    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())',
+            "    # The visitor checks input and builds models with model_construct; validators are",
+            "    # only built when first needed, which keeps start-up fast.",
+            '    model_config = ConfigDict(',
+            '        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True',
+            '    )',
             "    qapi_nullable: ClassVar[frozenset[str]] = frozenset()",
         ]
         for t in self.schema.types.values():
@@ -224,8 +228,6 @@ class _ModelWriter:
                     f"{t.name}: TypeAlias = Union[{', '.join(annotation(b.type) for b in t.branches)}]"
                 )
         out += [""]
-        for cls in self.classes:
-            out.append(f"{cls}.model_rebuild()")
         return "\n".join(out) + "\n"
 
 
