@@ -8,42 +8,43 @@ value recursively; nothing else in the daemon needs to care about key order.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 _BUCKETS = 512
 _MASK = 0xFFFFFFFF
+_CACHE_LIMIT = 65536  # keys come from clients too: keep the memo bounded
+_cache: dict[str, int] = {}
 
 
 def qdict_hash(key: str) -> int:
     """The bucket QEMU puts `key` in (Samba's tdb hash, modulo the bucket count)."""
-    data = key.encode()
-    value = (0x238F13AF * len(data)) & _MASK
-    for i, byte in enumerate(data):
-        value = (value + (byte << (i * 5 % 24))) & _MASK
-    return ((1103515243 * value + 12345) & _MASK) % _BUCKETS
-
-
-_cache: dict[str, int] = {}
-
-
-def _bucket(key: str) -> int:
     bucket = _cache.get(key)
     if bucket is None:
-        bucket = _cache[key] = qdict_hash(key)
+        data = key.encode("utf-8", errors="surrogatepass")
+        value = (0x238F13AF * len(data)) & _MASK
+        for i, byte in enumerate(data):
+            value = (value + (byte << (i * 5 % 24))) & _MASK
+        bucket = ((1103515243 * value + 12345) & _MASK) % _BUCKETS
+        if len(_cache) < _CACHE_LIMIT:
+            _cache[key] = bucket
     return bucket
 
 
-def qdict_keys(keys: list[str]) -> list[str]:
-    """`keys` (in insertion order) in the order QEMU iterates them."""
-    # Within a bucket the newest insertion comes first: sort by (bucket, -insertion index).
-    indexed = sorted(enumerate(keys), key=lambda item: (_bucket(item[1]), -item[0]))
-    return [key for _, key in indexed]
+def qdict_order(keys: Iterable[str]) -> list[str]:
+    """`keys` (in insertion order) in the order QEMU iterates them.
+
+    By bucket, and within a bucket the newest insertion first.
+    """
+    indexed = [(qdict_hash(key), -index, key) for index, key in enumerate(keys)]
+    indexed.sort()
+    return [key for _, _, key in indexed]
 
 
 def qdict_ordered(value: Any) -> Any:
     """A copy of a JSON value with every object's keys in QEMU's iteration order."""
     if isinstance(value, dict):
-        return {key: qdict_ordered(value[key]) for key in qdict_keys(list(value))}
+        return {key: qdict_ordered(value[key]) for key in qdict_order(value)}
     if isinstance(value, list):
         return [qdict_ordered(item) for item in value]
     return value

@@ -16,9 +16,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum, auto
+
+from storage_daemon.qdict import qdict_order
 
 JsonValue = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
 
@@ -585,31 +587,6 @@ class JsonStream:
 
 
 # -- output ------------------------------------------------------------------------------
-
-_HASH_CACHE: dict[str, int] = {}
-_QDICT_BUCKETS = 512
-
-
-def _qdict_bucket(key: str) -> int:
-    bucket = _HASH_CACHE.get(key)
-    if bucket is None:
-        raw = key.encode("utf-8", errors="surrogatepass")
-        value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-        for i, c in enumerate(raw):
-            value = (value + (c << (i * 5 % 24))) & 0xFFFFFFFF
-        bucket = ((1103515243 * value + 12345) & 0xFFFFFFFF) % _QDICT_BUCKETS
-        if len(_HASH_CACHE) < 65536:
-            _HASH_CACHE[key] = bucket
-    return bucket
-
-
-def qdict_order(keys: Iterable[str]) -> list[str]:
-    """Keys in the order QEMU's QDict iterates them when inserted in the given order:
-    by hash bucket, most recently inserted first within a bucket."""
-    indexed = [(_qdict_bucket(k), -i, k) for i, k in enumerate(keys)]
-    indexed.sort()
-    return [k for _, _, k in indexed]
-
 
 _ESCAPE_SCAN = re.compile(r"(\\\\)|\\u([0-9a-f]{4})")
 

@@ -45,9 +45,9 @@ from storage_daemon.monitor.jsonstream import (
     JsonParseError,
     JsonStream,
     JsonValue,
-    qdict_order,
     to_json,
 )
+from storage_daemon.qdict import qdict_order
 
 QMP_CAPABILITIES = "qmp_capabilities"
 CAPABILITIES = ("oob",)  # QMPCapability, in schema order

@@ -198,9 +198,9 @@ class _ModelWriter:
             "",
             "    # The visitor checks input and builds models with model_construct; validators are",
             "    # only built when first needed, which keeps start-up fast.",
-            '    model_config = ConfigDict(',
+            "    model_config = ConfigDict(",
             '        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True',
-            '    )',
+            "    )",
             "    qapi_nullable: ClassVar[frozenset[str]] = frozenset()",
         ]
         for t in self.schema.types.values():

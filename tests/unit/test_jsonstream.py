@@ -15,9 +15,9 @@ from storage_daemon.monitor.jsonstream import (
     JsonParseError,
     JsonStream,
     JsonValue,
-    qdict_order,
     to_json,
 )
+from storage_daemon.qdict import qdict_order
 
 Item = JsonValue | JsonParseError
 

@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage_daemon.qdict import qdict_keys, qdict_ordered
+from storage_daemon.qdict import qdict_order, qdict_ordered
 
 # (insertion order, order qsd printed it) from replies recorded in shared/reference/qsd-7.2/.
 # Insertion order is the schema's member order; it matters only for keys sharing a bucket.
@@ -34,10 +34,10 @@ SEEN = [
 
 def test_matches_orders_seen_on_qsd() -> None:
     for keys in SEEN:
-        assert qdict_keys(sorted(keys)) == keys
-        assert qdict_keys(list(reversed(keys))) == keys
+        assert qdict_order(sorted(keys)) == keys
+        assert qdict_order(list(reversed(keys))) == keys
     for inserted, printed in INSERTED_PRINTED:
-        assert qdict_keys(inserted) == printed
+        assert qdict_order(inserted) == printed
 
 
 def test_nested_values_are_reordered() -> None:
@@ -49,5 +49,5 @@ def test_nested_values_are_reordered() -> None:
 
 @given(st.lists(st.text(min_size=1, max_size=12), unique=True, max_size=20))
 def test_order_is_a_permutation_independent_of_distinct_bucket_inputs(keys: list[str]) -> None:
-    ordered = qdict_keys(keys)
+    ordered = qdict_order(keys)
     assert sorted(ordered) == sorted(keys)
