@@ -8,10 +8,7 @@ closes every node, removes the sockets we created and the pidfile, and exits wit
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import sys
-from collections.abc import Callable
 from typing import Any
 
 from storage_daemon import __version__
@@ -19,8 +16,11 @@ from storage_daemon.blockdev.graph import BlockGraph
 from storage_daemon.clock import Clock, SystemClock
 from storage_daemon.errors import QmpError
 from storage_daemon.events import EventBus
+from storage_daemon.monitor.chardev import Chardev
 from storage_daemon.monitor.dispatch import CommandContext, Dispatcher
+from storage_daemon.monitor.server import MonitorServer
 from storage_daemon.objects import ObjectRegistry
+from storage_daemon.qapi_generated.commands import COMMANDS
 
 # The QEMU version whose interface we implement; clients gate features on it.
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
@@ -35,10 +35,12 @@ class Daemon:
         self.objects = ObjectRegistry()
         self.events = EventBus(self.clock)
         self.dispatcher = Dispatcher(self)
-        self.chardevs: dict[str, Any] = {}
-        self.monitors: list[Any] = []
+        self.chardevs: dict[str, Chardev] = {}
+        self.monitor_server = MonitorServer(
+            self.dispatcher.dispatch, self.version_info(), commands=set(COMMANDS)
+        )
+        self.events.subscribe(self.monitor_server.broadcast)
         self._exit = asyncio.Event()
-        self._closers: list[Callable[[], Any]] = []
 
     # --- facts ------------------------------------------------------------------------
 
@@ -67,11 +69,12 @@ class Daemon:
         handler = self.dispatcher.handlers[name]
         return await handler(CommandContext(self), args)
 
+    def add_monitor(self, chardev: Chardev, *, pretty: bool, monitor_id: str | None) -> None:
+        self.monitor_server.add(chardev, pretty=pretty, id=monitor_id)
+
     async def shutdown(self) -> None:
-        """Close monitors (replies flushed), then nodes, newest first."""
-        for monitor in reversed(self.monitors):
-            await monitor.close()
-        self.monitors.clear()
+        """Close monitors (replies flushed), then chardevs, then nodes, newest first."""
+        await self.monitor_server.close()
         for chardev in reversed(list(self.chardevs.values())):
             await chardev.close()
         self.chardevs.clear()
@@ -83,12 +86,3 @@ class Daemon:
                     pass  # still used by another node: closed with its parent
         for node in reversed(list(self.graph)):
             await self.graph.remove(node)
-
-
-def stderr_line(text: str) -> None:
-    sys.stderr.write(text + "\n")
-    sys.stderr.flush()
-
-
-def pid() -> int:
-    return os.getpid()

@@ -23,7 +23,19 @@ def check_id(value: str) -> None:
         raise QmpError("Parameter 'id' expects an identifier", hint=ID_HINT)
 
 
+# qom-type -> the schema struct holding its properties (for `--object TYPE,help`).
+PROPERTY_TYPES = {"iothread": "IothreadProperties"}
+
+
 class ObjectRegistry:
+    def user_creatable_types(self) -> list[str]:
+        return sorted(PROPERTY_TYPES)
+
+    def properties_type(self, qom_type: str) -> str:
+        if qom_type not in PROPERTY_TYPES:
+            raise QmpError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+        return PROPERTY_TYPES[qom_type]
+
     def __init__(self) -> None:
         self.objects: dict[str, Any] = {}
         self.in_use: dict[str, int] = {}

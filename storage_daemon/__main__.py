@@ -1,0 +1,134 @@
+"""`python -m storage_daemon` and the `storage-daemon` console script: qsd's command line.
+
+Edge ring. The pre-pass (help, version, pidfile, daemonize) runs before the event loop
+starts; then options are applied left to right, the pidfile is written once all succeeded,
+and the daemon serves until quit or a signal. Startup failures leave no socket or pidfile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from storage_daemon.cli import (
+    CliError,
+    CliOption,
+    help_text,
+    main_pass,
+    parse_argv,
+    pre_pass,
+    version_text,
+)
+from storage_daemon.errors import QmpError
+from storage_daemon.pidfile import PidFile
+
+PROG = "storage-daemon"
+
+
+def _prog_name(argv0: str) -> str:
+    base = os.path.basename(argv0)
+    return PROG if base in ("__main__.py", "") else base
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
+    """uvloop when it is installed (the default), plain asyncio otherwise."""
+    if os.environ.get("STORAGE_DAEMON_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return asyncio.new_event_loop
+
+
+async def serve(
+    options: Sequence[CliOption], prog: str, pidfile: PidFile | None, ready: Callable[[], None]
+) -> int:
+    """Apply the options, then serve until asked to exit. Returns the exit status."""
+    from storage_daemon.daemon import Daemon
+    from storage_daemon.startup import OptionFailed, apply_option
+
+    daemon = Daemon()
+    daemon.install_signal_handlers()
+    try:
+        for option in options:
+            await apply_option(daemon, option, prog)
+    except OptionFailed as failure:
+        stream = sys.stdout if failure.stdout else sys.stderr
+        stream.write(failure.text if failure.stdout else failure.text + "\n")
+        stream.flush()
+        await daemon.shutdown()
+        return failure.status
+    if pidfile is not None:
+        pidfile.write(os.getpid())
+    ready()
+    await daemon.wait_exit()
+    await daemon.shutdown()
+    return 0
+
+
+def _daemonize() -> Callable[[int], None]:
+    """Fork; the parent exits with the child's startup status. Returns the child's notifier."""
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(write_fd)
+        status = os.read(read_fd, 1)
+        os._exit(status[0] if status else 1)
+    os.close(read_fd)
+    os.setsid()
+
+    def notify(status: int) -> None:
+        try:
+            os.write(write_fd, bytes([status]))
+            os.close(write_fd)
+        except OSError:
+            pass
+
+    return notify
+
+
+def run(argv: Sequence[str], argv0: str) -> int:
+    prog = _prog_name(argv0)
+    try:
+        options = parse_argv(argv, prog)
+    except CliError as err:
+        sys.stderr.write(err.line + "\n")
+        return err.status
+    first = pre_pass(options)
+    if first.action == "--help":
+        sys.stdout.write(help_text(prog))
+        return 0
+    if first.action == "--version":
+        sys.stdout.write(version_text(prog))
+        return 0
+    pidfile = PidFile(first.pidfile) if first.pidfile else None
+    if pidfile is not None:
+        try:
+            pidfile.lock()  # before anything exists: a second daemon leaves nothing behind
+        except QmpError as err:
+            sys.stderr.write(f"{prog}: {err.desc}\n")
+            return 1
+    notify: Callable[[int], None] = lambda status: None  # noqa: E731
+    if first.daemonize:
+        notify = _daemonize()
+    status = 1
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            status = runner.run(serve(main_pass(options), prog, pidfile, lambda: notify(0)))
+    finally:
+        notify(status)
+        if pidfile is not None:
+            pidfile.remove()
+    return status
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:], sys.argv[0]))
+
+
+if __name__ == "__main__":
+    main()

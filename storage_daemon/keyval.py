@@ -1,0 +1,616 @@
+"""QEMU's keyval option syntax, its JSON option form, and the scalar parsers behind them.
+
+Pure ring: text in, trees of dicts/lists/strings (or JSON values) out; no I/O. Every error is a
+`KeyvalError` whose message is byte-for-byte what qemu-storage-daemon 7.2 prints after
+`PROG: --option ARG: `; keep the messages and the order in which errors are detected intact.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+__all__ = [
+    "KEY_FRAGMENT_MAX",
+    "KeyvalError",
+    "format_keyval",
+    "is_help_option",
+    "is_help_request",
+    "parse_bool",
+    "parse_int",
+    "parse_json_option",
+    "parse_keyval",
+    "parse_keyval_help",
+    "parse_size",
+    "parse_size_checked",
+    "parse_uint",
+]
+
+# A key fragment (the text between dots) of this many characters or more is "too long".
+KEY_FRAGMENT_MAX = 127
+
+_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+_INDEX_RE = re.compile(r"[0-9]+")
+
+
+class KeyvalError(ValueError):
+    """A keyval/JSON/number syntax error with qsd's exact wording.
+
+    `hint` holds the extra line(s) qsd prints after the message (without trailing newline),
+    e.g. the "Identifiers consist of ..." line; None when there is none.
+    """
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+def is_help_option(text: str) -> bool:
+    """QEMU's is_help_option(): `help` or `?`."""
+    return text in ("help", "?")
+
+
+# ---- keyval ---------------------------------------------------------------------------------
+
+
+def _parse_one(
+    root: dict[str, Any], text: str, pos: int, implied_key: str | None
+) -> tuple[int, bool]:
+    """Parse the element at `pos`; return (position after it, whether it was a help request)."""
+    end_key = pos
+    while end_key < len(text) and text[end_key] not in "=,":
+        end_key += 1
+    klen = end_key - pos
+    value: str | None = None
+    if klen and (end_key == len(text) or text[end_key] != "="):
+        if is_help_option(text[pos:end_key]):
+            return (end_key + 1 if end_key < len(text) else end_key), True
+        if implied_key is not None:
+            # "VALUE" stands for "IMPLIED=VALUE"; the value ends at the first ',' (no escaping)
+            value = text[pos:end_key]
+            key = implied_key
+            nxt = end_key + 1 if end_key < len(text) else end_key
+            _put_path(root, key, key.split("."), value)
+            return nxt, False
+    key = text[pos:end_key]
+    fragments: list[str] = []
+    s = 0
+    while True:
+        frag_m = (
+            _INDEX_RE.match(key, s) if s and key[s : s + 1].isdigit() else _NAME_RE.match(key, s)
+        )
+        flen = frag_m.end() - s if frag_m else 0
+        if not flen or (s + flen < len(key) and key[s + flen] != "."):
+            raise KeyvalError(f"Invalid parameter '{key}'")
+        if flen > KEY_FRAGMENT_MAX:
+            whole = s == 0 and flen == len(key)
+            word = "Parameter" if whole else "Parameter fragment"
+            raise KeyvalError(f"{word} '{key[s : s + flen]}' is too long")
+        fragments.append(key[s : s + flen])
+        s += flen
+        if s >= len(key):
+            break
+        s += 1  # the '.'
+    if end_key >= len(text) or text[end_key] != "=":
+        raise KeyvalError(f"Expected '=' after parameter '{key}'")
+    i = end_key + 1
+    chars: list[str] = []
+    while i < len(text):
+        if text[i] == ",":
+            i += 1
+            if i >= len(text) or text[i] != ",":
+                break
+        chars.append(text[i])
+        i += 1
+    value = "".join(chars)
+    _put_path(root, key, fragments, value)
+    return i, False
+
+
+def _put_path(root: dict[str, Any], key: str, fragments: list[str], value: str) -> None:
+    cur = root
+    for n, frag in enumerate(fragments[:-1]):
+        old = cur.get(frag)
+        if old is None:
+            old = cur[frag] = {}
+        elif not isinstance(old, dict):
+            prefix = ".".join(fragments[: n + 1])
+            raise KeyvalError(f"Parameters '{prefix}.*' used inconsistently")
+        cur = old
+    last = fragments[-1]
+    if isinstance(cur.get(last), dict):
+        raise KeyvalError(f"Parameters '{key}.*' used inconsistently")
+    cur[last] = value
+
+
+def _listify(cur: dict[str, Any], path: str) -> dict[str, Any] | list[Any]:
+    has_index = has_member = False
+    for k, v in list(cur.items()):
+        if k[:1].isdigit():
+            has_index = True
+        else:
+            has_member = True
+        if isinstance(v, dict):
+            cur[k] = _listify(v, f"{path}{k}.")
+    if has_index and has_member:
+        raise KeyvalError(f"Parameters '{path}*' used inconsistently")
+    if not has_index:
+        return cur
+    slots: dict[int, Any] = {}
+    for k, v in cur.items():
+        slots[int(k)] = v  # "1" and "01" share a slot; the later one wins
+    items = []
+    for i in range(len(cur)):
+        if i not in slots:
+            raise KeyvalError(f"Parameter '{path}{i}' missing")
+        items.append(slots[i])
+    return items
+
+
+def parse_keyval_help(text: str, implied_key: str | None) -> tuple[dict[str, Any], bool]:
+    """Parse keyval `text`; return (tree, help requested).
+
+    The tree holds dicts, lists and string leaves. A `help` or `?` element (no `=`) anywhere
+    asks for help; parsing still continues and its errors still win.
+    """
+    root: dict[str, Any] = {}
+    wants_help = False
+    pos = 0
+    implied = implied_key
+    while pos < len(text):
+        pos, helped = _parse_one(root, text, pos, implied)
+        wants_help = wants_help or helped
+        implied = None
+    tree = _listify(root, "")
+    assert isinstance(tree, dict)  # top-level keys are never indices
+    return tree, wants_help
+
+
+def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, Any]:
+    """Parse keyval `text` for an option that offers no help."""
+    tree, wants_help = parse_keyval_help(text, implied_key)
+    if wants_help:
+        raise KeyvalError("Help is not available for this option")
+    return tree
+
+
+def is_help_request(text: str, implied_key: str | None) -> tuple[bool, str | None]:
+    """Whether keyval `text` asks for help, and the implied key's value if it has one.
+
+    `--object help` -> (True, None); `--object iothread,help` -> (True, "iothread");
+    `--blockdev driver=help` -> (False, ...): a value of `help` is not a help request.
+    Text that does not parse is not a help request (the caller will report the error).
+    """
+    if text.startswith("{"):
+        return False, None
+    try:
+        tree, wants_help = parse_keyval_help(text, implied_key)
+    except KeyvalError:
+        return False, None
+    value = tree.get(implied_key) if implied_key is not None else None
+    return wants_help, value if isinstance(value, str) else None
+
+
+def format_keyval(tree: dict[str, Any]) -> str:
+    """Inverse of parse_keyval (no implied key) for trees of non-empty dicts/lists and strings."""
+    parts: list[str] = []
+
+    def walk_child(node: Any, key: str) -> None:
+        if isinstance(node, (dict, list)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            for k, v in items:
+                walk_child(v, f"{key}.{k}")
+        else:
+            parts.append(f"{key}={str(node).replace(',', ',,')}")
+
+    for k, v in tree.items():
+        walk_child(v, k)
+    return ",".join(parts)
+
+
+# ---- JSON (QEMU's lexer/streamer/parser semantics) ----------------------------------------
+
+_MAX_NESTING = 1024
+_JSON_WS = " \t\n\r"
+_STRUCT = "{}[],:"
+
+
+def _bad_lexer_char(ch: str) -> bool:
+    """Characters QEMU's lexer refuses inside a string (controls, bytes 0xFE/0xFF)."""
+    return ch < " " or ch in ("\udcfe", "\udcff")
+
+
+def _lex(text: str, i: int) -> tuple[str, str, int]:
+    """Lex one token at `i` (not whitespace); return (kind, token text, next index).
+
+    kind is one of the structural characters, "str", "int", "float", "kw", or "err".
+    """
+    n = len(text)
+    ch = text[i]
+    if ch in _STRUCT:
+        return ch, ch, i + 1
+    if ch in "\"'":
+        j = i + 1
+        while j < n:
+            c = text[j]
+            if c == "\\":
+                j += 1
+                if j >= n:
+                    return "err", text[i:j], j
+                if _bad_lexer_char(text[j]):
+                    return "err", text[i : j + 1], j + 1
+            elif c == ch:
+                return "str", text[i : j + 1], j + 1
+            elif _bad_lexer_char(c):
+                return "err", text[i : j + 1], j + 1
+            j += 1
+        return "err", text[i:], n
+    if "a" <= ch <= "z":
+        j = i + 1
+        while j < n and "a" <= text[j] <= "z":
+            j += 1
+        return "kw", text[i:j], j
+    if ch == "-" or "0" <= ch <= "9":
+        return _lex_number(text, i)
+    return "err", ch, i + 1
+
+
+def _lex_number(text: str, i: int) -> tuple[str, str, int]:
+    n = len(text)
+    j = i
+    if text[j] == "-":
+        j += 1
+        if j >= n:
+            return "err", text[i:j], j
+        if not "0" <= text[j] <= "9":
+            return "err", text[i : j + 1], j + 1
+    if text[j] == "0":
+        j += 1
+        if j < n and "0" <= text[j] <= "9":
+            return "err", text[i : j + 1], j + 1
+    else:
+        while j < n and "0" <= text[j] <= "9":
+            j += 1
+    kind = "int"
+    if j < n and text[j] == ".":
+        j += 1
+        if j >= n:
+            return "err", text[i:j], j
+        if not "0" <= text[j] <= "9":
+            return "err", text[i : j + 1], j + 1
+        while j < n and "0" <= text[j] <= "9":
+            j += 1
+        kind = "float"
+    if j < n and text[j] in "eE" and not _bare_zero(text[i:j]):
+        j += 1
+        if j < n and text[j] in "+-":
+            j += 1
+        if j >= n:
+            return "err", text[i:j], j
+        if not "0" <= text[j] <= "9":
+            return "err", text[i : j + 1], j + 1
+        while j < n and "0" <= text[j] <= "9":
+            j += 1
+        kind = "float"
+    return kind, text[i:j], j
+
+
+def _bare_zero(num: str) -> bool:
+    # QEMU's lexer ends an integer token "0" / "-0" before an exponent.
+    return num in ("0", "-0")
+
+
+def _valid_codepoint(cp: int) -> bool:
+    if cp < 0 or cp > 0x10FFFF or 0xD800 <= cp <= 0xDFFF:
+        return False
+    return (cp & 0xFFFE) != 0xFFFE and not 0xFDD0 <= cp <= 0xFDEF
+
+
+def _hex4(text: str, i: int) -> int:
+    chunk = text[i : i + 4]
+    if len(chunk) == 4 and all(c in "0123456789abcdefABCDEF" for c in chunk):
+        return int(chunk, 16)
+    return -1
+
+
+_ESCAPES = {'"': '"', "'": "'", "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n"}
+_ESCAPES.update({"r": "\r", "t": "\t"})
+
+
+def _json_string(tok: str) -> str:
+    body = tok[1:-1]
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            beg = i
+            esc = body[i + 1]
+            i += 2
+            if esc in _ESCAPES:
+                out.append(_ESCAPES[esc])
+                continue
+            if esc != "u":
+                raise KeyvalError("JSON parse error, invalid escape sequence in string")
+            cp = _hex4(body, i)
+            i += 4
+            if 0xD800 <= cp <= 0xDBFF and body[i : i + 2] == "\\u":
+                trailing = _hex4(body, i + 2)
+                if 0xDC00 <= trailing <= 0xDFFF:
+                    cp = 0x10000 + ((cp & 0x3FF) << 10) + (trailing & 0x3FF)
+                    i += 6
+                else:
+                    cp = -1
+            if not _valid_codepoint(cp):
+                shown = (body + tok[-1])[beg:i]
+                raise KeyvalError(f"JSON parse error, {shown} is not a valid Unicode character")
+            out.append(chr(cp))
+            continue
+        if not _valid_codepoint(ord(c)):
+            raise KeyvalError("JSON parse error, invalid UTF-8 sequence in string")
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _json_literal(kind: str, tok: str) -> Any:
+    if kind == "str":
+        return _json_string(tok)
+    if kind == "kw":
+        if tok == "true":
+            return True
+        if tok == "false":
+            return False
+        if tok == "null":
+            return None
+        raise KeyvalError(f"JSON parse error, invalid keyword '{tok}'")
+    if kind == "int":
+        val = int(tok)
+        if -(2**63) <= val < 2**64:
+            return val
+    return float(tok)
+
+
+def _perr(message: str) -> KeyvalError:
+    return KeyvalError(f"JSON parse error, {message}")
+
+
+def _parse_tokens(tokens: list[tuple[str, str]]) -> Any:
+    """QEMU's recursive-descent JSON parser, made iterative (nesting reaches 1024)."""
+    pos = 0
+    # frames: [container, state, pending key]; state "key" | "value" | "elem"
+    stack: list[list[Any]] = []
+
+    def pop() -> tuple[str, str] | None:
+        nonlocal pos
+        if pos >= len(tokens):
+            return None
+        pos += 1
+        return tokens[pos - 1]
+
+    while True:
+        tok = pop()
+        if tok is None:
+            raise _perr("premature EOI")
+        kind, text = tok
+        value: Any
+        if kind in ("{", "["):
+            nxt = tokens[pos] if pos < len(tokens) else None
+            if nxt is None:
+                raise _perr("premature EOI")
+            close = "}" if kind == "{" else "]"
+            if nxt[0] == close:
+                pos += 1
+                value = {} if kind == "{" else []
+            else:
+                stack.append([{}, "key", None] if kind == "{" else [[], "elem", None])
+                continue
+        elif kind in ("str", "int", "float", "kw"):
+            value = _json_literal(kind, text)
+        else:
+            raise _perr("expecting value")
+        # deliver `value` to the enclosing containers
+        while True:
+            if not stack:
+                return value
+            frame = stack[-1]
+            container, state = frame[0], frame[1]
+            if state == "key":
+                if not isinstance(value, str):
+                    raise _perr("key is not a string in object")
+                sep = pop()
+                if sep is None:
+                    raise _perr("premature EOI")
+                if sep[0] != ":":
+                    raise _perr("missing : in object pair")
+                frame[1], frame[2] = "value", value
+                break
+            if state == "value":
+                if frame[2] in container:
+                    raise _perr("duplicate key")
+                container[frame[2]] = value
+                close, what = "}", "dict"
+            else:
+                container.append(value)
+                close, what = "]", "list"
+            sep = pop()
+            if sep is None:
+                raise _perr("premature EOI")
+            if sep[0] == close:
+                stack.pop()
+                value = container
+                continue
+            if sep[0] != ",":
+                raise _perr(f"expected separator in {what}")
+            if state == "value":
+                frame[1] = "key"
+            break
+
+
+def parse_json_option(text: str) -> Any:
+    """Parse an option argument in JSON form, with QEMU's error texts.
+
+    QEMU extensions kept: single-quoted strings, `\\'` escapes; integers beyond uint64 become
+    floats. Only one JSON value is allowed (whitespace may follow it).
+    """
+    tokens: list[tuple[str, str]] = []
+    braces = brackets = 0
+    i = 0
+    n = len(text)
+    result: Any = None
+    have_result = False
+    while True:
+        while i < n and text[i] in _JSON_WS:
+            i += 1
+        if have_result:
+            if i < n:
+                raise KeyvalError("Expecting at most one JSON value")
+            return result
+        if i >= n:
+            if tokens:
+                result = _parse_tokens(tokens)  # an error: tokens are unbalanced
+            raise _perr("premature EOI")
+        kind, tok, i = _lex(text, i)
+        if kind == "err":
+            raise _perr(f"stray '{tok}'")
+        if kind == "{":
+            braces += 1
+        elif kind == "}":
+            braces -= 1
+        elif kind == "[":
+            brackets += 1
+        elif kind == "]":
+            brackets -= 1
+        if braces + brackets > _MAX_NESTING:
+            raise KeyvalError("JSON nesting depth limit exceeded")
+        tokens.append((kind, tok))
+        if (braces > 0 or brackets > 0) and braces >= 0 and brackets >= 0:
+            continue
+        result = _parse_tokens(tokens)
+        have_result = True
+        tokens = []
+
+
+# ---- scalars ---------------------------------------------------------------------------------
+
+_TRUE = frozenset({"on", "yes", "true", "y"})
+_FALSE = frozenset({"off", "no", "false", "n"})
+_C_SPACE = " \t\n\v\f\r"
+_STRTOL_RE = re.compile(r"[ \t\n\v\f\r]*([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+_U64 = 2**64
+
+
+def parse_bool(text: str) -> bool | None:
+    """QEMU's qapi_bool_parse: on/yes/true/y and off/no/false/n (case-sensitive)."""
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    return None
+
+
+def _strtol_base0(text: str) -> tuple[str, int] | None:
+    m = _STRTOL_RE.fullmatch(text)
+    if m is None:
+        return None
+    sign, digits = m.groups()
+    if digits[:2] in ("0x", "0X"):
+        mag = int(digits[2:], 16)
+    else:
+        mag = int(digits, 8) if digits.startswith("0") else int(digits)
+    return sign, mag
+
+
+def parse_int(text: str) -> int | None:
+    """QEMU's qemu_strtoi64(text, NULL, 0): decimal, 0x hex, 0 octal, sign, leading blanks."""
+    got = _strtol_base0(text)
+    if got is None:
+        return None
+    sign, mag = got
+    val = -mag if sign == "-" else mag
+    return val if -(2**63) <= val < 2**63 else None
+
+
+def parse_uint(text: str) -> int | None:
+    """QEMU's qemu_strtou64(text, NULL, 0): like strtoull, `-N` wraps modulo 2**64."""
+    got = _strtol_base0(text)
+    if got is None:
+        return None
+    sign, mag = got
+    if mag >= _U64:
+        return None
+    return (-mag) % _U64 if sign == "-" else mag
+
+
+_SUFFIX = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
+_DEC_RE = re.compile(r"[ \t\n\v\f\r]*[+-]?[0-9]+")
+_HEX_RE = re.compile(r"[ \t\n\v\f\r]*[+-]?(?:0[xX]([0-9a-fA-F]+)|0)")
+_FRAC_RE = re.compile(r"\.([0-9]*)(?:([eE][+-]?[0-9]+))?")
+
+
+def parse_size_checked(text: str) -> tuple[int, bool]:
+    """QEMU 7.2's qemu_strtosz: return (bytes, hex-with-suffix deprecation applies).
+
+    Raises ValueError for malformed or negative input and OverflowError for values of 2**64
+    or more (qsd words those two cases differently).
+    """
+    m = _DEC_RE.match(text)
+    if m is None:
+        raise ValueError(text)
+    end = m.end()
+    val = int(m.group().strip(_C_SPACE))
+    if abs(val) >= _U64:
+        raise OverflowError(text)
+    if "-" in m.group():
+        raise ValueError(text)
+    valf = 0
+    hexa = False
+    if val == 0 and text[end : end + 1] in ("x", "X"):
+        h = _HEX_RE.match(text)
+        assert h is not None
+        if h.group(1) is not None:
+            val = int(h.group(1), 16)
+            if val >= _U64:
+                raise OverflowError(text)
+        end = h.end()
+        if text[end : end + 1] == ".":
+            raise ValueError(text)
+        hexa = True
+    elif text[end : end + 1] == ".":
+        f = _FRAC_RE.match(text, end)
+        assert f is not None
+        if f.group(2) is not None and f.group(1):
+            raise ValueError(text)  # an exponent: not a size
+        if f.group(1):
+            valf = min(int(float("0." + f.group(1)) * 2.0**64), _U64 - 1)
+            end = end + 1 + len(f.group(1))
+        else:
+            end += 1  # "5." and "1.k" mean no fraction at all
+    suffix = text[end : end + 1].upper()
+    warn = False
+    if suffix and suffix in _SUFFIX:
+        mul = 1024 ** _SUFFIX[suffix]
+        warn = hexa
+        end += 1
+    else:
+        mul = 1
+    if end != len(text):
+        raise ValueError(text)
+    if mul == 1:
+        if valf:
+            raise ValueError(text)  # a fraction needs a unit
+        return val, warn
+    prod = valf * mul
+    total = val * mul + (prod >> 64) + ((prod >> 63) & 1)
+    if total >= _U64:
+        raise OverflowError(text)
+    return total, warn
+
+
+def parse_size(text: str) -> int | None:
+    """A QEMU size (`1.5G`, `512`, `4k`; 1024-based); None when malformed, negative or >= 2**64."""
+    try:
+        return parse_size_checked(text)[0]
+    except (ValueError, OverflowError):
+        return None
