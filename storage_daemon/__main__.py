@@ -94,7 +94,8 @@ def _daemonize() -> Callable[[int], None]:
 def run(argv: Sequence[str], argv0: str) -> int:
     prog = _prog_name(argv0)
     try:
-        options = parse_argv(argv, prog)
+        # glibc's getopt names the program by argv[0] exactly as given.
+        options = parse_argv(argv, argv0 if prog != PROG else PROG)
     except CliError as err:
         sys.stderr.write(err.line + "\n")
         return err.status

@@ -383,8 +383,9 @@ class ChardevArgs:
 
     `params` maps key -> string value in first-appearance order (a repeated key keeps the last
     value) and includes "backend" (the implied first element) and "id" when given.
-    `warnings` are (message, hint) pairs to print with format_option_error, before anything
-    else. `help_wanted`: a `help`/`?` element asked for the option list
+    `warnings` are (message, hint) pairs, message without the "warning: " prefix: print each
+    as format_option_error(prog, option, "warning: " + message, hint), before anything else.
+    `help_wanted`: a `help`/`?` element asked for the option list
     (chardev_options_help_text() on stdout, exit status 1, as qsd does).
     """
 
@@ -445,7 +446,7 @@ def _check_opt_value(name: str, kind: str, value: str, out: ChardevArgs) -> None
             ) from None
         if hex_suffix:
             out.warnings.append(
-                (f"warning: Using a multiplier suffix on hex numbers is deprecated: {value}", None)
+                (f"Using a multiplier suffix on hex numbers is deprecated: {value}", None)
             )
 
 
@@ -494,7 +495,7 @@ def parse_chardev_legacy(text: str) -> ChardevArgs:
                     else:
                         advice = f"Please use {name}={value} instead"
                     out.warnings.append(
-                        (f"warning: short-form boolean option '{prefix}{name}' deprecated", advice)
+                        (f"short-form boolean option '{prefix}{name}' deprecated", advice)
                     )
             else:
                 name = text[pos:end]

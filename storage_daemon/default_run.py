@@ -31,11 +31,11 @@ def main() -> None:
         f"Connect with:\n"
         f"  {Path(python).parent / 'qmp-shell'} {sock}\n"
         f"or from Python (qemu.qmp):\n"
-        f"  {python} -c \"import asyncio; from qemu.qmp import QMPClient\n"
+        f'  {python} -c "import asyncio; from qemu.qmp import QMPClient\n'
         f"  async def m():\n"
         f"      c = QMPClient(); await c.connect('{sock}')\n"
         f"      print(await c.execute('query-named-block-nodes')); await c.disconnect()\n"
-        f"  asyncio.run(m())\"\n"
+        f'  asyncio.run(m())"\n'
         f"Stop with Ctrl-C (or SIGTERM to the PID in {RUN_DIR / 'storage-daemon.pid'}).",
         flush=True,
     )

@@ -62,17 +62,13 @@ def _parse_one(
     while end_key < len(text) and text[end_key] not in "=,":
         end_key += 1
     klen = end_key - pos
-    value: str | None = None
     if klen and (end_key == len(text) or text[end_key] != "="):
         if is_help_option(text[pos:end_key]):
             return (end_key + 1 if end_key < len(text) else end_key), True
         if implied_key is not None:
             # "VALUE" stands for "IMPLIED=VALUE"; the value ends at the first ',' (no escaping)
-            value = text[pos:end_key]
-            key = implied_key
-            nxt = end_key + 1 if end_key < len(text) else end_key
-            _put_path(root, key, key.split("."), value)
-            return nxt, False
+            _put_path(root, implied_key, [implied_key], text[pos:end_key])
+            return (end_key + 1 if end_key < len(text) else end_key), False
     key = text[pos:end_key]
     fragments: list[str] = []
     s = 0

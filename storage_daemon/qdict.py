@@ -48,3 +48,40 @@ def qdict_ordered(value: Any) -> Any:
     if isinstance(value, list):
         return [qdict_ordered(item) for item in value]
     return value
+
+
+# GLib's hash table, which QEMU's input visitor uses to find members nobody asked for.
+_PRIME_MOD = (1, 2, 3, 7, 13, 31, 61, 127, 251, 509, 1021, 2039, 4093, 8191, 16381, 32749)
+
+
+def _djb2(key: str) -> int:
+    value = 5381
+    for byte in key.encode("utf-8", errors="surrogatepass"):
+        value = (value * 33 + byte) & _MASK
+    return value
+
+
+def _ghash_insert(slots: list[str | None], shift: int, key: str) -> None:
+    mask = (1 << shift) - 1
+    index = (_djb2(key) * 11) % _PRIME_MOD[shift]
+    step = 0
+    while slots[index] is not None:
+        step += 1
+        index = (index + step) & mask
+    slots[index] = key
+
+
+def ghash_order(keys: Iterable[str]) -> list[str]:
+    """`keys` (inserted in this order) in the order a GLib string hash table iterates them."""
+    shift = 3
+    slots: list[str | None] = [None] * (1 << shift)
+    for count, key in enumerate(keys, start=1):
+        _ghash_insert(slots, shift, key)
+        size = 1 << shift
+        if size <= count + count // 16:  # GLib grows to fit twice the entries
+            old = [k for k in slots if k is not None]
+            shift = max(3, (count * 2).bit_length())
+            slots = [None] * (1 << shift)
+            for old_key in old:
+                _ghash_insert(slots, shift, old_key)
+    return [k for k in slots if k is not None]

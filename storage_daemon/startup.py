@@ -12,8 +12,10 @@ from typing import Any
 
 from storage_daemon.cli import (
     POSITIONAL,
+    ChardevParseError,
     CliOption,
     chardev_help_text,
+    chardev_options_help_text,
     check_chardev_params,
     format_option_error,
     parse_chardev_legacy,
@@ -49,6 +51,10 @@ class OptionFailed(Exception):
 async def apply_option(daemon: Daemon, option: CliOption, prog: str) -> None:
     try:
         await _apply(daemon, option, prog)
+    except ChardevParseError as err:
+        lines = [format_option_error(prog, option, f"warning: {m}", h) for m, h in err.warnings]
+        lines.append(format_option_error(prog, option, err.message, err.hint))
+        raise OptionFailed("\n".join(lines)) from err
     except (QmpError, KeyvalError) as err:
         message = err.desc if isinstance(err, QmpError) else err.message
         raise OptionFailed(format_option_error(prog, option, message, err.hint)) from err
@@ -100,6 +106,8 @@ async def _chardev(daemon: Daemon, option: CliOption, prog: str) -> None:
     parsed = parse_chardev_legacy(option.arg or "")
     for message, hint in parsed.warnings:
         sys.stderr.write(format_option_error(prog, option, f"warning: {message}", hint) + "\n")
+    if parsed.help_wanted:  # `--chardev null,help`: qsd lists the options and fails
+        raise OptionFailed(chardev_options_help_text(), 1, stdout=True)
     if not check_chardev_params(parsed):
         raise OptionFailed(chardev_help_text(), 0, stdout=True)
     params = parsed.params

@@ -29,6 +29,7 @@ from storage_daemon.errors import QmpError
 
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 NODE_NAME_MAX = 31
+_INT64_MAX = (1 << 63) - 1
 
 
 def wire(value: Any) -> Any:
@@ -127,6 +128,8 @@ class BlockGraph:
                 "setting detect-zeroes to unmap is not allowed without setting discard "
                 "operation to unmap"
             )
+        if opts.force_share and not opts.read_only:
+            raise QmpError("force-share=on can only be used with read-only images")
         driver_name = wire(options.driver)
         if options.node_name is not None:
             name = options.node_name
@@ -155,6 +158,10 @@ class BlockGraph:
             await node.driver.close()
             await self._discard_children(node)
             raise QmpError(f"Duplicate nodes with node-name='{name}'")
+        if -(-node.driver.getlength() // 512) * 512 > _INT64_MAX:
+            await node.driver.close()
+            await self._discard_children(node)
+            raise QmpError("Could not refresh total sector count: File too large")
         node.monitor_owned = monitor_owned
         self._nodes[name] = node
         return node

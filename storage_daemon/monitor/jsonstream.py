@@ -535,7 +535,9 @@ class JsonStream:
         self._tok.clear()
         self._state = _Lex.RECOVERY
         self._reset_message()
-        self._out.append(JsonParseError(f"JSON parse error, stray '{_lossy(text)}'"))
+        self._out.append(
+            JsonParseError(f"JSON parse error, stray '{_lossy(text).split(chr(0))[0]}'")
+        )
 
     def _too_big(self) -> None:
         # QEMU hands the oversized partial token on and starts lexing afresh after it.

@@ -21,6 +21,7 @@ from storage_daemon.qapi_generated import models
 from storage_daemon.qapi_generated.commands import COMMANDS
 from storage_daemon.qapi_generated.events import EVENTS
 from storage_daemon.qapi_generated.types import TYPES
+from storage_daemon.qdict import ghash_order
 
 __all__ = [
     "COMMANDS",
@@ -291,7 +292,8 @@ class _Visitor:
             variant = next(v for v in spec.variants if v.case == str(tag.value))
             self.members(TYPES[variant.type].members, value, path, fields, seen)
             cls_name = variant.python
-        for key in value:
+        # QEMU finds leftovers by walking a GLib hash table: report the first in its order.
+        for key in ghash_order(value):
             if key not in seen:
                 raise QmpError(f"Parameter '{_full((*path, key))}' is unexpected")
         assert cls_name is not None
@@ -347,7 +349,7 @@ def command_args(name: str, arguments: dict[str, Any] | None, *, keyval: bool = 
     spec = COMMANDS[name]
     args: dict[str, Any] = {} if arguments is None else arguments
     if spec.arg_type is None:
-        for key in args:
+        for key in ghash_order(args):
             raise QmpError(f"Parameter '{key}' is unexpected")
         return None
     return visit_input(spec.arg_type, args, keyval=keyval)

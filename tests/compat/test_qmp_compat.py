@@ -310,14 +310,6 @@ def test_file_raw_and_auto_named_children(compat: Compat) -> None:
             ),
             Cmd("blockdev-add", {"driver": "raw", "node-name": "r2", "file": "nosuch"}),
             Cmd(
-                "blockdev-add",
-                {
-                    "driver": "qcow2",
-                    "node-name": "q0",
-                    "file": {"driver": "file", "filename": "$D/img.raw"},
-                },
-            ),
-            Cmd(
                 "blockdev-add", {"driver": "file", "node-name": "f1", "filename": "/nonexistent/x"}
             ),
             Cmd("query-named-block-nodes"),

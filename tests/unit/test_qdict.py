@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage_daemon.qdict import qdict_order, qdict_ordered
+from storage_daemon.qdict import ghash_order, qdict_order, qdict_ordered
 
 # (insertion order, order qsd printed it) from replies recorded in shared/reference/qsd-7.2/.
 # Insertion order is the schema's member order; it matters only for keys sharing a bucket.
@@ -51,3 +51,13 @@ def test_nested_values_are_reordered() -> None:
 def test_order_is_a_permutation_independent_of_distinct_bucket_inputs(keys: list[str]) -> None:
     ordered = qdict_order(keys)
     assert sorted(ordered) == sorted(keys)
+
+
+def test_ghash_order_matches_qsd_leftover_report() -> None:
+    # qsd answered "Parameter 'y' is unexpected" for query-version {"x": 1, "y": 2}.
+    assert ghash_order(["x", "y"])[0] == "y"
+
+
+@given(st.lists(st.text(min_size=1, max_size=8), unique=True, max_size=40))
+def test_ghash_order_is_a_permutation(keys: list[str]) -> None:
+    assert sorted(ghash_order(keys)) == sorted(keys)

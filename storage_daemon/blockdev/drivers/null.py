@@ -34,6 +34,9 @@ class NullDriver(BlockDriver):
             raise QmpError("Parameter 'size' expects a non-negative number below 2^64")
         if options.size is not None:
             self.size = int(options.size)
+        # uint64 on the wire, int64 inside QEMU: a wrapped negative value is refused.
+        if options.latency_ns is not None and not 0 <= options.latency_ns < 1 << 63:
+            raise QmpError("latency-ns is invalid")
         if options.latency_ns is not None:
             self.latency_ns = int(options.latency_ns)
         if options.read_zeroes is not None:

@@ -61,6 +61,11 @@ class RawDriver(BlockDriver):
     def format_name(self) -> str:
         return "raw"
 
+    def image_info_extra(self) -> dict[str, Any]:
+        # qsd asks the child for image info; a file child reports a clean dirty flag.
+        child = self._primary().driver.image_info_extra()
+        return {"dirty-flag": child["dirty-flag"]} if "dirty-flag" in child else {}
+
     def getlength(self) -> int:
         if self.size is not None:
             return self.size
