@@ -87,6 +87,12 @@ def _daemonize() -> Callable[[int], None]:
             os.close(write_fd)
         except OSError:
             pass
+        if status == 0:
+            # Detach from the caller's terminal or pipes, as qsd does once it is ready.
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
 
     return notify
 

@@ -46,8 +46,12 @@ class BlockDriver(ABC):
     # raw and filters show their child's filename when they add no strong options.
     passes_filename: ClassVar[bool] = False
     is_filter: ClassVar[bool] = False
-    request_alignment: ClassVar[int] = 1
-    max_transfer: ClassVar[int] = 0  # 0: unlimited
+    # Formats that can have a backing file (qcow2): block status reads their unallocated
+    # ranges as zeroes when no backing child is attached.
+    supports_backing: ClassVar[bool] = False
+    # Limits the generic I/O path honours; a driver may set them per instance (O_DIRECT).
+    request_alignment: int = 1
+    max_transfer: int = 0  # 0: unlimited
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.io_align import IoState
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.blockdev.stats import IoStats
 from storage_daemon.qdict import qdict_ordered
@@ -46,6 +47,8 @@ class BlockNode:
     perm: Perm = PERM_NONE
     shared: Perm = PERM_ALL
     stats: IoStats = field(default_factory=IoStats)
+    # The generic I/O path's per-node state (request tracker, flush generation): io.py only.
+    io_state: IoState = field(default_factory=IoState, repr=False)
 
     def __hash__(self) -> int:
         return id(self)

@@ -1,6 +1,9 @@
 """Per-node I/O accounting for query-blockstats (domain ring, no I/O of its own).
 
-Counters are plain integers updated by the generic I/O path after each request.
+Counters are plain integers updated by the generic I/O path (`io.py`) at every node a request
+passes through (an export's write on raw counts on raw and on its file). qsd 7.2 itself shows
+only `wr_highest_offset` per node; its other counters stay 0 there (QEMU's device models
+account, NBD exports do not), so query-blockstats decides which of these it reports.
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import stat
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -130,6 +132,8 @@ class StdioChardev(Chardev):
             await self._wait_closed()
             return None
         self._used = True
+        if not (_pollable(self._stdin_fd) and _pollable(self._stdout_fd)):
+            return await self._bridged()
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         in_file = os.fdopen(os.dup(self._stdin_fd), "rb", buffering=0)
@@ -140,6 +144,52 @@ class StdioChardev(Chardev):
         )
         writer = asyncio.StreamWriter(transport, protocol, None, loop)
         return Connection(reader, writer, "stdio")
+
+    async def _bridged(self) -> Connection:
+        """Stdio that epoll cannot watch (/dev/null, regular files): pump it through a
+        socketpair with two threads, so the monitor still sees an ordinary stream."""
+        ours, theirs = socket.socketpair()
+        pumps = (
+            threading.Thread(target=_pump_in, args=(self._stdin_fd, theirs), daemon=True),
+            threading.Thread(target=_pump_out, args=(theirs, self._stdout_fd), daemon=True),
+        )
+        for pump in pumps:
+            pump.start()
+        reader, writer = await asyncio.open_connection(sock=ours)
+        return Connection(reader, writer, "stdio")
+
+
+def _pollable(fd: int) -> bool:
+    """Whether epoll accepts `fd` (it refuses regular files and /dev/null)."""
+    poller = select.epoll()
+    try:
+        poller.register(fd, select.EPOLLIN)
+    except OSError:
+        return False
+    finally:
+        poller.close()
+    return True
+
+
+def _pump_in(fd: int, sock: socket.socket) -> None:
+    try:
+        while data := os.read(fd, 65536):
+            sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+def _pump_out(sock: socket.socket, fd: int) -> None:
+    try:
+        while data := sock.recv(65536):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class SocketChardev(Chardev):

@@ -67,14 +67,14 @@ _FALSE = {"off", "no", "false"}
 Path = tuple[str | int, ...]
 
 
-def _full(path: Path) -> str:
-    """QEMU's full member name: `a.b`, list elements as `a[0]`."""
+def _full(path: Path, keyval: bool = False) -> str:
+    """QEMU's full member name: `a.b`; list elements as `a[0]`, or `a.0` in keyval input."""
     out = ""
     for seg in path:
-        if isinstance(seg, int):
+        if isinstance(seg, int) and not keyval:
             out += f"[{seg}]"
         else:
-            out += ("." if out else "") + seg
+            out += ("." if out else "") + str(seg)
     return out or "null"
 
 
@@ -85,8 +85,8 @@ def _bare(path: Path) -> str:
     return "null"
 
 
-def _type_error(path: Path, expected: str) -> QmpError:
-    return QmpError(f"Invalid parameter type for '{_full(path)}', expected: {expected}")
+def _type_error(path: Path, expected: str, keyval: bool = False) -> QmpError:
+    return QmpError(f"Invalid parameter type for '{_full(path, keyval)}', expected: {expected}")
 
 
 def _value_error(name: str, expected: str) -> QmpError:
@@ -145,6 +145,12 @@ class _Visitor:
     def __init__(self, keyval: bool) -> None:
         self.keyval = keyval
 
+    def full(self, path: Path) -> str:
+        return _full(path, self.keyval)
+
+    def type_error(self, path: Path, expected: str) -> QmpError:
+        return _type_error(path, expected, self.keyval)
+
     def visit(self, type_name: str, value: object, path: Path) -> Any:
         spec = TYPES.get(type_name)
         if spec is None:
@@ -156,7 +162,7 @@ class _Visitor:
         if spec.kind == "array":
             assert spec.element is not None
             if not isinstance(value, list):
-                raise _type_error(path, "array")
+                raise self.type_error(path, "array")
             return [self.visit(spec.element, item, (*path, i)) for i, item in enumerate(value)]
         if spec.kind == "alternate":
             return self.alternate(spec, value, path)
@@ -168,38 +174,38 @@ class _Visitor:
         if isinstance(value, str):
             return value
         if isinstance(value, (dict, list)):
-            raise QmpError(f"Parameters '{_full(path)}.*' are unexpected")
-        raise _type_error(path, "string")
+            raise QmpError(f"Parameters '{self.full(path)}.*' are unexpected")
+        raise self.type_error(path, "string")
 
     def builtin(self, name: str, value: object, path: Path) -> Any:
         if name == "any":
             return value
         if name == "null":
             if value is not None:
-                raise _type_error(path, "null")
+                raise self.type_error(path, "null")
             return None
         if self.keyval:
             return self.builtin_keyval(name, self.keyval_str(value, path), path)
         if name == "str":
             if not isinstance(value, str):
-                raise _type_error(path, "string")
+                raise self.type_error(path, "string")
             return value
         if name == "bool":
             if not isinstance(value, bool):
-                raise _type_error(path, "boolean")
+                raise self.type_error(path, "boolean")
             return value
         if name == "number":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise _type_error(path, "number")
+                raise self.type_error(path, "number")
             return float(value)
         num = value if isinstance(value, int) and not isinstance(value, bool) else None
         if name in _SIGNED:
             if num is None or not (INT64_MIN <= num <= INT64_MAX):
-                raise _type_error(path, "integer")
+                raise self.type_error(path, "integer")
             return self.narrow(name, num, path)
         # uint64 and size: QEMU accepts any int64 too and reinterprets it as unsigned
         if num is None or not (INT64_MIN <= num <= UINT64_MAX):
-            raise _value_error(_full(path), "uint64")
+            raise _value_error(self.full(path), "uint64")
         return self.narrow(name, num & UINT64_MAX, path)
 
     def builtin_keyval(self, name: str, text: str, path: Path) -> Any:
@@ -210,20 +216,20 @@ class _Visitor:
                 return True
             if text in _FALSE:
                 return False
-            raise _value_error(_full(path), "'on' or 'off'")
+            raise _value_error(self.full(path), "'on' or 'off'")
         if name == "number":
             num = _parse_number(text)
             if num is None:
-                raise _value_error(_full(path), "a number")
+                raise _value_error(self.full(path), "a number")
             return num
         if name == "size":
             size = _parse_size(text)
             if size is None:
-                raise _value_error(_full(path), "size")
+                raise _value_error(self.full(path), "size")
             return size
         val = _parse_int(text, name in _UNSIGNED)
         if val is None:
-            raise _value_error(_full(path), "integer")
+            raise _value_error(self.full(path), "integer")
         return self.narrow(name, val, path)
 
     def narrow(self, name: str, val: int, path: Path) -> int:
@@ -238,7 +244,7 @@ class _Visitor:
         elif isinstance(value, str):
             text = value
         else:
-            raise _type_error(path, "string")
+            raise self.type_error(path, "string")
         if text not in spec.values:
             raise QmpError(f"Parameter '{_bare(path)}' does not accept value '{text}'")
         assert spec.python is not None
@@ -282,7 +288,7 @@ class _Visitor:
 
     def visit_object(self, spec: TypeSpec, value: object, path: Path) -> Any:
         if not isinstance(value, dict):
-            raise _type_error(path, "object")
+            raise self.type_error(path, "object")
         fields: dict[str, Any] = {}
         seen: set[str] = set()
         self.members(spec.members, value, path, fields, seen)
@@ -295,7 +301,7 @@ class _Visitor:
         # QEMU finds leftovers by walking a GLib hash table: report the first in its order.
         for key in ghash_order(value):
             if key not in seen:
-                raise QmpError(f"Parameter '{_full((*path, key))}' is unexpected")
+                raise QmpError(f"Parameter '{self.full((*path, key))}' is unexpected")
         assert cls_name is not None
         cls: type[BaseModel] = getattr(models, cls_name)
         return cls.model_construct(**fields)
@@ -313,7 +319,7 @@ class _Visitor:
                 seen.add(m.name)
                 fields[m.field] = self.visit(m.type, value[m.name], (*path, m.name))
             elif not m.optional:
-                raise QmpError(f"Parameter '{_full((*path, m.name))}' is missing")
+                raise QmpError(f"Parameter '{self.full((*path, m.name))}' is missing")
 
 
 def _field_of(spec: TypeSpec, wire: str) -> str:

@@ -5,10 +5,20 @@ from __future__ import annotations
 from storage_daemon.qapi.spec import CommandSpec
 
 COMMANDS: dict[str, CommandSpec] = {
+    'query-block': CommandSpec('query-block', arg_type=None, ret_type='BlockInfoList', boxed=False, allow_oob=False, coroutine=False, features=(), doc='List the block backends that guest devices use.'),
+    'query-blockstats': CommandSpec('query-blockstats', arg_type='QueryBlockstatsArgs', ret_type='BlockStatsList', boxed=False, allow_oob=False, coroutine=False, features=(), doc='Report I/O statistics of every backend, or of every named node.'),
+    'block_resize': CommandSpec('block_resize', arg_type='BlockResizeArgs', ret_type=None, boxed=False, allow_oob=False, coroutine=True, features=(), doc='Change the size of a node (given by backend name or node name).'),
     'query-named-block-nodes': CommandSpec('query-named-block-nodes', arg_type='QueryNamedBlockNodesArgs', ret_type='BlockDeviceInfoList', boxed=False, allow_oob=False, coroutine=False, features=(), doc='List every block node, including nodes that were named automatically.'),
     'x-debug-query-block-graph': CommandSpec('x-debug-query-block-graph', arg_type=None, ret_type='XDbgBlockGraph', boxed=False, allow_oob=False, coroutine=False, features=('unstable',), doc='Dump the block graph: nodes, jobs, backends and the edges between them.'),
     'blockdev-add': CommandSpec('blockdev-add', arg_type='BlockdevOptions', ret_type=None, boxed=True, allow_oob=False, coroutine=False, features=(), doc='Create a block node (and, inline, any child nodes it defines).'),
     'blockdev-del': CommandSpec('blockdev-del', arg_type='BlockdevDelArgs', ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=(), doc='Delete a block node that nothing uses any more.'),
+    'nbd-server-start': CommandSpec('nbd-server-start', arg_type='NbdServerStartArgs', ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=(), doc='Start the NBD server, listening on one address; exports are added to it afterwards.'),
+    'nbd-server-add': CommandSpec('nbd-server-add', arg_type='NbdServerAddOptions', ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=('deprecated',), doc='Export a node over the running NBD server (superseded by block-export-add).'),
+    'nbd-server-remove': CommandSpec('nbd-server-remove', arg_type='NbdServerRemoveArgs', ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=('deprecated',), doc='Remove an NBD export (superseded by block-export-del).'),
+    'nbd-server-stop': CommandSpec('nbd-server-stop', arg_type=None, ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=(), doc='Stop the NBD server and remove every export it serves.'),
+    'block-export-add': CommandSpec('block-export-add', arg_type='BlockExportOptions', ret_type=None, boxed=True, allow_oob=False, coroutine=False, features=(), doc='Create a block export.'),
+    'block-export-del': CommandSpec('block-export-del', arg_type='BlockExportDelArgs', ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=(), doc='Ask an export to go away; BLOCK_EXPORT_DELETED follows once it is gone.'),
+    'query-block-exports': CommandSpec('query-block-exports', arg_type=None, ret_type='BlockExportInfoList', boxed=False, allow_oob=False, coroutine=False, features=(), doc='List the block exports.'),
     'qmp_capabilities': CommandSpec('qmp_capabilities', arg_type='QmpCapabilitiesArgs', ret_type=None, boxed=False, allow_oob=False, coroutine=False, features=(), doc='Leave capabilities negotiation and enter command mode.'),
     'query-version': CommandSpec('query-version', arg_type=None, ret_type='VersionInfo', boxed=False, allow_oob=False, coroutine=False, features=(), doc="Report the daemon's version."),
     'query-commands': CommandSpec('query-commands', arg_type=None, ret_type='CommandInfoList', boxed=False, allow_oob=False, coroutine=False, features=(), doc='List the commands the monitor accepts.'),

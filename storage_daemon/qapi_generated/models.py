@@ -71,6 +71,14 @@ class BlockdevDetectZeroesOptions(enum.StrEnum):
     UNMAP = "unmap"
 
 
+class BlockDeviceIoStatus(enum.StrEnum):
+    """State of a device after I/O errors, when errors stop the device."""
+
+    OK = "ok"
+    FAILED = "failed"
+    NOSPACE = "nospace"
+
+
 class XDbgBlockGraphNodeType(enum.StrEnum):
     """Kinds of vertex in the block graph dump."""
 
@@ -156,6 +164,19 @@ class JobStatus(enum.StrEnum):
     ABORTING = "aborting"
     CONCLUDED = "concluded"
     NULL = "null"
+
+
+class BlockExportRemoveMode(enum.StrEnum):
+    """How to remove an export that still has clients."""
+
+    SAFE = "safe"
+    HARD = "hard"
+
+
+class BlockExportType(enum.StrEnum):
+    """Kinds of block export this daemon implements."""
+
+    NBD = "nbd"
 
 
 class ChardevBackendKind(enum.StrEnum):
@@ -468,6 +489,132 @@ class BlockDeviceInfo(QapiModel):
     dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias="dirty-bitmaps")
 
 
+class BlockInfo(QapiModel):
+    """A block backend attached to a guest device (the daemon has none)."""
+
+    device: str
+    qdev: str | None = None
+    type: str
+    removable: bool
+    locked: bool
+    inserted: BlockDeviceInfo | None = None
+    tray_open: bool | None = None
+    io_status: BlockDeviceIoStatus | None = Field(default=None, alias="io-status")
+
+
+class BlockDeviceTimedStats(QapiModel):
+    """Latency and queue depth figures measured over one time window."""
+
+    interval_length: int
+    min_rd_latency_ns: int
+    max_rd_latency_ns: int
+    avg_rd_latency_ns: int
+    min_wr_latency_ns: int
+    max_wr_latency_ns: int
+    avg_wr_latency_ns: int
+    min_flush_latency_ns: int
+    max_flush_latency_ns: int
+    avg_flush_latency_ns: int
+    avg_rd_queue_depth: float
+    avg_wr_queue_depth: float
+
+
+class BlockLatencyHistogramInfo(QapiModel):
+    """A latency histogram: N boundaries split the time axis into N+1 bins."""
+
+    boundaries: list[int]
+    bins: list[int]
+
+
+class BlockDeviceStats(QapiModel):
+    """I/O accounting of one node or backend."""
+
+    rd_bytes: int
+    wr_bytes: int
+    unmap_bytes: int
+    rd_operations: int
+    wr_operations: int
+    flush_operations: int
+    unmap_operations: int
+    rd_total_time_ns: int
+    wr_total_time_ns: int
+    flush_total_time_ns: int
+    unmap_total_time_ns: int
+    wr_highest_offset: int
+    rd_merged: int
+    wr_merged: int
+    unmap_merged: int
+    idle_time_ns: int | None = None
+    failed_rd_operations: int
+    failed_wr_operations: int
+    failed_flush_operations: int
+    failed_unmap_operations: int
+    invalid_rd_operations: int
+    invalid_wr_operations: int
+    invalid_flush_operations: int
+    invalid_unmap_operations: int
+    account_invalid: bool
+    account_failed: bool
+    timed_stats: list[BlockDeviceTimedStats]
+    rd_latency_histogram: BlockLatencyHistogramInfo | None = None
+    wr_latency_histogram: BlockLatencyHistogramInfo | None = None
+    flush_latency_histogram: BlockLatencyHistogramInfo | None = None
+
+
+class BlockStatsSpecificFile(QapiModel):
+    """Statistics only the file driver keeps."""
+
+    discard_nb_ok: int = Field(alias="discard-nb-ok")
+    discard_nb_failed: int = Field(alias="discard-nb-failed")
+    discard_bytes_ok: int = Field(alias="discard-bytes-ok")
+
+
+class BlockStatsSpecificBase(QapiModel):
+    """Members of BlockStatsSpecificBase."""
+
+    driver: BlockdevDriver
+
+
+class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):
+    """BlockStatsSpecific with driver=file."""
+    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable
+
+    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
+
+
+class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):
+    """BlockStatsSpecific with driver=null-aio."""
+    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO
+
+
+class BlockStatsSpecific_null_co(BlockStatsSpecificBase):
+    """BlockStatsSpecific with driver=null-co."""
+    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
+
+
+class BlockStatsSpecific_raw(BlockStatsSpecificBase):
+    """BlockStatsSpecific with driver=raw."""
+    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
+
+
+class BlockStats(QapiModel):
+    """Statistics of a backend or node, with those of its file and backing children."""
+
+    device: str | None = None
+    qdev: str | None = None
+    node_name: str | None = Field(default=None, alias="node-name")
+    stats: BlockDeviceStats
+    driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")
+    parent: BlockStats | None = None
+    backing: BlockStats | None = None
+
+
 class XDbgBlockGraphNode(QapiModel):
     """A vertex of the block graph dump."""
 
@@ -491,6 +638,13 @@ class XDbgBlockGraph(QapiModel):
 
     nodes: list[XDbgBlockGraphNode]
     edges: list[XDbgBlockGraphEdge]
+
+
+class BlockDirtyBitmap(QapiModel):
+    """Names a dirty bitmap: the node it belongs to and its own name."""
+
+    node: str
+    name: str
 
 
 class BlockdevCacheOptions(QapiModel):
@@ -572,6 +726,65 @@ class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):
     qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable
 
     driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
+
+
+class NbdServerOptions(QapiModel):
+    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""
+
+    addr: SocketAddress
+    tls_creds: str | None = Field(default=None, alias="tls-creds")
+    tls_authz: str | None = Field(default=None, alias="tls-authz")
+    max_connections: int | None = Field(default=None, alias="max-connections")
+
+
+class BlockExportOptionsNbdBase(QapiModel):
+    """Export options the deprecated nbd-server-add shares with NBD exports."""
+
+    name: str | None = None
+    description: str | None = None
+
+
+class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
+    """Options of an NBD export."""
+
+    bitmaps: list[BlockDirtyBitmapOrStr] | None = None
+    allocation_depth: bool | None = Field(default=None, alias="allocation-depth")
+
+
+class NbdServerAddOptions(BlockExportOptionsNbdBase):
+    """Arguments of the deprecated nbd-server-add."""
+
+    device: str
+    writable: bool | None = None
+    bitmap: str | None = None
+
+
+class BlockExportOptionsBase(QapiModel):
+    """Members of BlockExportOptionsBase."""
+
+    type: BlockExportType
+    id: str
+    fixed_iothread: bool | None = Field(default=None, alias="fixed-iothread")
+    iothread: str | None = None
+    node_name: str = Field(alias="node-name")
+    writable: bool | None = None
+    writethrough: bool | None = None
+
+
+class BlockExportOptions_nbd(BlockExportOptionsBase, BlockExportOptionsNbd):
+    """BlockExportOptions with type=nbd."""
+    qapi_nullable: ClassVar[frozenset[str]] = BlockExportOptionsBase.qapi_nullable | BlockExportOptionsNbd.qapi_nullable
+
+    type: Literal[BlockExportType.NBD] = BlockExportType.NBD
+
+
+class BlockExportInfo(QapiModel):
+    """An export, as listed by query-block-exports."""
+
+    id: str
+    type: BlockExportType
+    node_name: str = Field(alias="node-name")
+    shutting_down: bool = Field(alias="shutting-down")
 
 
 class ChardevCommon(QapiModel):
@@ -881,6 +1094,20 @@ class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):
     qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")
 
 
+class QueryBlockstatsArgs(QapiModel):
+    """Members of QueryBlockstatsArgs."""
+
+    query_nodes: bool | None = Field(default=None, alias="query-nodes")
+
+
+class BlockResizeArgs(QapiModel):
+    """Members of BlockResizeArgs."""
+
+    device: str | None = None
+    node_name: str | None = Field(default=None, alias="node-name")
+    size: int
+
+
 class QueryNamedBlockNodesArgs(QapiModel):
     """Members of QueryNamedBlockNodesArgs."""
 
@@ -994,6 +1221,29 @@ class JobStatusChangeEvent(QapiModel):
     status: JobStatus
 
 
+class NbdServerStartArgs(QapiModel):
+    """Members of NbdServerStartArgs."""
+
+    addr: SocketAddressLegacy
+    tls_creds: str | None = Field(default=None, alias="tls-creds")
+    tls_authz: str | None = Field(default=None, alias="tls-authz")
+    max_connections: int | None = Field(default=None, alias="max-connections")
+
+
+class NbdServerRemoveArgs(QapiModel):
+    """Members of NbdServerRemoveArgs."""
+
+    name: str
+    mode: BlockExportRemoveMode | None = None
+
+
+class BlockExportDelArgs(QapiModel):
+    """Members of BlockExportDelArgs."""
+
+    id: str
+    mode: BlockExportRemoveMode | None = None
+
+
 class BlockExportDeletedEvent(QapiModel):
     """Members of BlockExportDeletedEvent."""
 
@@ -1022,10 +1272,13 @@ class ObjectDelArgs(QapiModel):
 SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]
 SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]
 ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2
+BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_raw], Field(discriminator="driver")]
 BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_raw], Field(discriminator="driver")]
+BlockExportOptions: TypeAlias = BlockExportOptions_nbd
 ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf], Field(discriminator="type")]
 SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]
 ObjectOptions: TypeAlias = ObjectOptions_iothread
+BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
 BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
 BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
 

@@ -199,10 +199,7 @@ LATER_CASES = [
 
 # Known differences from qsd, each tracked as an open gap (strict: fixing one fails the run
 # until it is removed from here).
-KNOWN_GAPS = {
-    "--chardev stdio,id=c0 --monitor chardev=c0": "stdio chardev on a non-pollable stdin "
-    "(/dev/null, a regular file) is not supported yet",
-}
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _params() -> list[Any]:

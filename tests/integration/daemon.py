@@ -398,6 +398,13 @@ class DaemonProcess:
         assert status is not None
         return status
 
+    def release_monitor(self) -> None:
+        """Close the readiness probe's connection, so another client (qemu.qmp, qmp-shell)
+        gets the monitor: a monitor serves one client at a time."""
+        if self._ready_client is not None:
+            self._ready_client.close()
+            self._ready_client = None
+
     def connect_qmp(self, timeout: float = 5.0) -> RawQmp:
         """A QMP connection (greeting read): the one `wait_ready` opened, else a new one."""
         client, self._ready_client = self._ready_client, None

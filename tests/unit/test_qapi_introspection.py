@@ -232,6 +232,35 @@ def test_compatible_with_qsd(name: str) -> None:
 
 
 @needs_ref
+def test_command_and_event_order_follows_qsd() -> None:
+    """Ours list a subsequence of qsd's commands and events, in qsd's order."""
+    theirs = [e["name"] for e in ref() if e["meta-type"] in ("command", "event")]
+    ours = [e["name"] for e in OURS if e["meta-type"] in ("command", "event")]
+    positions = [theirs.index(name) for name in ours]
+    assert positions == sorted(positions)
+
+
+def test_coroutine_flag_is_not_introspected() -> None:
+    assert COMMANDS["block_resize"].coroutine
+    assert all("coroutine" not in e for e in OURS)
+    entry = index(OURS)["block_resize"]
+    assert set(entry) == {"name", "meta-type", "arg-type", "ret-type"}
+
+
+@needs_ref
+def test_union_branches_without_members_use_the_empty_object() -> None:
+    """BlockStatsSpecific: branches that add nothing refer to the empty object, as in qsd."""
+    for payload in (OURS, ref()):
+        by = index(payload)
+        empty = by["query-block"]["arg-type"]
+        stats = by[by["query-blockstats"]["ret-type"].strip("[]")]
+        spec = next(m["type"] for m in stats["members"] if m["name"] == "driver-specific")
+        variants = {v["case"]: v["type"] for v in by[spec]["variants"]}
+        assert variants["file"] != empty and by[variants["file"]]["members"]
+        assert variants["raw"] == variants["null-co"] == empty
+
+
+@needs_ref
 def test_all_qsd_events_defined() -> None:
     assert set(EVENTS) == {e["name"] for e in ref() if e["meta-type"] == "event"}
 

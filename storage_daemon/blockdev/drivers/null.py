@@ -79,8 +79,9 @@ class NullDriver(BlockDriver):
         await self._delay()
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
-        # QEMU reports null nodes as allocated zeroes when read-zeroes is on.
-        return BlockStatus(length=length, data=not self.read_zeroes, zero=self.read_zeroes)
+        # QEMU reports no data: a hole that reads as zeroes with read-zeroes=on (allocated,
+        # depth 1), otherwise a hole with undefined contents (unallocated, depth 0).
+        return BlockStatus(length=length, data=False, zero=self.read_zeroes)
 
 
 class NullAioDriver(NullDriver):

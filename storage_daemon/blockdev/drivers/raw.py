@@ -6,8 +6,10 @@ presents `size` bytes starting at `offset` of the child.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
+from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
 from storage_daemon.blockdev.perm import Perm
@@ -22,13 +24,14 @@ class RawDriver(BlockDriver):
         super().__init__(node)
         self.offset = 0
         self.size: int | None = None
+        self._file: BdrvChild | None = None
 
     async def open(self, options: Any, opener: ChildOpener) -> None:
         # The window is known before the child is attached: it decides the child's perms.
         self.offset = int(options.offset or 0)
         if options.size is not None:
             self.size = int(options.size)
-        await opener.open_child(self.node, options.file, "file", ROLE_FILTERED)
+        self._file = await opener.open_child(self.node, options.file, "file", ROLE_FILTERED)
         child_len = self._primary().driver.getlength()
         if self.offset > child_len:
             raise QmpError(
@@ -66,22 +69,36 @@ class RawDriver(BlockDriver):
         child = self._primary().driver.image_info_extra()
         return {"dirty-flag": child["dirty-flag"]} if "dirty-flag" in child else {}
 
+    def _child(self) -> BdrvChild:
+        # Requests to the child go through the generic I/O path, so the child's alignment,
+        # options and accounting apply to them as to any other user's.
+        if self._file is None:
+            raise OSError(errno.ENOTSUP, "operation not supported")
+        return self._file
+
     def getlength(self) -> int:
         if self.size is not None:
             return self.size
-        return self._primary().driver.getlength() - self.offset
+        return self._child().node.driver.getlength() - self.offset
 
     async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        return await self._primary().driver.preadv(self.offset + offset, length)
+        return await io.pread(self._child(), self.offset + offset, length)
 
     async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        await self._primary().driver.pwritev(self.offset + offset, data, fua)
+        await io.pwrite(self._child(), self.offset + offset, data, fua=fua)
 
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
-        await self._primary().driver.pwrite_zeroes(self.offset + offset, length, unmap, fua)
+        await io.pwrite_zeroes(
+            self._child(), self.offset + offset, length, may_unmap=unmap, fua=fua
+        )
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        await self._primary().driver.pdiscard(self.offset + offset, length)
+        await io.pdiscard(self._child(), self.offset + offset, length)
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
-        return await self._primary().driver.block_status(self.offset + offset, length)
+        return await io.block_status(self._child(), self.offset + offset, length)
+
+    async def truncate(self, size: int) -> None:
+        if self.size is not None:
+            raise QmpError("Cannot resize fixed-size raw disks")
+        await io.truncate(self._child(), self.offset + size)
