@@ -266,7 +266,7 @@ class BlockGraph:
                 checked.append(node)
                 new_perms[node] = (perm, shared)
                 for edge in node.children:
-                    wanted = node.driver.child_perm(edge, perm, shared)
+                    wanted = _child_perm(node, edge, perm, shared)
                     if wanted != proposed.get(edge, (edge.perm, edge.shared)):
                         proposed[edge] = wanted
                         queue.append(edge.node)
@@ -279,6 +279,20 @@ class BlockGraph:
         for node, (perm, shared) in new_perms.items():
             node.perm, node.shared = perm, shared
             node.driver.set_perm(perm, shared)
+
+
+def _child_perm(
+    parent: BlockNode, edge: BdrvChild, perm: Perm | None = None, shared: Perm | None = None
+) -> tuple[Perm, Perm]:
+    """What `parent` needs on `edge`; a force-share child lets everyone else in."""
+    wanted, sharing = parent.driver.child_perm(
+        edge,
+        parent.perm if perm is None else perm,
+        parent.shared if shared is None else shared,
+    )
+    if edge.node.options.force_share:
+        sharing = PERM_ALL
+    return wanted, sharing
 
 
 class _Opener:

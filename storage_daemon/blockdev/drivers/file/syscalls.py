@@ -1,0 +1,180 @@
+"""Blocking syscalls of the `file` driver: fallocate, aligned buffers, full reads and writes.
+
+Edge ring. Every function here may block and is meant to run on the thread pool, never on
+the event loop (except `try_read_nowait`, which never blocks). They raise `OSError`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+BLKSSZGET = 0x1268  # logical sector size of a block device (int)
+PAGE_SIZE = mmap.PAGESIZE
+MAX_ALIGN = max(4096, PAGE_SIZE)
+# Errnos that say "this filesystem cannot do that operation", as opposed to a real failure.
+UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """libc fallocate(2); Python's os module has only posix_fallocate, without modes."""
+    while _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINTR:
+            raise OSError(err, os.strerror(err))
+
+
+def aligned_buffer(length: int) -> mmap.mmap:
+    """Zero-filled anonymous memory, page aligned, as O_DIRECT wants (at least one page)."""
+    size = max(PAGE_SIZE, -(-length // PAGE_SIZE) * PAGE_SIZE)
+    return mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def open_image(path: str, flags: int) -> tuple[int, os.stat_result]:
+    """Open and fstat, closing the fd again if fstat fails."""
+    fd = os.open(path, flags)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def device_length(fd: int, st: os.stat_result) -> int:
+    """A regular file's size, or a block device's (which fstat reports as 0)."""
+    if stat.S_ISBLK(st.st_mode):
+        return os.lseek(fd, 0, os.SEEK_END)
+    return st.st_size
+
+
+def probe_request_alignment(fd: int, st: os.stat_result) -> int:
+    """The smallest O_DIRECT request size the file accepts, found as QEMU finds it.
+
+    Block devices report their logical sector size; for files, aligned reads of growing size
+    at offset 0 are tried, and the kernel's EINVAL marks a misaligned one. 0: none worked.
+    """
+    if stat.S_ISBLK(st.st_mode):
+        try:
+            raw = fcntl.ioctl(fd, BLKSSZGET, b"\0\0\0\0")
+            size = int(struct.unpack("i", raw)[0])
+            if size > 0:
+                return size
+        except OSError:
+            pass
+    buf = aligned_buffer(MAX_ALIGN)
+    try:
+        align = 512
+        while align <= MAX_ALIGN:
+            try:
+                os.preadv(fd, [memoryview(buf)[:align]], 0)
+                return align
+            except OSError as err:
+                if err.errno != errno.EINVAL:
+                    return align  # only EINVAL means misaligned; other errors are not ours
+            align *= 2
+        return 0
+    finally:
+        buf.close()
+
+
+def read_full(fd: int, view: memoryview, offset: int, direct: bool) -> None:
+    """Fill `view` from `offset`; what lies past the end of the file reads as zeroes."""
+    done = 0
+    total = len(view)
+    while done < total:
+        try:
+            got = os.preadv(fd, [view[done:]], offset + done)
+        except InterruptedError:
+            continue
+        except OSError as err:
+            # O_DIRECT after a short read: the next offset is misaligned, i.e. we are at EOF.
+            if direct and done and err.errno == errno.EINVAL:
+                got = 0
+            else:
+                raise
+        if got == 0:
+            view[done:] = bytes(total - done)
+            return
+        done += got
+
+
+def try_read_nowait(fd: int, view: memoryview, offset: int) -> int:
+    """Read what the page cache holds without blocking: bytes read, 0 if nothing was cached.
+
+    Raises OSError for errors other than "would block" (EOPNOTSUPP: no RWF_NOWAIT here).
+    """
+    try:
+        return os.preadv(fd, [view], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+
+
+def write_full(fd: int, data: memoryview, offset: int, flags: int) -> None:
+    """Write all of `data` at `offset` (pwritev2 `flags`, e.g. RWF_DSYNC for FUA)."""
+    done = 0
+    total = len(data)
+    while done < total:
+        try:
+            done += os.pwritev(fd, [data[done:]], offset + done, flags)
+        except InterruptedError:
+            continue
+
+
+def write_direct(fd: int, data: memoryview, offset: int, flags: int, align: int) -> int:
+    """Write through O_DIRECT from an aligned copy, padded with zeroes to `align`.
+
+    Returns the file size the write implies (offset + len(data)); the caller truncates the
+    padding away again when it ran past that size.
+    """
+    length = len(data)
+    padded = -(-length // align) * align
+    buf = aligned_buffer(padded)
+    try:
+        view = memoryview(buf)
+        view[:length] = data
+        write_full(fd, view[:padded], offset, flags)
+        view.release()
+    finally:
+        buf.close()
+    return offset + length
+
+
+def find_allocation(fd: int, offset: int, length: int) -> tuple[bool, int]:
+    """(is data, extent length) of the extent at `offset`, at most `length` bytes long.
+
+    SEEK_DATA/SEEK_HOLE as QEMU uses them; a filesystem without them reports all data.
+    """
+    try:
+        data = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # only a hole (or EOF) from here on
+            return False, length
+        if err.errno in UNSUPPORTED or err.errno == errno.EINVAL:
+            return True, length
+        raise
+    if data > offset:
+        return False, min(data - offset, length)
+    try:
+        hole = os.lseek(fd, offset, os.SEEK_HOLE)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # the file shrank under us
+            return True, length
+        raise
+    if hole <= offset:  # raced with a concurrent write: call it data
+        return True, length
+    return True, min(hole - offset, length)
