@@ -93,6 +93,10 @@ class BlockDriver(ABC):
     async def actual_size(self) -> int:
         return 0
 
+    def driver_specific_stats(self) -> dict[str, Any] | None:
+        """The `driver-specific` member of query-blockstats (BlockStatsSpecific), if any."""
+        return None
+
     def image_info_extra(self) -> dict[str, Any]:
         """Extra ImageInfo members (cluster-size, format-specific, dirty-flag...)."""
         return {}

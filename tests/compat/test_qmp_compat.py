@@ -453,3 +453,31 @@ def test_tuple_steps() -> None:
         WaitEvent("JOB_STATUS_CHANGE"),
         ExpectEof(),
     ]
+
+
+def test_block_resize_blockstats_and_query_block(compat: Compat) -> None:
+    """block_resize through a temporary backend (conflicts name it), node lookup texts,
+    negative sizes, drivers without resize; query-blockstats before any I/O; query-block."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": "$D/img.raw"}),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "r0", "file": "f0"}),
+            Cmd("block_resize", {"node-name": "r0", "size": 2097152}),
+            Cmd("block_resize", {"node-name": "f0", "size": -1}),
+            Cmd("block_resize", {"node-name": "f0", "size": 1000}),
+            Cmd("block_resize", {"device": "f0", "size": 4096}),
+            Cmd("block_resize", {"device": "f0", "node-name": "f0", "size": 4096}),
+            Cmd("block_resize", {"node-name": "nosuch", "size": 4096}),
+            Cmd("block_resize", {"size": 4096}),
+            Cmd("block_resize", {"node-name": "f0", "size": 3000000}),
+            Cmd("query-named-block-nodes"),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "r1", "file": "f0", "size": 512}),
+            Cmd("block_resize", {"node-name": "f0", "size": 8192}),
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "n0"}),
+            Cmd("block_resize", {"node-name": "n0", "size": 4096}),
+            Cmd("query-blockstats"),
+            Cmd("query-blockstats", {"query-nodes": True}),
+            Cmd("query-block"),
+        ],
+        setup=make_raw_image,
+    )

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from storage_daemon.blockdev.info import debug_block_graph, named_block_nodes
+from storage_daemon.blockdev import io
+from storage_daemon.blockdev.backend import UnnamedBackend
+from storage_daemon.blockdev.child import ChildRole
+from storage_daemon.blockdev.info import block_stats, debug_block_graph, named_block_nodes
+from storage_daemon.blockdev.perm import PERM_ALL, Perm
 from storage_daemon.errors import QmpError
 from storage_daemon.monitor.dispatch import CommandContext, command
 
@@ -30,3 +35,35 @@ async def query_named_block_nodes(ctx: CommandContext, args: Any) -> list[dict[s
 @command("x-debug-query-block-graph")
 async def x_debug_query_block_graph(ctx: CommandContext, args: Any) -> dict[str, Any]:
     return debug_block_graph(ctx.daemon.graph)
+
+
+@command("block_resize")
+async def block_resize(ctx: CommandContext, args: Any) -> None:
+    """Resize through a temporary unnamed backend holding RESIZE, as qsd does."""
+    graph = ctx.daemon.graph
+    node = graph.find(args.node_name) if args.node_name is not None else None
+    if node is None:
+        raise QmpError(
+            f"Cannot find device='{args.device or ''}' nor node-name='{args.node_name or ''}'"
+        )
+    if args.size < 0:
+        raise QmpError("Parameter 'size' expects a >0 size")
+    edge = graph.attach(UnnamedBackend(), node, "root", ChildRole.PRIMARY, Perm.RESIZE, PERM_ALL)
+    try:
+        await io.truncate(edge, args.size)
+    except OSError as err:
+        raise QmpError(err.strerror or os.strerror(err.errno or 0)) from err
+    finally:
+        graph.detach(edge)
+
+
+@command("query-blockstats")
+async def query_blockstats(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
+    query_nodes = bool(args is not None and args.query_nodes)
+    return block_stats(ctx.daemon.graph, query_nodes)
+
+
+@command("query-block")
+async def query_block(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
+    # Like qsd: there are no guest devices, so no BlockInfo entries.
+    return []

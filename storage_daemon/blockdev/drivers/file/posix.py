@@ -63,6 +63,9 @@ class FileDriver(BlockDriver):
 
     def __init__(self, node: Any) -> None:
         super().__init__(node)
+        self.discard_nb_ok = 0
+        self.discard_nb_failed = 0
+        self.discard_bytes_ok = 0
         self.filename = ""
         self.length = 0
         self.locking = False
@@ -402,10 +405,21 @@ class FileDriver(BlockDriver):
                 length,
             )
         except OSError as err:
+            self.discard_nb_failed += 1
             if err.errno not in syscalls.UNSUPPORTED:
                 raise
             self._has_punch = False
             raise OSError(errno.ENOTSUP, "discard not supported") from err
+        self.discard_nb_ok += 1
+        self.discard_bytes_ok += length
+
+    def driver_specific_stats(self) -> dict[str, Any] | None:
+        return {
+            "driver": "file",
+            "discard-nb-ok": self.discard_nb_ok,
+            "discard-nb-failed": self.discard_nb_failed,
+            "discard-bytes-ok": self.discard_bytes_ok,
+        }
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         data, count = await self._run(syscalls.find_allocation, offset, length)
