@@ -8,6 +8,7 @@ visitor uses to build instances, so both files must come from the same `Schema`.
 from __future__ import annotations
 
 import keyword
+import re
 
 from pydantic import BaseModel
 
@@ -228,11 +229,94 @@ class _ModelWriter:
                     f"{t.name}: TypeAlias = Union[{', '.join(annotation(b.type) for b in t.branches)}]"
                 )
         out += [""]
-        return "\n".join(out) + "\n"
+        return _lazy_module("\n".join(out) + "\n")
 
 
 def generate_models(schema: Schema) -> str:
     return _ModelWriter(schema).render()
+
+
+_BLOCK_START = re.compile(r"^(?:class (\w+)\(|(\w+): TypeAlias = )", re.M)
+_BASES = re.compile(r"^class \w+\(([^)]*)\):", re.M)
+_PYDANTIC_IMPORT = "from pydantic import BaseModel, ConfigDict, Field"
+
+
+def _lazy_module(text: str) -> str:
+    """Wrap the model definitions so each class is built on first use.
+
+    Building ~200 pydantic classes costs about 100 ms at import; the daemon needs a handful
+    at start-up. Type checkers read the definitions under TYPE_CHECKING; at run time a module
+    `__getattr__` executes a class's source (after the classes its body needs) when asked.
+    """
+    starts = [m.start() for m in _BLOCK_START.finditer(text)]
+    header = text[: starts[0]].replace(_PYDANTIC_IMPORT + "\n", "")
+    header = header.replace("from typing import ", "from typing import TYPE_CHECKING, ")
+    blocks: dict[str, tuple[list[str], str]] = {}
+    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        source = text[begin:end].strip("\n") + "\n"
+        match = _BLOCK_START.match(source)
+        assert match is not None
+        name = match.group(1) or match.group(2)
+        blocks[name] = ([], source)
+    names = set(blocks)
+    for name, (deps, source) in blocks.items():
+        bases = _BASES.match(source)
+        # What the class statement evaluates: its bases, and names in default values (enum
+        # members of union tags); annotations are strings and need nothing.
+        evaluated = bases.group(1) if bases else source.split("=", 1)[1]
+        for line in source.splitlines()[1:]:
+            if "=" in line and ":" in line.split("=", 1)[0]:
+                evaluated += " " + line.split("=", 1)[1]
+        for word in re.findall(r"\b\w+\b", evaluated):
+            if word in names and word != name and word not in deps:
+                deps.append(word)
+    static = "".join(
+        "\n"
+        + "".join(f"    {line}" if line.strip() else "\n" for line in src.splitlines(True))
+        + "\n"
+        for _deps, src in blocks.values()
+    )
+    blocks["QapiModel"] = (
+        blocks["QapiModel"][0],
+        _PYDANTIC_IMPORT + "\n\n\n" + blocks["QapiModel"][1],
+    )
+    for name, (deps, _source) in blocks.items():
+        if name != "QapiModel" and "(enum." not in _source and "QapiModel" not in deps:
+            if _source.startswith("class ") and not deps:
+                deps.append("QapiModel")
+            elif not _source.startswith("class "):
+                deps.append("QapiModel")  # aliases use pydantic's Field
+    table = "".join(
+        f"        {name!r}: ({tuple(deps)!r}, {src!r}),\n" for name, (deps, src) in blocks.items()
+    )
+    return (
+        header.rstrip("\n")
+        + "\n\nif TYPE_CHECKING:\n    "
+        + _PYDANTIC_IMPORT
+        + "\n"
+        + static
+        + "else:\n"
+        + "    # name -> (names its class statement needs first, source)\n"
+        + "    _SOURCES: dict[str, tuple[tuple[str, ...], str]] = {\n"
+        + table
+        + "    }\n\n"
+        + "    def __getattr__(name: str) -> Any:\n"
+        + "        if name not in _SOURCES:\n"
+        + '            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")\n'
+        + "        deps, source = _SOURCES.pop(name)\n"
+        + "        for dep in deps:\n"
+        + "            if dep in _SOURCES:\n"
+        + "                __getattr__(dep)\n"
+        + '        exec(compile(source, __file__, "exec"), globals())\n'
+        + "        return globals()[name]\n"
+        + "\n\n"
+        + "def build_all() -> None:\n"
+        + '    """Build every model class now (full pydantic validation needs them all)."""\n'
+        + '    sources = globals().get("_SOURCES", {})\n'
+        + "    for name in list(sources):\n"
+        + "        if name in sources:\n"
+        + '            globals()["__getattr__"](name)\n'
+    )
 
 
 def _member_spec(m: Member) -> str:

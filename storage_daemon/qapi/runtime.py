@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Any
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from storage_daemon.errors import QmpError
 from storage_daemon.qapi.spec import CommandSpec, MemberSpec, TypeSpec
@@ -22,6 +20,9 @@ from storage_daemon.qapi_generated.commands import COMMANDS
 from storage_daemon.qapi_generated.events import EVENTS
 from storage_daemon.qapi_generated.types import TYPES
 from storage_daemon.qdict import ghash_order
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 __all__ = [
     "COMMANDS",
@@ -367,7 +368,8 @@ def to_wire(value: Any) -> Any:
     Absent optional members are omitted; a member that is None is written as JSON null only
     when it was set explicitly and its type admits null (e.g. `backing: null`).
     """
-    if isinstance(value, BaseModel):
+    # Any model is pydantic's; checking for its fields avoids importing pydantic at start-up.
+    if hasattr(value, "model_fields_set"):
         out: dict[str, Any] = {}
         nullable: frozenset[str] = getattr(type(value), "qapi_nullable", frozenset())
         for name, info in type(value).model_fields.items():

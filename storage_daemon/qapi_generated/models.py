@@ -3,1282 +3,1489 @@
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, ClassVar, Literal, TypeAlias, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeAlias, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ConfigDict, Field
 
+    class QapiModel(BaseModel):
+        """Base of every generated model: wire names are aliases, unknown members are errors."""
 
-class QapiModel(BaseModel):
-    """Base of every generated model: wire names are aliases, unknown members are errors."""
+        # The visitor checks input and builds models with model_construct; validators are
+        # only built when first needed, which keeps start-up fast.
+        model_config = ConfigDict(
+            extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True
+        )
+        qapi_nullable: ClassVar[frozenset[str]] = frozenset()
 
-    # The visitor checks input and builds models with model_construct; validators are
-    # only built when first needed, which keeps start-up fast.
-    model_config = ConfigDict(
-        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True
-    )
-    qapi_nullable: ClassVar[frozenset[str]] = frozenset()
 
+    class OnOffAuto(enum.StrEnum):
+        """A three-way switch: force a feature on or off, or let the daemon decide."""
 
-class OnOffAuto(enum.StrEnum):
-    """A three-way switch: force a feature on or off, or let the daemon decide."""
+        AUTO = "auto"
+        ON = "on"
+        OFF = "off"
 
-    AUTO = "auto"
-    ON = "on"
-    OFF = "off"
 
+    class IoOperationType(enum.StrEnum):
+        """The kind of I/O request that failed."""
 
-class IoOperationType(enum.StrEnum):
-    """The kind of I/O request that failed."""
+        READ = "read"
+        WRITE = "write"
 
-    READ = "read"
-    WRITE = "write"
 
+    class SocketAddressType(enum.StrEnum):
+        """The kinds of socket address."""
 
-class SocketAddressType(enum.StrEnum):
-    """The kinds of socket address."""
+        INET = "inet"
+        UNIX = "unix"
+        VSOCK = "vsock"
+        FD = "fd"
 
-    INET = "inet"
-    UNIX = "unix"
-    VSOCK = "vsock"
-    FD = "fd"
 
+    class Qcow2CompressionType(enum.StrEnum):
+        """Compression method of qcow2 compressed clusters."""
 
-class Qcow2CompressionType(enum.StrEnum):
-    """Compression method of qcow2 compressed clusters."""
+        ZLIB = "zlib"
+        ZSTD = "zstd"
 
-    ZLIB = "zlib"
-    ZSTD = "zstd"
 
+    class Qcow2BitmapInfoFlags(enum.StrEnum):
+        """Flags of a persistent dirty bitmap stored in a qcow2 image."""
 
-class Qcow2BitmapInfoFlags(enum.StrEnum):
-    """Flags of a persistent dirty bitmap stored in a qcow2 image."""
+        IN_USE = "in-use"
+        AUTO = "auto"
 
-    IN_USE = "in-use"
-    AUTO = "auto"
 
+    class ImageInfoSpecificKind(enum.StrEnum):
+        """Image formats that report format-specific details."""
 
-class ImageInfoSpecificKind(enum.StrEnum):
-    """Image formats that report format-specific details."""
+        QCOW2 = "qcow2"
 
-    QCOW2 = "qcow2"
 
+    class BlockdevDetectZeroesOptions(enum.StrEnum):
+        """Whether written zeroes are detected and turned into zero writes."""
 
-class BlockdevDetectZeroesOptions(enum.StrEnum):
-    """Whether written zeroes are detected and turned into zero writes."""
+        OFF = "off"
+        ON = "on"
+        UNMAP = "unmap"
 
-    OFF = "off"
-    ON = "on"
-    UNMAP = "unmap"
 
+    class BlockDeviceIoStatus(enum.StrEnum):
+        """State of a device after I/O errors, when errors stop the device."""
 
-class BlockDeviceIoStatus(enum.StrEnum):
-    """State of a device after I/O errors, when errors stop the device."""
+        OK = "ok"
+        FAILED = "failed"
+        NOSPACE = "nospace"
 
-    OK = "ok"
-    FAILED = "failed"
-    NOSPACE = "nospace"
 
+    class XDbgBlockGraphNodeType(enum.StrEnum):
+        """Kinds of vertex in the block graph dump."""
 
-class XDbgBlockGraphNodeType(enum.StrEnum):
-    """Kinds of vertex in the block graph dump."""
+        BLOCK_BACKEND = "block-backend"
+        BLOCK_JOB = "block-job"
+        BLOCK_DRIVER = "block-driver"
 
-    BLOCK_BACKEND = "block-backend"
-    BLOCK_JOB = "block-job"
-    BLOCK_DRIVER = "block-driver"
 
+    class BlockPermission(enum.StrEnum):
+        """Operations a parent may need on a child node, or let other parents do."""
 
-class BlockPermission(enum.StrEnum):
-    """Operations a parent may need on a child node, or let other parents do."""
+        CONSISTENT_READ = "consistent-read"
+        WRITE = "write"
+        WRITE_UNCHANGED = "write-unchanged"
+        RESIZE = "resize"
 
-    CONSISTENT_READ = "consistent-read"
-    WRITE = "write"
-    WRITE_UNCHANGED = "write-unchanged"
-    RESIZE = "resize"
 
+    class BlockdevDriver(enum.StrEnum):
+        """Block drivers this daemon implements."""
 
-class BlockdevDriver(enum.StrEnum):
-    """Block drivers this daemon implements."""
+        FILE = "file"
+        NULL_AIO = "null-aio"
+        NULL_CO = "null-co"
+        RAW = "raw"
 
-    FILE = "file"
-    NULL_AIO = "null-aio"
-    NULL_CO = "null-co"
-    RAW = "raw"
 
+    class BlockdevDiscardOptions(enum.StrEnum):
+        """What to do with discard requests."""
 
-class BlockdevDiscardOptions(enum.StrEnum):
-    """What to do with discard requests."""
+        IGNORE = "ignore"
+        UNMAP = "unmap"
 
-    IGNORE = "ignore"
-    UNMAP = "unmap"
 
+    class BlockdevAioOptions(enum.StrEnum):
+        """How asynchronous I/O is done on host files."""
 
-class BlockdevAioOptions(enum.StrEnum):
-    """How asynchronous I/O is done on host files."""
+        THREADS = "threads"
+        NATIVE = "native"
+        IO_URING = "io_uring"
 
-    THREADS = "threads"
-    NATIVE = "native"
-    IO_URING = "io_uring"
 
+    class BlockErrorAction(enum.StrEnum):
+        """What happened after an I/O error."""
 
-class BlockErrorAction(enum.StrEnum):
-    """What happened after an I/O error."""
+        IGNORE = "ignore"
+        REPORT = "report"
+        STOP = "stop"
 
-    IGNORE = "ignore"
-    REPORT = "report"
-    STOP = "stop"
 
+    class QuorumOpType(enum.StrEnum):
+        """Kinds of quorum operation."""
 
-class QuorumOpType(enum.StrEnum):
-    """Kinds of quorum operation."""
+        READ = "read"
+        WRITE = "write"
+        FLUSH = "flush"
 
-    READ = "read"
-    WRITE = "write"
-    FLUSH = "flush"
 
+    class JobType(enum.StrEnum):
+        """Kinds of background job."""
 
-class JobType(enum.StrEnum):
-    """Kinds of background job."""
+        COMMIT = "commit"
+        STREAM = "stream"
+        MIRROR = "mirror"
+        BACKUP = "backup"
+        CREATE = "create"
+        AMEND = "amend"
+        SNAPSHOT_LOAD = "snapshot-load"
+        SNAPSHOT_SAVE = "snapshot-save"
+        SNAPSHOT_DELETE = "snapshot-delete"
 
-    COMMIT = "commit"
-    STREAM = "stream"
-    MIRROR = "mirror"
-    BACKUP = "backup"
-    CREATE = "create"
-    AMEND = "amend"
-    SNAPSHOT_LOAD = "snapshot-load"
-    SNAPSHOT_SAVE = "snapshot-save"
-    SNAPSHOT_DELETE = "snapshot-delete"
 
+    class JobStatus(enum.StrEnum):
+        """States of a job's life cycle."""
 
-class JobStatus(enum.StrEnum):
-    """States of a job's life cycle."""
+        UNDEFINED = "undefined"
+        CREATED = "created"
+        RUNNING = "running"
+        PAUSED = "paused"
+        READY = "ready"
+        STANDBY = "standby"
+        WAITING = "waiting"
+        PENDING = "pending"
+        ABORTING = "aborting"
+        CONCLUDED = "concluded"
+        NULL = "null"
 
-    UNDEFINED = "undefined"
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    READY = "ready"
-    STANDBY = "standby"
-    WAITING = "waiting"
-    PENDING = "pending"
-    ABORTING = "aborting"
-    CONCLUDED = "concluded"
-    NULL = "null"
 
+    class BlockExportRemoveMode(enum.StrEnum):
+        """How to remove an export that still has clients."""
 
-class BlockExportRemoveMode(enum.StrEnum):
-    """How to remove an export that still has clients."""
+        SAFE = "safe"
+        HARD = "hard"
 
-    SAFE = "safe"
-    HARD = "hard"
 
+    class BlockExportType(enum.StrEnum):
+        """Kinds of block export this daemon implements."""
 
-class BlockExportType(enum.StrEnum):
-    """Kinds of block export this daemon implements."""
+        NBD = "nbd"
 
-    NBD = "nbd"
 
+    class ChardevBackendKind(enum.StrEnum):
+        """Character device backends this daemon implements."""
 
-class ChardevBackendKind(enum.StrEnum):
-    """Character device backends this daemon implements."""
+        FILE = "file"
+        SOCKET = "socket"
+        NULL = "null"
+        STDIO = "stdio"
+        RINGBUF = "ringbuf"
 
-    FILE = "file"
-    SOCKET = "socket"
-    NULL = "null"
-    STDIO = "stdio"
-    RINGBUF = "ringbuf"
 
+    class QMPCapability(enum.StrEnum):
+        """Optional QMP protocol capabilities."""
 
-class QMPCapability(enum.StrEnum):
-    """Optional QMP protocol capabilities."""
+        OOB = "oob"
 
-    OOB = "oob"
 
+    class MonitorMode(enum.StrEnum):
+        """The protocol a monitor speaks."""
 
-class MonitorMode(enum.StrEnum):
-    """The protocol a monitor speaks."""
+        READLINE = "readline"
+        CONTROL = "control"
 
-    READLINE = "readline"
-    CONTROL = "control"
 
+    class SchemaMetaType(enum.StrEnum):
+        """Kinds of schema entity."""
 
-class SchemaMetaType(enum.StrEnum):
-    """Kinds of schema entity."""
+        BUILTIN = "builtin"
+        ENUM = "enum"
+        ARRAY = "array"
+        OBJECT = "object"
+        ALTERNATE = "alternate"
+        COMMAND = "command"
+        EVENT = "event"
 
-    BUILTIN = "builtin"
-    ENUM = "enum"
-    ARRAY = "array"
-    OBJECT = "object"
-    ALTERNATE = "alternate"
-    COMMAND = "command"
-    EVENT = "event"
 
+    class JSONType(enum.StrEnum):
+        """JSON value kinds."""
 
-class JSONType(enum.StrEnum):
-    """JSON value kinds."""
+        STRING = "string"
+        NUMBER = "number"
+        INT = "int"
+        BOOLEAN = "boolean"
+        NULL = "null"
+        OBJECT = "object"
+        ARRAY = "array"
+        VALUE = "value"
 
-    STRING = "string"
-    NUMBER = "number"
-    INT = "int"
-    BOOLEAN = "boolean"
-    NULL = "null"
-    OBJECT = "object"
-    ARRAY = "array"
-    VALUE = "value"
 
+    class ObjectType(enum.StrEnum):
+        """Object types that can be created with object-add or --object."""
 
-class ObjectType(enum.StrEnum):
-    """Object types that can be created with object-add or --object."""
+        IOTHREAD = "iothread"
 
-    IOTHREAD = "iothread"
 
+    class String(QapiModel):
+        """A single string wrapped in an object."""
 
-class String(QapiModel):
-    """A single string wrapped in an object."""
+        str_: str = Field(alias="str")
 
-    str_: str = Field(alias="str")
 
+    class InetSocketAddress(QapiModel):
+        """A TCP endpoint: host name or address plus port or service name."""
 
-class InetSocketAddress(QapiModel):
-    """A TCP endpoint: host name or address plus port or service name."""
+        host: str
+        port: str
+        numeric: bool | None = None
+        to: int | None = None
+        ipv4: bool | None = None
+        ipv6: bool | None = None
+        keep_alive: bool | None = Field(default=None, alias="keep-alive")
+        mptcp: bool | None = None
 
-    host: str
-    port: str
-    numeric: bool | None = None
-    to: int | None = None
-    ipv4: bool | None = None
-    ipv6: bool | None = None
-    keep_alive: bool | None = Field(default=None, alias="keep-alive")
-    mptcp: bool | None = None
 
+    class UnixSocketAddress(QapiModel):
+        """A Unix domain socket endpoint."""
 
-class UnixSocketAddress(QapiModel):
-    """A Unix domain socket endpoint."""
+        path: str
+        abstract: bool | None = None
+        tight: bool | None = None
 
-    path: str
-    abstract: bool | None = None
-    tight: bool | None = None
 
+    class VsockSocketAddress(QapiModel):
+        """A virtio vsock endpoint."""
 
-class VsockSocketAddress(QapiModel):
-    """A virtio vsock endpoint."""
+        cid: str
+        port: str
 
-    cid: str
-    port: str
 
+    class InetSocketAddressWrapper(QapiModel):
+        """Wrapper of an inet address for the legacy address syntax."""
 
-class InetSocketAddressWrapper(QapiModel):
-    """Wrapper of an inet address for the legacy address syntax."""
+        data: InetSocketAddress
 
-    data: InetSocketAddress
 
+    class UnixSocketAddressWrapper(QapiModel):
+        """Wrapper of a Unix socket address for the legacy address syntax."""
 
-class UnixSocketAddressWrapper(QapiModel):
-    """Wrapper of a Unix socket address for the legacy address syntax."""
+        data: UnixSocketAddress
 
-    data: UnixSocketAddress
 
+    class VsockSocketAddressWrapper(QapiModel):
+        """Wrapper of a vsock address for the legacy address syntax."""
 
-class VsockSocketAddressWrapper(QapiModel):
-    """Wrapper of a vsock address for the legacy address syntax."""
+        data: VsockSocketAddress
 
-    data: VsockSocketAddress
 
+    class StringWrapper(QapiModel):
+        """Wrapper of a file descriptor name for the legacy address syntax."""
 
-class StringWrapper(QapiModel):
-    """Wrapper of a file descriptor name for the legacy address syntax."""
+        data: String
 
-    data: String
 
+    class SocketAddressLegacyBase(QapiModel):
+        """Members of SocketAddressLegacyBase."""
 
-class SocketAddressLegacyBase(QapiModel):
-    """Members of SocketAddressLegacyBase."""
+        type: SocketAddressType
 
-    type: SocketAddressType
 
+    class SocketAddressLegacy_inet(SocketAddressLegacyBase, InetSocketAddressWrapper):
+        """SocketAddressLegacy with type=inet."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | InetSocketAddressWrapper.qapi_nullable
 
-class SocketAddressLegacy_inet(SocketAddressLegacyBase, InetSocketAddressWrapper):
-    """SocketAddressLegacy with type=inet."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | InetSocketAddressWrapper.qapi_nullable
+        type: Literal[SocketAddressType.INET] = SocketAddressType.INET
 
-    type: Literal[SocketAddressType.INET] = SocketAddressType.INET
 
+    class SocketAddressLegacy_unix(SocketAddressLegacyBase, UnixSocketAddressWrapper):
+        """SocketAddressLegacy with type=unix."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | UnixSocketAddressWrapper.qapi_nullable
 
-class SocketAddressLegacy_unix(SocketAddressLegacyBase, UnixSocketAddressWrapper):
-    """SocketAddressLegacy with type=unix."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | UnixSocketAddressWrapper.qapi_nullable
+        type: Literal[SocketAddressType.UNIX] = SocketAddressType.UNIX
 
-    type: Literal[SocketAddressType.UNIX] = SocketAddressType.UNIX
 
+    class SocketAddressLegacy_vsock(SocketAddressLegacyBase, VsockSocketAddressWrapper):
+        """SocketAddressLegacy with type=vsock."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | VsockSocketAddressWrapper.qapi_nullable
 
-class SocketAddressLegacy_vsock(SocketAddressLegacyBase, VsockSocketAddressWrapper):
-    """SocketAddressLegacy with type=vsock."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | VsockSocketAddressWrapper.qapi_nullable
+        type: Literal[SocketAddressType.VSOCK] = SocketAddressType.VSOCK
 
-    type: Literal[SocketAddressType.VSOCK] = SocketAddressType.VSOCK
 
+    class SocketAddressLegacy_fd(SocketAddressLegacyBase, StringWrapper):
+        """SocketAddressLegacy with type=fd."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | StringWrapper.qapi_nullable
 
-class SocketAddressLegacy_fd(SocketAddressLegacyBase, StringWrapper):
-    """SocketAddressLegacy with type=fd."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | StringWrapper.qapi_nullable
+        type: Literal[SocketAddressType.FD] = SocketAddressType.FD
 
-    type: Literal[SocketAddressType.FD] = SocketAddressType.FD
 
+    class SocketAddressBase(QapiModel):
+        """Members of SocketAddressBase."""
 
-class SocketAddressBase(QapiModel):
-    """Members of SocketAddressBase."""
+        type: SocketAddressType
 
-    type: SocketAddressType
 
+    class SocketAddress_inet(SocketAddressBase, InetSocketAddress):
+        """SocketAddress with type=inet."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | InetSocketAddress.qapi_nullable
 
-class SocketAddress_inet(SocketAddressBase, InetSocketAddress):
-    """SocketAddress with type=inet."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | InetSocketAddress.qapi_nullable
+        type: Literal[SocketAddressType.INET] = SocketAddressType.INET
 
-    type: Literal[SocketAddressType.INET] = SocketAddressType.INET
 
+    class SocketAddress_unix(SocketAddressBase, UnixSocketAddress):
+        """SocketAddress with type=unix."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | UnixSocketAddress.qapi_nullable
 
-class SocketAddress_unix(SocketAddressBase, UnixSocketAddress):
-    """SocketAddress with type=unix."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | UnixSocketAddress.qapi_nullable
+        type: Literal[SocketAddressType.UNIX] = SocketAddressType.UNIX
 
-    type: Literal[SocketAddressType.UNIX] = SocketAddressType.UNIX
 
+    class SocketAddress_vsock(SocketAddressBase, VsockSocketAddress):
+        """SocketAddress with type=vsock."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | VsockSocketAddress.qapi_nullable
 
-class SocketAddress_vsock(SocketAddressBase, VsockSocketAddress):
-    """SocketAddress with type=vsock."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | VsockSocketAddress.qapi_nullable
+        type: Literal[SocketAddressType.VSOCK] = SocketAddressType.VSOCK
 
-    type: Literal[SocketAddressType.VSOCK] = SocketAddressType.VSOCK
 
+    class SocketAddress_fd(SocketAddressBase, String):
+        """SocketAddress with type=fd."""
+        qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | String.qapi_nullable
 
-class SocketAddress_fd(SocketAddressBase, String):
-    """SocketAddress with type=fd."""
-    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | String.qapi_nullable
+        type: Literal[SocketAddressType.FD] = SocketAddressType.FD
 
-    type: Literal[SocketAddressType.FD] = SocketAddressType.FD
 
+    class SnapshotInfo(QapiModel):
+        """An internal snapshot stored in an image."""
 
-class SnapshotInfo(QapiModel):
-    """An internal snapshot stored in an image."""
+        id: str
+        name: str
+        vm_state_size: int = Field(alias="vm-state-size")
+        date_sec: int = Field(alias="date-sec")
+        date_nsec: int = Field(alias="date-nsec")
+        vm_clock_sec: int = Field(alias="vm-clock-sec")
+        vm_clock_nsec: int = Field(alias="vm-clock-nsec")
+        icount: int | None = None
 
-    id: str
-    name: str
-    vm_state_size: int = Field(alias="vm-state-size")
-    date_sec: int = Field(alias="date-sec")
-    date_nsec: int = Field(alias="date-nsec")
-    vm_clock_sec: int = Field(alias="vm-clock-sec")
-    vm_clock_nsec: int = Field(alias="vm-clock-nsec")
-    icount: int | None = None
 
+    class Qcow2BitmapInfo(QapiModel):
+        """A persistent dirty bitmap stored in a qcow2 image."""
 
-class Qcow2BitmapInfo(QapiModel):
-    """A persistent dirty bitmap stored in a qcow2 image."""
+        name: str
+        granularity: int
+        flags: list[Qcow2BitmapInfoFlags]
 
-    name: str
-    granularity: int
-    flags: list[Qcow2BitmapInfoFlags]
 
+    class ImageInfoSpecificQCow2(QapiModel):
+        """Details only a qcow2 image has."""
 
-class ImageInfoSpecificQCow2(QapiModel):
-    """Details only a qcow2 image has."""
+        compat: str
+        data_file: str | None = Field(default=None, alias="data-file")
+        data_file_raw: bool | None = Field(default=None, alias="data-file-raw")
+        extended_l2: bool | None = Field(default=None, alias="extended-l2")
+        lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")
+        corrupt: bool | None = None
+        refcount_bits: int = Field(alias="refcount-bits")
+        bitmaps: list[Qcow2BitmapInfo] | None = None
+        compression_type: Qcow2CompressionType = Field(alias="compression-type")
 
-    compat: str
-    data_file: str | None = Field(default=None, alias="data-file")
-    data_file_raw: bool | None = Field(default=None, alias="data-file-raw")
-    extended_l2: bool | None = Field(default=None, alias="extended-l2")
-    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")
-    corrupt: bool | None = None
-    refcount_bits: int = Field(alias="refcount-bits")
-    bitmaps: list[Qcow2BitmapInfo] | None = None
-    compression_type: Qcow2CompressionType = Field(alias="compression-type")
 
+    class ImageInfoSpecificQCow2Wrapper(QapiModel):
+        """Wrapper of the qcow2 details."""
 
-class ImageInfoSpecificQCow2Wrapper(QapiModel):
-    """Wrapper of the qcow2 details."""
+        data: ImageInfoSpecificQCow2
 
-    data: ImageInfoSpecificQCow2
 
+    class ImageInfoSpecificBase(QapiModel):
+        """Members of ImageInfoSpecificBase."""
 
-class ImageInfoSpecificBase(QapiModel):
-    """Members of ImageInfoSpecificBase."""
+        type: ImageInfoSpecificKind
 
-    type: ImageInfoSpecificKind
 
+    class ImageInfoSpecific_qcow2(ImageInfoSpecificBase, ImageInfoSpecificQCow2Wrapper):
+        """ImageInfoSpecific with type=qcow2."""
+        qapi_nullable: ClassVar[frozenset[str]] = ImageInfoSpecificBase.qapi_nullable | ImageInfoSpecificQCow2Wrapper.qapi_nullable
 
-class ImageInfoSpecific_qcow2(ImageInfoSpecificBase, ImageInfoSpecificQCow2Wrapper):
-    """ImageInfoSpecific with type=qcow2."""
-    qapi_nullable: ClassVar[frozenset[str]] = ImageInfoSpecificBase.qapi_nullable | ImageInfoSpecificQCow2Wrapper.qapi_nullable
+        type: Literal[ImageInfoSpecificKind.QCOW2] = ImageInfoSpecificKind.QCOW2
 
-    type: Literal[ImageInfoSpecificKind.QCOW2] = ImageInfoSpecificKind.QCOW2
 
+    class ImageInfo(QapiModel):
+        """What is known about an image and its backing chain."""
 
-class ImageInfo(QapiModel):
-    """What is known about an image and its backing chain."""
+        filename: str
+        format: str
+        dirty_flag: bool | None = Field(default=None, alias="dirty-flag")
+        actual_size: int | None = Field(default=None, alias="actual-size")
+        virtual_size: int = Field(alias="virtual-size")
+        cluster_size: int | None = Field(default=None, alias="cluster-size")
+        encrypted: bool | None = None
+        compressed: bool | None = None
+        backing_filename: str | None = Field(default=None, alias="backing-filename")
+        full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")
+        backing_filename_format: str | None = Field(default=None, alias="backing-filename-format")
+        snapshots: list[SnapshotInfo] | None = None
+        backing_image: ImageInfo | None = Field(default=None, alias="backing-image")
+        format_specific: ImageInfoSpecific | None = Field(default=None, alias="format-specific")
 
-    filename: str
-    format: str
-    dirty_flag: bool | None = Field(default=None, alias="dirty-flag")
-    actual_size: int | None = Field(default=None, alias="actual-size")
-    virtual_size: int = Field(alias="virtual-size")
-    cluster_size: int | None = Field(default=None, alias="cluster-size")
-    encrypted: bool | None = None
-    compressed: bool | None = None
-    backing_filename: str | None = Field(default=None, alias="backing-filename")
-    full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")
-    backing_filename_format: str | None = Field(default=None, alias="backing-filename-format")
-    snapshots: list[SnapshotInfo] | None = None
-    backing_image: ImageInfo | None = Field(default=None, alias="backing-image")
-    format_specific: ImageInfoSpecific | None = Field(default=None, alias="format-specific")
 
+    class BlockdevCacheInfo(QapiModel):
+        """The cache mode of a node, as reported by queries."""
 
-class BlockdevCacheInfo(QapiModel):
-    """The cache mode of a node, as reported by queries."""
+        writeback: bool
+        direct: bool
+        no_flush: bool = Field(alias="no-flush")
 
-    writeback: bool
-    direct: bool
-    no_flush: bool = Field(alias="no-flush")
 
+    class BlockDirtyInfo(QapiModel):
+        """A dirty bitmap attached to a node."""
 
-class BlockDirtyInfo(QapiModel):
-    """A dirty bitmap attached to a node."""
+        name: str | None = None
+        count: int
+        granularity: int
+        recording: bool
+        busy: bool
+        persistent: bool
+        inconsistent: bool | None = None
 
-    name: str | None = None
-    count: int
-    granularity: int
-    recording: bool
-    busy: bool
-    persistent: bool
-    inconsistent: bool | None = None
 
+    class BlockDeviceInfo(QapiModel):
+        """Information about one block node."""
 
-class BlockDeviceInfo(QapiModel):
-    """Information about one block node."""
+        file: str
+        node_name: str | None = Field(default=None, alias="node-name")
+        ro: bool
+        drv: str
+        backing_file: str | None = None
+        backing_file_depth: int
+        encrypted: bool
+        detect_zeroes: BlockdevDetectZeroesOptions
+        bps: int
+        bps_rd: int
+        bps_wr: int
+        iops: int
+        iops_rd: int
+        iops_wr: int
+        image: ImageInfo
+        bps_max: int | None = None
+        bps_rd_max: int | None = None
+        bps_wr_max: int | None = None
+        iops_max: int | None = None
+        iops_rd_max: int | None = None
+        iops_wr_max: int | None = None
+        bps_max_length: int | None = None
+        bps_rd_max_length: int | None = None
+        bps_wr_max_length: int | None = None
+        iops_max_length: int | None = None
+        iops_rd_max_length: int | None = None
+        iops_wr_max_length: int | None = None
+        iops_size: int | None = None
+        group: str | None = None
+        cache: BlockdevCacheInfo
+        write_threshold: int
+        dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias="dirty-bitmaps")
 
-    file: str
-    node_name: str | None = Field(default=None, alias="node-name")
-    ro: bool
-    drv: str
-    backing_file: str | None = None
-    backing_file_depth: int
-    encrypted: bool
-    detect_zeroes: BlockdevDetectZeroesOptions
-    bps: int
-    bps_rd: int
-    bps_wr: int
-    iops: int
-    iops_rd: int
-    iops_wr: int
-    image: ImageInfo
-    bps_max: int | None = None
-    bps_rd_max: int | None = None
-    bps_wr_max: int | None = None
-    iops_max: int | None = None
-    iops_rd_max: int | None = None
-    iops_wr_max: int | None = None
-    bps_max_length: int | None = None
-    bps_rd_max_length: int | None = None
-    bps_wr_max_length: int | None = None
-    iops_max_length: int | None = None
-    iops_rd_max_length: int | None = None
-    iops_wr_max_length: int | None = None
-    iops_size: int | None = None
-    group: str | None = None
-    cache: BlockdevCacheInfo
-    write_threshold: int
-    dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias="dirty-bitmaps")
 
+    class BlockInfo(QapiModel):
+        """A block backend attached to a guest device (the daemon has none)."""
 
-class BlockInfo(QapiModel):
-    """A block backend attached to a guest device (the daemon has none)."""
+        device: str
+        qdev: str | None = None
+        type: str
+        removable: bool
+        locked: bool
+        inserted: BlockDeviceInfo | None = None
+        tray_open: bool | None = None
+        io_status: BlockDeviceIoStatus | None = Field(default=None, alias="io-status")
 
-    device: str
-    qdev: str | None = None
-    type: str
-    removable: bool
-    locked: bool
-    inserted: BlockDeviceInfo | None = None
-    tray_open: bool | None = None
-    io_status: BlockDeviceIoStatus | None = Field(default=None, alias="io-status")
 
+    class BlockDeviceTimedStats(QapiModel):
+        """Latency and queue depth figures measured over one time window."""
 
-class BlockDeviceTimedStats(QapiModel):
-    """Latency and queue depth figures measured over one time window."""
+        interval_length: int
+        min_rd_latency_ns: int
+        max_rd_latency_ns: int
+        avg_rd_latency_ns: int
+        min_wr_latency_ns: int
+        max_wr_latency_ns: int
+        avg_wr_latency_ns: int
+        min_flush_latency_ns: int
+        max_flush_latency_ns: int
+        avg_flush_latency_ns: int
+        avg_rd_queue_depth: float
+        avg_wr_queue_depth: float
 
-    interval_length: int
-    min_rd_latency_ns: int
-    max_rd_latency_ns: int
-    avg_rd_latency_ns: int
-    min_wr_latency_ns: int
-    max_wr_latency_ns: int
-    avg_wr_latency_ns: int
-    min_flush_latency_ns: int
-    max_flush_latency_ns: int
-    avg_flush_latency_ns: int
-    avg_rd_queue_depth: float
-    avg_wr_queue_depth: float
 
+    class BlockLatencyHistogramInfo(QapiModel):
+        """A latency histogram: N boundaries split the time axis into N+1 bins."""
 
-class BlockLatencyHistogramInfo(QapiModel):
-    """A latency histogram: N boundaries split the time axis into N+1 bins."""
+        boundaries: list[int]
+        bins: list[int]
 
-    boundaries: list[int]
-    bins: list[int]
 
+    class BlockDeviceStats(QapiModel):
+        """I/O accounting of one node or backend."""
 
-class BlockDeviceStats(QapiModel):
-    """I/O accounting of one node or backend."""
+        rd_bytes: int
+        wr_bytes: int
+        unmap_bytes: int
+        rd_operations: int
+        wr_operations: int
+        flush_operations: int
+        unmap_operations: int
+        rd_total_time_ns: int
+        wr_total_time_ns: int
+        flush_total_time_ns: int
+        unmap_total_time_ns: int
+        wr_highest_offset: int
+        rd_merged: int
+        wr_merged: int
+        unmap_merged: int
+        idle_time_ns: int | None = None
+        failed_rd_operations: int
+        failed_wr_operations: int
+        failed_flush_operations: int
+        failed_unmap_operations: int
+        invalid_rd_operations: int
+        invalid_wr_operations: int
+        invalid_flush_operations: int
+        invalid_unmap_operations: int
+        account_invalid: bool
+        account_failed: bool
+        timed_stats: list[BlockDeviceTimedStats]
+        rd_latency_histogram: BlockLatencyHistogramInfo | None = None
+        wr_latency_histogram: BlockLatencyHistogramInfo | None = None
+        flush_latency_histogram: BlockLatencyHistogramInfo | None = None
 
-    rd_bytes: int
-    wr_bytes: int
-    unmap_bytes: int
-    rd_operations: int
-    wr_operations: int
-    flush_operations: int
-    unmap_operations: int
-    rd_total_time_ns: int
-    wr_total_time_ns: int
-    flush_total_time_ns: int
-    unmap_total_time_ns: int
-    wr_highest_offset: int
-    rd_merged: int
-    wr_merged: int
-    unmap_merged: int
-    idle_time_ns: int | None = None
-    failed_rd_operations: int
-    failed_wr_operations: int
-    failed_flush_operations: int
-    failed_unmap_operations: int
-    invalid_rd_operations: int
-    invalid_wr_operations: int
-    invalid_flush_operations: int
-    invalid_unmap_operations: int
-    account_invalid: bool
-    account_failed: bool
-    timed_stats: list[BlockDeviceTimedStats]
-    rd_latency_histogram: BlockLatencyHistogramInfo | None = None
-    wr_latency_histogram: BlockLatencyHistogramInfo | None = None
-    flush_latency_histogram: BlockLatencyHistogramInfo | None = None
 
+    class BlockStatsSpecificFile(QapiModel):
+        """Statistics only the file driver keeps."""
 
-class BlockStatsSpecificFile(QapiModel):
-    """Statistics only the file driver keeps."""
+        discard_nb_ok: int = Field(alias="discard-nb-ok")
+        discard_nb_failed: int = Field(alias="discard-nb-failed")
+        discard_bytes_ok: int = Field(alias="discard-bytes-ok")
 
-    discard_nb_ok: int = Field(alias="discard-nb-ok")
-    discard_nb_failed: int = Field(alias="discard-nb-failed")
-    discard_bytes_ok: int = Field(alias="discard-bytes-ok")
 
+    class BlockStatsSpecificBase(QapiModel):
+        """Members of BlockStatsSpecificBase."""
 
-class BlockStatsSpecificBase(QapiModel):
-    """Members of BlockStatsSpecificBase."""
+        driver: BlockdevDriver
 
-    driver: BlockdevDriver
 
+    class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):
+        """BlockStatsSpecific with driver=file."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable
 
-class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):
-    """BlockStatsSpecific with driver=file."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable
+        driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
 
-    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
 
+    class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=null-aio."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
 
-class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):
-    """BlockStatsSpecific with driver=null-aio."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+        driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO
 
-    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO
 
+    class BlockStatsSpecific_null_co(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=null-co."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
 
-class BlockStatsSpecific_null_co(BlockStatsSpecificBase):
-    """BlockStatsSpecific with driver=null-co."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+        driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
-    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
+    class BlockStatsSpecific_raw(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=raw."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
 
-class BlockStatsSpecific_raw(BlockStatsSpecificBase):
-    """BlockStatsSpecific with driver=raw."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+        driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
 
-    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
 
+    class BlockStats(QapiModel):
+        """Statistics of a backend or node, with those of its file and backing children."""
 
-class BlockStats(QapiModel):
-    """Statistics of a backend or node, with those of its file and backing children."""
+        device: str | None = None
+        qdev: str | None = None
+        node_name: str | None = Field(default=None, alias="node-name")
+        stats: BlockDeviceStats
+        driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")
+        parent: BlockStats | None = None
+        backing: BlockStats | None = None
 
-    device: str | None = None
-    qdev: str | None = None
-    node_name: str | None = Field(default=None, alias="node-name")
-    stats: BlockDeviceStats
-    driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")
-    parent: BlockStats | None = None
-    backing: BlockStats | None = None
 
+    class XDbgBlockGraphNode(QapiModel):
+        """A vertex of the block graph dump."""
 
-class XDbgBlockGraphNode(QapiModel):
-    """A vertex of the block graph dump."""
+        id: int
+        type: XDbgBlockGraphNodeType
+        name: str
 
-    id: int
-    type: XDbgBlockGraphNodeType
-    name: str
 
+    class XDbgBlockGraphEdge(QapiModel):
+        """A parent-to-child edge of the block graph dump."""
 
-class XDbgBlockGraphEdge(QapiModel):
-    """A parent-to-child edge of the block graph dump."""
+        parent: int
+        child: int
+        name: str
+        perm: list[BlockPermission]
+        shared_perm: list[BlockPermission] = Field(alias="shared-perm")
 
-    parent: int
-    child: int
-    name: str
-    perm: list[BlockPermission]
-    shared_perm: list[BlockPermission] = Field(alias="shared-perm")
 
+    class XDbgBlockGraph(QapiModel):
+        """The whole block graph, for debugging."""
 
-class XDbgBlockGraph(QapiModel):
-    """The whole block graph, for debugging."""
+        nodes: list[XDbgBlockGraphNode]
+        edges: list[XDbgBlockGraphEdge]
 
-    nodes: list[XDbgBlockGraphNode]
-    edges: list[XDbgBlockGraphEdge]
 
+    class BlockDirtyBitmap(QapiModel):
+        """Names a dirty bitmap: the node it belongs to and its own name."""
 
-class BlockDirtyBitmap(QapiModel):
-    """Names a dirty bitmap: the node it belongs to and its own name."""
+        node: str
+        name: str
 
-    node: str
-    name: str
 
+    class BlockdevCacheOptions(QapiModel):
+        """Cache mode of a node."""
 
-class BlockdevCacheOptions(QapiModel):
-    """Cache mode of a node."""
+        direct: bool | None = None
+        no_flush: bool | None = Field(default=None, alias="no-flush")
 
-    direct: bool | None = None
-    no_flush: bool | None = Field(default=None, alias="no-flush")
 
+    class BlockdevOptionsFile(QapiModel):
+        """Options of the 'file' protocol driver."""
 
-class BlockdevOptionsFile(QapiModel):
-    """Options of the 'file' protocol driver."""
+        filename: str
+        pr_manager: str | None = Field(default=None, alias="pr-manager")
+        locking: OnOffAuto | None = None
+        aio: BlockdevAioOptions | None = None
+        aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")
+        drop_cache: bool | None = Field(default=None, alias="drop-cache")
+        x_check_cache_dropped: bool | None = Field(default=None, alias="x-check-cache-dropped")
 
-    filename: str
-    pr_manager: str | None = Field(default=None, alias="pr-manager")
-    locking: OnOffAuto | None = None
-    aio: BlockdevAioOptions | None = None
-    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")
-    drop_cache: bool | None = Field(default=None, alias="drop-cache")
-    x_check_cache_dropped: bool | None = Field(default=None, alias="x-check-cache-dropped")
 
+    class BlockdevOptionsNull(QapiModel):
+        """Options of the null-co and null-aio drivers."""
 
-class BlockdevOptionsNull(QapiModel):
-    """Options of the null-co and null-aio drivers."""
+        size: int | None = None
+        latency_ns: int | None = Field(default=None, alias="latency-ns")
+        read_zeroes: bool | None = Field(default=None, alias="read-zeroes")
 
-    size: int | None = None
-    latency_ns: int | None = Field(default=None, alias="latency-ns")
-    read_zeroes: bool | None = Field(default=None, alias="read-zeroes")
 
+    class BlockdevOptionsGenericFormat(QapiModel):
+        """Options common to format drivers that sit on one protocol node."""
 
-class BlockdevOptionsGenericFormat(QapiModel):
-    """Options common to format drivers that sit on one protocol node."""
+        file: BlockdevRef
 
-    file: BlockdevRef
 
+    class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):
+        """Options of the raw format driver."""
 
-class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):
-    """Options of the raw format driver."""
+        offset: int | None = None
+        size: int | None = None
 
-    offset: int | None = None
-    size: int | None = None
 
+    class BlockdevOptionsBase(QapiModel):
+        """Members of BlockdevOptionsBase."""
 
-class BlockdevOptionsBase(QapiModel):
-    """Members of BlockdevOptionsBase."""
+        driver: BlockdevDriver
+        node_name: str | None = Field(default=None, alias="node-name")
+        discard: BlockdevDiscardOptions | None = None
+        cache: BlockdevCacheOptions | None = None
+        read_only: bool | None = Field(default=None, alias="read-only")
+        auto_read_only: bool | None = Field(default=None, alias="auto-read-only")
+        force_share: bool | None = Field(default=None, alias="force-share")
+        detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")
 
-    driver: BlockdevDriver
-    node_name: str | None = Field(default=None, alias="node-name")
-    discard: BlockdevDiscardOptions | None = None
-    cache: BlockdevCacheOptions | None = None
-    read_only: bool | None = Field(default=None, alias="read-only")
-    auto_read_only: bool | None = Field(default=None, alias="auto-read-only")
-    force_share: bool | None = Field(default=None, alias="force-share")
-    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")
 
+    class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):
+        """BlockdevOptions with driver=file."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsFile.qapi_nullable
 
-class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):
-    """BlockdevOptions with driver=file."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsFile.qapi_nullable
+        driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
 
-    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
 
+    class BlockdevOptions_null_aio(BlockdevOptionsBase, BlockdevOptionsNull):
+        """BlockdevOptions with driver=null-aio."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable
 
-class BlockdevOptions_null_aio(BlockdevOptionsBase, BlockdevOptionsNull):
-    """BlockdevOptions with driver=null-aio."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable
+        driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO
 
-    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO
 
+    class BlockdevOptions_null_co(BlockdevOptionsBase, BlockdevOptionsNull):
+        """BlockdevOptions with driver=null-co."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable
 
-class BlockdevOptions_null_co(BlockdevOptionsBase, BlockdevOptionsNull):
-    """BlockdevOptions with driver=null-co."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable
+        driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
-    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
+    class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):
+        """BlockdevOptions with driver=raw."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable
 
-class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):
-    """BlockdevOptions with driver=raw."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable
+        driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
 
-    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
 
+    class NbdServerOptions(QapiModel):
+        """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""
 
-class NbdServerOptions(QapiModel):
-    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""
+        addr: SocketAddress
+        tls_creds: str | None = Field(default=None, alias="tls-creds")
+        tls_authz: str | None = Field(default=None, alias="tls-authz")
+        max_connections: int | None = Field(default=None, alias="max-connections")
 
-    addr: SocketAddress
-    tls_creds: str | None = Field(default=None, alias="tls-creds")
-    tls_authz: str | None = Field(default=None, alias="tls-authz")
-    max_connections: int | None = Field(default=None, alias="max-connections")
 
+    class BlockExportOptionsNbdBase(QapiModel):
+        """Export options the deprecated nbd-server-add shares with NBD exports."""
 
-class BlockExportOptionsNbdBase(QapiModel):
-    """Export options the deprecated nbd-server-add shares with NBD exports."""
+        name: str | None = None
+        description: str | None = None
 
-    name: str | None = None
-    description: str | None = None
 
+    class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
+        """Options of an NBD export."""
 
-class BlockExportOptionsNbd(BlockExportOptionsNbdBase):
-    """Options of an NBD export."""
+        bitmaps: list[BlockDirtyBitmapOrStr] | None = None
+        allocation_depth: bool | None = Field(default=None, alias="allocation-depth")
 
-    bitmaps: list[BlockDirtyBitmapOrStr] | None = None
-    allocation_depth: bool | None = Field(default=None, alias="allocation-depth")
 
+    class NbdServerAddOptions(BlockExportOptionsNbdBase):
+        """Arguments of the deprecated nbd-server-add."""
 
-class NbdServerAddOptions(BlockExportOptionsNbdBase):
-    """Arguments of the deprecated nbd-server-add."""
+        device: str
+        writable: bool | None = None
+        bitmap: str | None = None
 
-    device: str
-    writable: bool | None = None
-    bitmap: str | None = None
 
+    class BlockExportOptionsBase(QapiModel):
+        """Members of BlockExportOptionsBase."""
 
-class BlockExportOptionsBase(QapiModel):
-    """Members of BlockExportOptionsBase."""
+        type: BlockExportType
+        id: str
+        fixed_iothread: bool | None = Field(default=None, alias="fixed-iothread")
+        iothread: str | None = None
+        node_name: str = Field(alias="node-name")
+        writable: bool | None = None
+        writethrough: bool | None = None
 
-    type: BlockExportType
-    id: str
-    fixed_iothread: bool | None = Field(default=None, alias="fixed-iothread")
-    iothread: str | None = None
-    node_name: str = Field(alias="node-name")
-    writable: bool | None = None
-    writethrough: bool | None = None
 
+    class BlockExportOptions_nbd(BlockExportOptionsBase, BlockExportOptionsNbd):
+        """BlockExportOptions with type=nbd."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockExportOptionsBase.qapi_nullable | BlockExportOptionsNbd.qapi_nullable
 
-class BlockExportOptions_nbd(BlockExportOptionsBase, BlockExportOptionsNbd):
-    """BlockExportOptions with type=nbd."""
-    qapi_nullable: ClassVar[frozenset[str]] = BlockExportOptionsBase.qapi_nullable | BlockExportOptionsNbd.qapi_nullable
+        type: Literal[BlockExportType.NBD] = BlockExportType.NBD
 
-    type: Literal[BlockExportType.NBD] = BlockExportType.NBD
 
+    class BlockExportInfo(QapiModel):
+        """An export, as listed by query-block-exports."""
 
-class BlockExportInfo(QapiModel):
-    """An export, as listed by query-block-exports."""
+        id: str
+        type: BlockExportType
+        node_name: str = Field(alias="node-name")
+        shutting_down: bool = Field(alias="shutting-down")
 
-    id: str
-    type: BlockExportType
-    node_name: str = Field(alias="node-name")
-    shutting_down: bool = Field(alias="shutting-down")
 
+    class ChardevCommon(QapiModel):
+        """Options every character device backend has."""
 
-class ChardevCommon(QapiModel):
-    """Options every character device backend has."""
+        logfile: str | None = None
+        logappend: bool | None = None
 
-    logfile: str | None = None
-    logappend: bool | None = None
 
+    class ChardevFile(ChardevCommon):
+        """Options of a file backend."""
 
-class ChardevFile(ChardevCommon):
-    """Options of a file backend."""
+        in_: str | None = Field(default=None, alias="in")
+        out: str
+        append: bool | None = None
 
-    in_: str | None = Field(default=None, alias="in")
-    out: str
-    append: bool | None = None
 
+    class ChardevSocket(ChardevCommon):
+        """Options of a socket backend."""
 
-class ChardevSocket(ChardevCommon):
-    """Options of a socket backend."""
+        addr: SocketAddressLegacy
+        tls_creds: str | None = Field(default=None, alias="tls-creds")
+        tls_authz: str | None = Field(default=None, alias="tls-authz")
+        server: bool | None = None
+        wait: bool | None = None
+        nodelay: bool | None = None
+        telnet: bool | None = None
+        tn3270: bool | None = None
+        websocket: bool | None = None
+        reconnect: int | None = None
 
-    addr: SocketAddressLegacy
-    tls_creds: str | None = Field(default=None, alias="tls-creds")
-    tls_authz: str | None = Field(default=None, alias="tls-authz")
-    server: bool | None = None
-    wait: bool | None = None
-    nodelay: bool | None = None
-    telnet: bool | None = None
-    tn3270: bool | None = None
-    websocket: bool | None = None
-    reconnect: int | None = None
 
+    class ChardevStdio(ChardevCommon):
+        """Options of the stdio backend."""
 
-class ChardevStdio(ChardevCommon):
-    """Options of the stdio backend."""
+        signal: bool | None = None
 
-    signal: bool | None = None
 
+    class ChardevRingbuf(ChardevCommon):
+        """Options of a ring buffer backend."""
 
-class ChardevRingbuf(ChardevCommon):
-    """Options of a ring buffer backend."""
+        size: int | None = None
 
-    size: int | None = None
 
+    class ChardevFileWrapper(QapiModel):
+        """Wrapper of file backend options."""
 
-class ChardevFileWrapper(QapiModel):
-    """Wrapper of file backend options."""
+        data: ChardevFile
 
-    data: ChardevFile
 
+    class ChardevSocketWrapper(QapiModel):
+        """Wrapper of socket backend options."""
 
-class ChardevSocketWrapper(QapiModel):
-    """Wrapper of socket backend options."""
+        data: ChardevSocket
 
-    data: ChardevSocket
 
+    class ChardevCommonWrapper(QapiModel):
+        """Wrapper of options for backends that have only the common ones."""
 
-class ChardevCommonWrapper(QapiModel):
-    """Wrapper of options for backends that have only the common ones."""
+        data: ChardevCommon
 
-    data: ChardevCommon
 
+    class ChardevStdioWrapper(QapiModel):
+        """Wrapper of stdio backend options."""
 
-class ChardevStdioWrapper(QapiModel):
-    """Wrapper of stdio backend options."""
+        data: ChardevStdio
 
-    data: ChardevStdio
 
+    class ChardevRingbufWrapper(QapiModel):
+        """Wrapper of ring buffer backend options."""
 
-class ChardevRingbufWrapper(QapiModel):
-    """Wrapper of ring buffer backend options."""
+        data: ChardevRingbuf
 
-    data: ChardevRingbuf
 
+    class ChardevBackendBase(QapiModel):
+        """Members of ChardevBackendBase."""
 
-class ChardevBackendBase(QapiModel):
-    """Members of ChardevBackendBase."""
+        type: ChardevBackendKind
 
-    type: ChardevBackendKind
 
+    class ChardevBackend_file(ChardevBackendBase, ChardevFileWrapper):
+        """ChardevBackend with type=file."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevFileWrapper.qapi_nullable
 
-class ChardevBackend_file(ChardevBackendBase, ChardevFileWrapper):
-    """ChardevBackend with type=file."""
-    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevFileWrapper.qapi_nullable
+        type: Literal[ChardevBackendKind.FILE] = ChardevBackendKind.FILE
 
-    type: Literal[ChardevBackendKind.FILE] = ChardevBackendKind.FILE
 
+    class ChardevBackend_socket(ChardevBackendBase, ChardevSocketWrapper):
+        """ChardevBackend with type=socket."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevSocketWrapper.qapi_nullable
 
-class ChardevBackend_socket(ChardevBackendBase, ChardevSocketWrapper):
-    """ChardevBackend with type=socket."""
-    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevSocketWrapper.qapi_nullable
+        type: Literal[ChardevBackendKind.SOCKET] = ChardevBackendKind.SOCKET
 
-    type: Literal[ChardevBackendKind.SOCKET] = ChardevBackendKind.SOCKET
 
+    class ChardevBackend_null(ChardevBackendBase, ChardevCommonWrapper):
+        """ChardevBackend with type=null."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevCommonWrapper.qapi_nullable
 
-class ChardevBackend_null(ChardevBackendBase, ChardevCommonWrapper):
-    """ChardevBackend with type=null."""
-    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevCommonWrapper.qapi_nullable
+        type: Literal[ChardevBackendKind.NULL] = ChardevBackendKind.NULL
 
-    type: Literal[ChardevBackendKind.NULL] = ChardevBackendKind.NULL
 
+    class ChardevBackend_stdio(ChardevBackendBase, ChardevStdioWrapper):
+        """ChardevBackend with type=stdio."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevStdioWrapper.qapi_nullable
 
-class ChardevBackend_stdio(ChardevBackendBase, ChardevStdioWrapper):
-    """ChardevBackend with type=stdio."""
-    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevStdioWrapper.qapi_nullable
+        type: Literal[ChardevBackendKind.STDIO] = ChardevBackendKind.STDIO
 
-    type: Literal[ChardevBackendKind.STDIO] = ChardevBackendKind.STDIO
 
+    class ChardevBackend_ringbuf(ChardevBackendBase, ChardevRingbufWrapper):
+        """ChardevBackend with type=ringbuf."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable
 
-class ChardevBackend_ringbuf(ChardevBackendBase, ChardevRingbufWrapper):
-    """ChardevBackend with type=ringbuf."""
-    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable
+        type: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF
 
-    type: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF
 
+    class VersionTriple(QapiModel):
+        """A version number."""
 
-class VersionTriple(QapiModel):
-    """A version number."""
+        major: int
+        minor: int
+        micro: int
 
-    major: int
-    minor: int
-    micro: int
 
+    class VersionInfo(QapiModel):
+        """Version of the daemon."""
 
-class VersionInfo(QapiModel):
-    """Version of the daemon."""
+        qemu: VersionTriple
+        package: str
 
-    qemu: VersionTriple
-    package: str
 
+    class CommandInfo(QapiModel):
+        """A command the monitor accepts."""
 
-class CommandInfo(QapiModel):
-    """A command the monitor accepts."""
+        name: str
 
-    name: str
 
+    class MonitorOptions(QapiModel):
+        """Options of a monitor (the --monitor command line option)."""
 
-class MonitorOptions(QapiModel):
-    """Options of a monitor (the --monitor command line option)."""
+        id: str | None = None
+        mode: MonitorMode | None = None
+        pretty: bool | None = None
+        chardev: str
 
-    id: str | None = None
-    mode: MonitorMode | None = None
-    pretty: bool | None = None
-    chardev: str
 
+    class SchemaInfoBase(QapiModel):
+        """Members of SchemaInfoBase."""
 
-class SchemaInfoBase(QapiModel):
-    """Members of SchemaInfoBase."""
+        name: str
+        meta_type: SchemaMetaType = Field(alias="meta-type")
+        features: list[str] | None = None
 
-    name: str
-    meta_type: SchemaMetaType = Field(alias="meta-type")
-    features: list[str] | None = None
 
+    class SchemaInfoBuiltin(QapiModel):
+        """A built-in type."""
 
-class SchemaInfoBuiltin(QapiModel):
-    """A built-in type."""
+        json_type: JSONType = Field(alias="json-type")
 
-    json_type: JSONType = Field(alias="json-type")
 
+    class SchemaInfoEnum(QapiModel):
+        """An enumeration."""
 
-class SchemaInfoEnum(QapiModel):
-    """An enumeration."""
+        members: list[SchemaInfoEnumMember]
+        values: list[str]
 
-    members: list[SchemaInfoEnumMember]
-    values: list[str]
 
+    class SchemaInfoArray(QapiModel):
+        """An array type."""
 
-class SchemaInfoArray(QapiModel):
-    """An array type."""
+        element_type: str = Field(alias="element-type")
 
-    element_type: str = Field(alias="element-type")
 
+    class SchemaInfoObject(QapiModel):
+        """A struct or union."""
 
-class SchemaInfoObject(QapiModel):
-    """A struct or union."""
+        members: list[SchemaInfoObjectMember]
+        tag: str | None = None
+        variants: list[SchemaInfoObjectVariant] | None = None
 
-    members: list[SchemaInfoObjectMember]
-    tag: str | None = None
-    variants: list[SchemaInfoObjectVariant] | None = None
 
+    class SchemaInfoAlternate(QapiModel):
+        """An alternate type."""
 
-class SchemaInfoAlternate(QapiModel):
-    """An alternate type."""
+        members: list[SchemaInfoAlternateMember]
 
-    members: list[SchemaInfoAlternateMember]
 
+    class SchemaInfoCommand(QapiModel):
+        """A command."""
 
-class SchemaInfoCommand(QapiModel):
-    """A command."""
+        arg_type: str = Field(alias="arg-type")
+        ret_type: str = Field(alias="ret-type")
+        allow_oob: bool | None = Field(default=None, alias="allow-oob")
 
-    arg_type: str = Field(alias="arg-type")
-    ret_type: str = Field(alias="ret-type")
-    allow_oob: bool | None = Field(default=None, alias="allow-oob")
 
+    class SchemaInfoEvent(QapiModel):
+        """An event."""
 
-class SchemaInfoEvent(QapiModel):
-    """An event."""
+        arg_type: str = Field(alias="arg-type")
 
-    arg_type: str = Field(alias="arg-type")
 
+    class SchemaInfo_builtin(SchemaInfoBase, SchemaInfoBuiltin):
+        """SchemaInfo with meta-type=builtin."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoBuiltin.qapi_nullable
 
-class SchemaInfo_builtin(SchemaInfoBase, SchemaInfoBuiltin):
-    """SchemaInfo with meta-type=builtin."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoBuiltin.qapi_nullable
+        meta_type: Literal[SchemaMetaType.BUILTIN] = Field(default=SchemaMetaType.BUILTIN, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.BUILTIN] = Field(default=SchemaMetaType.BUILTIN, alias="meta-type")
 
+    class SchemaInfo_enum(SchemaInfoBase, SchemaInfoEnum):
+        """SchemaInfo with meta-type=enum."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoEnum.qapi_nullable
 
-class SchemaInfo_enum(SchemaInfoBase, SchemaInfoEnum):
-    """SchemaInfo with meta-type=enum."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoEnum.qapi_nullable
+        meta_type: Literal[SchemaMetaType.ENUM] = Field(default=SchemaMetaType.ENUM, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.ENUM] = Field(default=SchemaMetaType.ENUM, alias="meta-type")
 
+    class SchemaInfo_array(SchemaInfoBase, SchemaInfoArray):
+        """SchemaInfo with meta-type=array."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoArray.qapi_nullable
 
-class SchemaInfo_array(SchemaInfoBase, SchemaInfoArray):
-    """SchemaInfo with meta-type=array."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoArray.qapi_nullable
+        meta_type: Literal[SchemaMetaType.ARRAY] = Field(default=SchemaMetaType.ARRAY, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.ARRAY] = Field(default=SchemaMetaType.ARRAY, alias="meta-type")
 
+    class SchemaInfo_object(SchemaInfoBase, SchemaInfoObject):
+        """SchemaInfo with meta-type=object."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoObject.qapi_nullable
 
-class SchemaInfo_object(SchemaInfoBase, SchemaInfoObject):
-    """SchemaInfo with meta-type=object."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoObject.qapi_nullable
+        meta_type: Literal[SchemaMetaType.OBJECT] = Field(default=SchemaMetaType.OBJECT, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.OBJECT] = Field(default=SchemaMetaType.OBJECT, alias="meta-type")
 
+    class SchemaInfo_alternate(SchemaInfoBase, SchemaInfoAlternate):
+        """SchemaInfo with meta-type=alternate."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoAlternate.qapi_nullable
 
-class SchemaInfo_alternate(SchemaInfoBase, SchemaInfoAlternate):
-    """SchemaInfo with meta-type=alternate."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoAlternate.qapi_nullable
+        meta_type: Literal[SchemaMetaType.ALTERNATE] = Field(default=SchemaMetaType.ALTERNATE, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.ALTERNATE] = Field(default=SchemaMetaType.ALTERNATE, alias="meta-type")
 
+    class SchemaInfo_command(SchemaInfoBase, SchemaInfoCommand):
+        """SchemaInfo with meta-type=command."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoCommand.qapi_nullable
 
-class SchemaInfo_command(SchemaInfoBase, SchemaInfoCommand):
-    """SchemaInfo with meta-type=command."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoCommand.qapi_nullable
+        meta_type: Literal[SchemaMetaType.COMMAND] = Field(default=SchemaMetaType.COMMAND, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.COMMAND] = Field(default=SchemaMetaType.COMMAND, alias="meta-type")
 
+    class SchemaInfo_event(SchemaInfoBase, SchemaInfoEvent):
+        """SchemaInfo with meta-type=event."""
+        qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoEvent.qapi_nullable
 
-class SchemaInfo_event(SchemaInfoBase, SchemaInfoEvent):
-    """SchemaInfo with meta-type=event."""
-    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoEvent.qapi_nullable
+        meta_type: Literal[SchemaMetaType.EVENT] = Field(default=SchemaMetaType.EVENT, alias="meta-type")
 
-    meta_type: Literal[SchemaMetaType.EVENT] = Field(default=SchemaMetaType.EVENT, alias="meta-type")
 
+    class SchemaInfoEnumMember(QapiModel):
+        """A value of an enumeration."""
 
-class SchemaInfoEnumMember(QapiModel):
-    """A value of an enumeration."""
+        name: str
+        features: list[str] | None = None
 
-    name: str
-    features: list[str] | None = None
 
+    class SchemaInfoObjectMember(QapiModel):
+        """A member of an object type."""
+        qapi_nullable: ClassVar[frozenset[str]] = frozenset(['default'])
 
-class SchemaInfoObjectMember(QapiModel):
-    """A member of an object type."""
-    qapi_nullable: ClassVar[frozenset[str]] = frozenset(['default'])
+        name: str
+        type: str
+        default: Any | None = None
+        features: list[str] | None = None
 
-    name: str
-    type: str
-    default: Any | None = None
-    features: list[str] | None = None
 
+    class SchemaInfoObjectVariant(QapiModel):
+        """A branch of a union."""
 
-class SchemaInfoObjectVariant(QapiModel):
-    """A branch of a union."""
+        case: str
+        type: str
 
-    case: str
-    type: str
 
+    class SchemaInfoAlternateMember(QapiModel):
+        """A branch of an alternate."""
 
-class SchemaInfoAlternateMember(QapiModel):
-    """A branch of an alternate."""
+        type: str
 
-    type: str
 
+    class EventLoopBaseProperties(QapiModel):
+        """Properties common to event loop objects."""
 
-class EventLoopBaseProperties(QapiModel):
-    """Properties common to event loop objects."""
+        aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")
+        thread_pool_min: int | None = Field(default=None, alias="thread-pool-min")
+        thread_pool_max: int | None = Field(default=None, alias="thread-pool-max")
 
-    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")
-    thread_pool_min: int | None = Field(default=None, alias="thread-pool-min")
-    thread_pool_max: int | None = Field(default=None, alias="thread-pool-max")
 
+    class IothreadProperties(EventLoopBaseProperties):
+        """Properties of an iothread object."""
 
-class IothreadProperties(EventLoopBaseProperties):
-    """Properties of an iothread object."""
+        poll_max_ns: int | None = Field(default=None, alias="poll-max-ns")
+        poll_grow: int | None = Field(default=None, alias="poll-grow")
+        poll_shrink: int | None = Field(default=None, alias="poll-shrink")
 
-    poll_max_ns: int | None = Field(default=None, alias="poll-max-ns")
-    poll_grow: int | None = Field(default=None, alias="poll-grow")
-    poll_shrink: int | None = Field(default=None, alias="poll-shrink")
 
+    class ObjectOptionsBase(QapiModel):
+        """Members of ObjectOptionsBase."""
 
-class ObjectOptionsBase(QapiModel):
-    """Members of ObjectOptionsBase."""
+        qom_type: ObjectType = Field(alias="qom-type")
+        id: str
 
-    qom_type: ObjectType = Field(alias="qom-type")
-    id: str
 
+    class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):
+        """ObjectOptions with qom-type=iothread."""
+        qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | IothreadProperties.qapi_nullable
 
-class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):
-    """ObjectOptions with qom-type=iothread."""
-    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | IothreadProperties.qapi_nullable
+        qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")
 
-    qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")
 
+    class QueryBlockstatsArgs(QapiModel):
+        """Members of QueryBlockstatsArgs."""
 
-class QueryBlockstatsArgs(QapiModel):
-    """Members of QueryBlockstatsArgs."""
+        query_nodes: bool | None = Field(default=None, alias="query-nodes")
 
-    query_nodes: bool | None = Field(default=None, alias="query-nodes")
 
+    class BlockResizeArgs(QapiModel):
+        """Members of BlockResizeArgs."""
 
-class BlockResizeArgs(QapiModel):
-    """Members of BlockResizeArgs."""
+        device: str | None = None
+        node_name: str | None = Field(default=None, alias="node-name")
+        size: int
 
-    device: str | None = None
-    node_name: str | None = Field(default=None, alias="node-name")
-    size: int
 
+    class QueryNamedBlockNodesArgs(QapiModel):
+        """Members of QueryNamedBlockNodesArgs."""
 
-class QueryNamedBlockNodesArgs(QapiModel):
-    """Members of QueryNamedBlockNodesArgs."""
+        flat: bool | None = None
 
-    flat: bool | None = None
 
+    class BlockdevDelArgs(QapiModel):
+        """Members of BlockdevDelArgs."""
 
-class BlockdevDelArgs(QapiModel):
-    """Members of BlockdevDelArgs."""
+        node_name: str = Field(alias="node-name")
 
-    node_name: str = Field(alias="node-name")
 
+    class BlockImageCorruptedEvent(QapiModel):
+        """Members of BlockImageCorruptedEvent."""
 
-class BlockImageCorruptedEvent(QapiModel):
-    """Members of BlockImageCorruptedEvent."""
+        device: str
+        node_name: str | None = Field(default=None, alias="node-name")
+        msg: str
+        offset: int | None = None
+        size: int | None = None
+        fatal: bool
 
-    device: str
-    node_name: str | None = Field(default=None, alias="node-name")
-    msg: str
-    offset: int | None = None
-    size: int | None = None
-    fatal: bool
 
+    class BlockIoErrorEvent(QapiModel):
+        """Members of BlockIoErrorEvent."""
 
-class BlockIoErrorEvent(QapiModel):
-    """Members of BlockIoErrorEvent."""
+        device: str
+        node_name: str | None = Field(default=None, alias="node-name")
+        operation: IoOperationType
+        action: BlockErrorAction
+        nospace: bool | None = None
+        reason: str
 
-    device: str
-    node_name: str | None = Field(default=None, alias="node-name")
-    operation: IoOperationType
-    action: BlockErrorAction
-    nospace: bool | None = None
-    reason: str
 
+    class BlockJobCompletedEvent(QapiModel):
+        """Members of BlockJobCompletedEvent."""
 
-class BlockJobCompletedEvent(QapiModel):
-    """Members of BlockJobCompletedEvent."""
+        type: JobType
+        device: str
+        len: int
+        offset: int
+        speed: int
+        error: str | None = None
 
-    type: JobType
-    device: str
-    len: int
-    offset: int
-    speed: int
-    error: str | None = None
 
+    class BlockJobCancelledEvent(QapiModel):
+        """Members of BlockJobCancelledEvent."""
 
-class BlockJobCancelledEvent(QapiModel):
-    """Members of BlockJobCancelledEvent."""
+        type: JobType
+        device: str
+        len: int
+        offset: int
+        speed: int
 
-    type: JobType
-    device: str
-    len: int
-    offset: int
-    speed: int
 
+    class BlockJobErrorEvent(QapiModel):
+        """Members of BlockJobErrorEvent."""
 
-class BlockJobErrorEvent(QapiModel):
-    """Members of BlockJobErrorEvent."""
+        device: str
+        operation: IoOperationType
+        action: BlockErrorAction
 
-    device: str
-    operation: IoOperationType
-    action: BlockErrorAction
 
+    class BlockJobReadyEvent(QapiModel):
+        """Members of BlockJobReadyEvent."""
 
-class BlockJobReadyEvent(QapiModel):
-    """Members of BlockJobReadyEvent."""
+        type: JobType
+        device: str
+        len: int
+        offset: int
+        speed: int
 
-    type: JobType
-    device: str
-    len: int
-    offset: int
-    speed: int
 
+    class BlockJobPendingEvent(QapiModel):
+        """Members of BlockJobPendingEvent."""
 
-class BlockJobPendingEvent(QapiModel):
-    """Members of BlockJobPendingEvent."""
+        type: JobType
+        id: str
 
-    type: JobType
-    id: str
 
+    class BlockWriteThresholdEvent(QapiModel):
+        """Members of BlockWriteThresholdEvent."""
 
-class BlockWriteThresholdEvent(QapiModel):
-    """Members of BlockWriteThresholdEvent."""
+        node_name: str = Field(alias="node-name")
+        amount_exceeded: int = Field(alias="amount-exceeded")
+        write_threshold: int = Field(alias="write-threshold")
 
-    node_name: str = Field(alias="node-name")
-    amount_exceeded: int = Field(alias="amount-exceeded")
-    write_threshold: int = Field(alias="write-threshold")
 
+    class QuorumFailureEvent(QapiModel):
+        """Members of QuorumFailureEvent."""
 
-class QuorumFailureEvent(QapiModel):
-    """Members of QuorumFailureEvent."""
+        reference: str
+        sector_num: int = Field(alias="sector-num")
+        sectors_count: int = Field(alias="sectors-count")
 
-    reference: str
-    sector_num: int = Field(alias="sector-num")
-    sectors_count: int = Field(alias="sectors-count")
 
+    class QuorumReportBadEvent(QapiModel):
+        """Members of QuorumReportBadEvent."""
 
-class QuorumReportBadEvent(QapiModel):
-    """Members of QuorumReportBadEvent."""
+        type: QuorumOpType
+        error: str | None = None
+        node_name: str = Field(alias="node-name")
+        sector_num: int = Field(alias="sector-num")
+        sectors_count: int = Field(alias="sectors-count")
 
-    type: QuorumOpType
-    error: str | None = None
-    node_name: str = Field(alias="node-name")
-    sector_num: int = Field(alias="sector-num")
-    sectors_count: int = Field(alias="sectors-count")
 
+    class JobStatusChangeEvent(QapiModel):
+        """Members of JobStatusChangeEvent."""
 
-class JobStatusChangeEvent(QapiModel):
-    """Members of JobStatusChangeEvent."""
+        id: str
+        status: JobStatus
 
-    id: str
-    status: JobStatus
 
+    class NbdServerStartArgs(QapiModel):
+        """Members of NbdServerStartArgs."""
 
-class NbdServerStartArgs(QapiModel):
-    """Members of NbdServerStartArgs."""
+        addr: SocketAddressLegacy
+        tls_creds: str | None = Field(default=None, alias="tls-creds")
+        tls_authz: str | None = Field(default=None, alias="tls-authz")
+        max_connections: int | None = Field(default=None, alias="max-connections")
 
-    addr: SocketAddressLegacy
-    tls_creds: str | None = Field(default=None, alias="tls-creds")
-    tls_authz: str | None = Field(default=None, alias="tls-authz")
-    max_connections: int | None = Field(default=None, alias="max-connections")
 
+    class NbdServerRemoveArgs(QapiModel):
+        """Members of NbdServerRemoveArgs."""
 
-class NbdServerRemoveArgs(QapiModel):
-    """Members of NbdServerRemoveArgs."""
+        name: str
+        mode: BlockExportRemoveMode | None = None
 
-    name: str
-    mode: BlockExportRemoveMode | None = None
 
+    class BlockExportDelArgs(QapiModel):
+        """Members of BlockExportDelArgs."""
 
-class BlockExportDelArgs(QapiModel):
-    """Members of BlockExportDelArgs."""
+        id: str
+        mode: BlockExportRemoveMode | None = None
 
-    id: str
-    mode: BlockExportRemoveMode | None = None
 
+    class BlockExportDeletedEvent(QapiModel):
+        """Members of BlockExportDeletedEvent."""
 
-class BlockExportDeletedEvent(QapiModel):
-    """Members of BlockExportDeletedEvent."""
+        id: str
 
-    id: str
 
+    class VserportChangeEvent(QapiModel):
+        """Members of VserportChangeEvent."""
 
-class VserportChangeEvent(QapiModel):
-    """Members of VserportChangeEvent."""
+        id: str
+        open: bool
 
-    id: str
-    open: bool
 
+    class QmpCapabilitiesArgs(QapiModel):
+        """Members of QmpCapabilitiesArgs."""
 
-class QmpCapabilitiesArgs(QapiModel):
-    """Members of QmpCapabilitiesArgs."""
+        enable: list[QMPCapability] | None = None
 
-    enable: list[QMPCapability] | None = None
 
+    class ObjectDelArgs(QapiModel):
+        """Members of ObjectDelArgs."""
 
-class ObjectDelArgs(QapiModel):
-    """Members of ObjectDelArgs."""
+        id: str
 
-    id: str
 
+    SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]
 
-SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]
-SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]
-ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2
-BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_raw], Field(discriminator="driver")]
-BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_raw], Field(discriminator="driver")]
-BlockExportOptions: TypeAlias = BlockExportOptions_nbd
-ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf], Field(discriminator="type")]
-SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]
-ObjectOptions: TypeAlias = ObjectOptions_iothread
-BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
-BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
-BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
 
+    SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]
+
+
+    ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2
+
+
+    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_raw], Field(discriminator="driver")]
+
+
+    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_raw], Field(discriminator="driver")]
+
+
+    BlockExportOptions: TypeAlias = BlockExportOptions_nbd
+
+
+    ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf], Field(discriminator="type")]
+
+
+    SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]
+
+
+    ObjectOptions: TypeAlias = ObjectOptions_iothread
+
+
+    BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
+
+
+    BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
+
+
+    BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
+
+else:
+    # name -> (names its class statement needs first, source)
+    _SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
+        'QapiModel': ((), 'from pydantic import BaseModel, ConfigDict, Field\n\n\nclass QapiModel(BaseModel):\n    """Base of every generated model: wire names are aliases, unknown members are errors."""\n\n    # The visitor checks input and builds models with model_construct; validators are\n    # only built when first needed, which keeps start-up fast.\n    model_config = ConfigDict(\n        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True\n    )\n    qapi_nullable: ClassVar[frozenset[str]] = frozenset()\n'),
+        'OnOffAuto': ((), 'class OnOffAuto(enum.StrEnum):\n    """A three-way switch: force a feature on or off, or let the daemon decide."""\n\n    AUTO = "auto"\n    ON = "on"\n    OFF = "off"\n'),
+        'IoOperationType': ((), 'class IoOperationType(enum.StrEnum):\n    """The kind of I/O request that failed."""\n\n    READ = "read"\n    WRITE = "write"\n'),
+        'SocketAddressType': ((), 'class SocketAddressType(enum.StrEnum):\n    """The kinds of socket address."""\n\n    INET = "inet"\n    UNIX = "unix"\n    VSOCK = "vsock"\n    FD = "fd"\n'),
+        'Qcow2CompressionType': ((), 'class Qcow2CompressionType(enum.StrEnum):\n    """Compression method of qcow2 compressed clusters."""\n\n    ZLIB = "zlib"\n    ZSTD = "zstd"\n'),
+        'Qcow2BitmapInfoFlags': ((), 'class Qcow2BitmapInfoFlags(enum.StrEnum):\n    """Flags of a persistent dirty bitmap stored in a qcow2 image."""\n\n    IN_USE = "in-use"\n    AUTO = "auto"\n'),
+        'ImageInfoSpecificKind': ((), 'class ImageInfoSpecificKind(enum.StrEnum):\n    """Image formats that report format-specific details."""\n\n    QCOW2 = "qcow2"\n'),
+        'BlockdevDetectZeroesOptions': ((), 'class BlockdevDetectZeroesOptions(enum.StrEnum):\n    """Whether written zeroes are detected and turned into zero writes."""\n\n    OFF = "off"\n    ON = "on"\n    UNMAP = "unmap"\n'),
+        'BlockDeviceIoStatus': ((), 'class BlockDeviceIoStatus(enum.StrEnum):\n    """State of a device after I/O errors, when errors stop the device."""\n\n    OK = "ok"\n    FAILED = "failed"\n    NOSPACE = "nospace"\n'),
+        'XDbgBlockGraphNodeType': ((), 'class XDbgBlockGraphNodeType(enum.StrEnum):\n    """Kinds of vertex in the block graph dump."""\n\n    BLOCK_BACKEND = "block-backend"\n    BLOCK_JOB = "block-job"\n    BLOCK_DRIVER = "block-driver"\n'),
+        'BlockPermission': ((), 'class BlockPermission(enum.StrEnum):\n    """Operations a parent may need on a child node, or let other parents do."""\n\n    CONSISTENT_READ = "consistent-read"\n    WRITE = "write"\n    WRITE_UNCHANGED = "write-unchanged"\n    RESIZE = "resize"\n'),
+        'BlockdevDriver': ((), 'class BlockdevDriver(enum.StrEnum):\n    """Block drivers this daemon implements."""\n\n    FILE = "file"\n    NULL_AIO = "null-aio"\n    NULL_CO = "null-co"\n    RAW = "raw"\n'),
+        'BlockdevDiscardOptions': ((), 'class BlockdevDiscardOptions(enum.StrEnum):\n    """What to do with discard requests."""\n\n    IGNORE = "ignore"\n    UNMAP = "unmap"\n'),
+        'BlockdevAioOptions': ((), 'class BlockdevAioOptions(enum.StrEnum):\n    """How asynchronous I/O is done on host files."""\n\n    THREADS = "threads"\n    NATIVE = "native"\n    IO_URING = "io_uring"\n'),
+        'BlockErrorAction': ((), 'class BlockErrorAction(enum.StrEnum):\n    """What happened after an I/O error."""\n\n    IGNORE = "ignore"\n    REPORT = "report"\n    STOP = "stop"\n'),
+        'QuorumOpType': ((), 'class QuorumOpType(enum.StrEnum):\n    """Kinds of quorum operation."""\n\n    READ = "read"\n    WRITE = "write"\n    FLUSH = "flush"\n'),
+        'JobType': ((), 'class JobType(enum.StrEnum):\n    """Kinds of background job."""\n\n    COMMIT = "commit"\n    STREAM = "stream"\n    MIRROR = "mirror"\n    BACKUP = "backup"\n    CREATE = "create"\n    AMEND = "amend"\n    SNAPSHOT_LOAD = "snapshot-load"\n    SNAPSHOT_SAVE = "snapshot-save"\n    SNAPSHOT_DELETE = "snapshot-delete"\n'),
+        'JobStatus': ((), 'class JobStatus(enum.StrEnum):\n    """States of a job\'s life cycle."""\n\n    UNDEFINED = "undefined"\n    CREATED = "created"\n    RUNNING = "running"\n    PAUSED = "paused"\n    READY = "ready"\n    STANDBY = "standby"\n    WAITING = "waiting"\n    PENDING = "pending"\n    ABORTING = "aborting"\n    CONCLUDED = "concluded"\n    NULL = "null"\n'),
+        'BlockExportRemoveMode': ((), 'class BlockExportRemoveMode(enum.StrEnum):\n    """How to remove an export that still has clients."""\n\n    SAFE = "safe"\n    HARD = "hard"\n'),
+        'BlockExportType': ((), 'class BlockExportType(enum.StrEnum):\n    """Kinds of block export this daemon implements."""\n\n    NBD = "nbd"\n'),
+        'ChardevBackendKind': ((), 'class ChardevBackendKind(enum.StrEnum):\n    """Character device backends this daemon implements."""\n\n    FILE = "file"\n    SOCKET = "socket"\n    NULL = "null"\n    STDIO = "stdio"\n    RINGBUF = "ringbuf"\n'),
+        'QMPCapability': ((), 'class QMPCapability(enum.StrEnum):\n    """Optional QMP protocol capabilities."""\n\n    OOB = "oob"\n'),
+        'MonitorMode': ((), 'class MonitorMode(enum.StrEnum):\n    """The protocol a monitor speaks."""\n\n    READLINE = "readline"\n    CONTROL = "control"\n'),
+        'SchemaMetaType': ((), 'class SchemaMetaType(enum.StrEnum):\n    """Kinds of schema entity."""\n\n    BUILTIN = "builtin"\n    ENUM = "enum"\n    ARRAY = "array"\n    OBJECT = "object"\n    ALTERNATE = "alternate"\n    COMMAND = "command"\n    EVENT = "event"\n'),
+        'JSONType': ((), 'class JSONType(enum.StrEnum):\n    """JSON value kinds."""\n\n    STRING = "string"\n    NUMBER = "number"\n    INT = "int"\n    BOOLEAN = "boolean"\n    NULL = "null"\n    OBJECT = "object"\n    ARRAY = "array"\n    VALUE = "value"\n'),
+        'ObjectType': ((), 'class ObjectType(enum.StrEnum):\n    """Object types that can be created with object-add or --object."""\n\n    IOTHREAD = "iothread"\n'),
+        'String': (('QapiModel',), 'class String(QapiModel):\n    """A single string wrapped in an object."""\n\n    str_: str = Field(alias="str")\n'),
+        'InetSocketAddress': (('QapiModel',), 'class InetSocketAddress(QapiModel):\n    """A TCP endpoint: host name or address plus port or service name."""\n\n    host: str\n    port: str\n    numeric: bool | None = None\n    to: int | None = None\n    ipv4: bool | None = None\n    ipv6: bool | None = None\n    keep_alive: bool | None = Field(default=None, alias="keep-alive")\n    mptcp: bool | None = None\n'),
+        'UnixSocketAddress': (('QapiModel',), 'class UnixSocketAddress(QapiModel):\n    """A Unix domain socket endpoint."""\n\n    path: str\n    abstract: bool | None = None\n    tight: bool | None = None\n'),
+        'VsockSocketAddress': (('QapiModel',), 'class VsockSocketAddress(QapiModel):\n    """A virtio vsock endpoint."""\n\n    cid: str\n    port: str\n'),
+        'InetSocketAddressWrapper': (('QapiModel',), 'class InetSocketAddressWrapper(QapiModel):\n    """Wrapper of an inet address for the legacy address syntax."""\n\n    data: InetSocketAddress\n'),
+        'UnixSocketAddressWrapper': (('QapiModel',), 'class UnixSocketAddressWrapper(QapiModel):\n    """Wrapper of a Unix socket address for the legacy address syntax."""\n\n    data: UnixSocketAddress\n'),
+        'VsockSocketAddressWrapper': (('QapiModel',), 'class VsockSocketAddressWrapper(QapiModel):\n    """Wrapper of a vsock address for the legacy address syntax."""\n\n    data: VsockSocketAddress\n'),
+        'StringWrapper': (('QapiModel',), 'class StringWrapper(QapiModel):\n    """Wrapper of a file descriptor name for the legacy address syntax."""\n\n    data: String\n'),
+        'SocketAddressLegacyBase': (('QapiModel',), 'class SocketAddressLegacyBase(QapiModel):\n    """Members of SocketAddressLegacyBase."""\n\n    type: SocketAddressType\n'),
+        'SocketAddressLegacy_inet': (('SocketAddressLegacyBase', 'InetSocketAddressWrapper', 'SocketAddressType'), 'class SocketAddressLegacy_inet(SocketAddressLegacyBase, InetSocketAddressWrapper):\n    """SocketAddressLegacy with type=inet."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | InetSocketAddressWrapper.qapi_nullable\n\n    type: Literal[SocketAddressType.INET] = SocketAddressType.INET\n'),
+        'SocketAddressLegacy_unix': (('SocketAddressLegacyBase', 'UnixSocketAddressWrapper', 'SocketAddressType'), 'class SocketAddressLegacy_unix(SocketAddressLegacyBase, UnixSocketAddressWrapper):\n    """SocketAddressLegacy with type=unix."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | UnixSocketAddressWrapper.qapi_nullable\n\n    type: Literal[SocketAddressType.UNIX] = SocketAddressType.UNIX\n'),
+        'SocketAddressLegacy_vsock': (('SocketAddressLegacyBase', 'VsockSocketAddressWrapper', 'SocketAddressType'), 'class SocketAddressLegacy_vsock(SocketAddressLegacyBase, VsockSocketAddressWrapper):\n    """SocketAddressLegacy with type=vsock."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | VsockSocketAddressWrapper.qapi_nullable\n\n    type: Literal[SocketAddressType.VSOCK] = SocketAddressType.VSOCK\n'),
+        'SocketAddressLegacy_fd': (('SocketAddressLegacyBase', 'StringWrapper', 'SocketAddressType'), 'class SocketAddressLegacy_fd(SocketAddressLegacyBase, StringWrapper):\n    """SocketAddressLegacy with type=fd."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressLegacyBase.qapi_nullable | StringWrapper.qapi_nullable\n\n    type: Literal[SocketAddressType.FD] = SocketAddressType.FD\n'),
+        'SocketAddressBase': (('QapiModel',), 'class SocketAddressBase(QapiModel):\n    """Members of SocketAddressBase."""\n\n    type: SocketAddressType\n'),
+        'SocketAddress_inet': (('SocketAddressBase', 'InetSocketAddress', 'SocketAddressType'), 'class SocketAddress_inet(SocketAddressBase, InetSocketAddress):\n    """SocketAddress with type=inet."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | InetSocketAddress.qapi_nullable\n\n    type: Literal[SocketAddressType.INET] = SocketAddressType.INET\n'),
+        'SocketAddress_unix': (('SocketAddressBase', 'UnixSocketAddress', 'SocketAddressType'), 'class SocketAddress_unix(SocketAddressBase, UnixSocketAddress):\n    """SocketAddress with type=unix."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | UnixSocketAddress.qapi_nullable\n\n    type: Literal[SocketAddressType.UNIX] = SocketAddressType.UNIX\n'),
+        'SocketAddress_vsock': (('SocketAddressBase', 'VsockSocketAddress', 'SocketAddressType'), 'class SocketAddress_vsock(SocketAddressBase, VsockSocketAddress):\n    """SocketAddress with type=vsock."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | VsockSocketAddress.qapi_nullable\n\n    type: Literal[SocketAddressType.VSOCK] = SocketAddressType.VSOCK\n'),
+        'SocketAddress_fd': (('SocketAddressBase', 'String', 'SocketAddressType'), 'class SocketAddress_fd(SocketAddressBase, String):\n    """SocketAddress with type=fd."""\n    qapi_nullable: ClassVar[frozenset[str]] = SocketAddressBase.qapi_nullable | String.qapi_nullable\n\n    type: Literal[SocketAddressType.FD] = SocketAddressType.FD\n'),
+        'SnapshotInfo': (('QapiModel',), 'class SnapshotInfo(QapiModel):\n    """An internal snapshot stored in an image."""\n\n    id: str\n    name: str\n    vm_state_size: int = Field(alias="vm-state-size")\n    date_sec: int = Field(alias="date-sec")\n    date_nsec: int = Field(alias="date-nsec")\n    vm_clock_sec: int = Field(alias="vm-clock-sec")\n    vm_clock_nsec: int = Field(alias="vm-clock-nsec")\n    icount: int | None = None\n'),
+        'Qcow2BitmapInfo': (('QapiModel',), 'class Qcow2BitmapInfo(QapiModel):\n    """A persistent dirty bitmap stored in a qcow2 image."""\n\n    name: str\n    granularity: int\n    flags: list[Qcow2BitmapInfoFlags]\n'),
+        'ImageInfoSpecificQCow2': (('QapiModel',), 'class ImageInfoSpecificQCow2(QapiModel):\n    """Details only a qcow2 image has."""\n\n    compat: str\n    data_file: str | None = Field(default=None, alias="data-file")\n    data_file_raw: bool | None = Field(default=None, alias="data-file-raw")\n    extended_l2: bool | None = Field(default=None, alias="extended-l2")\n    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")\n    corrupt: bool | None = None\n    refcount_bits: int = Field(alias="refcount-bits")\n    bitmaps: list[Qcow2BitmapInfo] | None = None\n    compression_type: Qcow2CompressionType = Field(alias="compression-type")\n'),
+        'ImageInfoSpecificQCow2Wrapper': (('QapiModel',), 'class ImageInfoSpecificQCow2Wrapper(QapiModel):\n    """Wrapper of the qcow2 details."""\n\n    data: ImageInfoSpecificQCow2\n'),
+        'ImageInfoSpecificBase': (('QapiModel',), 'class ImageInfoSpecificBase(QapiModel):\n    """Members of ImageInfoSpecificBase."""\n\n    type: ImageInfoSpecificKind\n'),
+        'ImageInfoSpecific_qcow2': (('ImageInfoSpecificBase', 'ImageInfoSpecificQCow2Wrapper', 'ImageInfoSpecificKind'), 'class ImageInfoSpecific_qcow2(ImageInfoSpecificBase, ImageInfoSpecificQCow2Wrapper):\n    """ImageInfoSpecific with type=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = ImageInfoSpecificBase.qapi_nullable | ImageInfoSpecificQCow2Wrapper.qapi_nullable\n\n    type: Literal[ImageInfoSpecificKind.QCOW2] = ImageInfoSpecificKind.QCOW2\n'),
+        'ImageInfo': (('QapiModel',), 'class ImageInfo(QapiModel):\n    """What is known about an image and its backing chain."""\n\n    filename: str\n    format: str\n    dirty_flag: bool | None = Field(default=None, alias="dirty-flag")\n    actual_size: int | None = Field(default=None, alias="actual-size")\n    virtual_size: int = Field(alias="virtual-size")\n    cluster_size: int | None = Field(default=None, alias="cluster-size")\n    encrypted: bool | None = None\n    compressed: bool | None = None\n    backing_filename: str | None = Field(default=None, alias="backing-filename")\n    full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")\n    backing_filename_format: str | None = Field(default=None, alias="backing-filename-format")\n    snapshots: list[SnapshotInfo] | None = None\n    backing_image: ImageInfo | None = Field(default=None, alias="backing-image")\n    format_specific: ImageInfoSpecific | None = Field(default=None, alias="format-specific")\n'),
+        'BlockdevCacheInfo': (('QapiModel',), 'class BlockdevCacheInfo(QapiModel):\n    """The cache mode of a node, as reported by queries."""\n\n    writeback: bool\n    direct: bool\n    no_flush: bool = Field(alias="no-flush")\n'),
+        'BlockDirtyInfo': (('QapiModel',), 'class BlockDirtyInfo(QapiModel):\n    """A dirty bitmap attached to a node."""\n\n    name: str | None = None\n    count: int\n    granularity: int\n    recording: bool\n    busy: bool\n    persistent: bool\n    inconsistent: bool | None = None\n'),
+        'BlockDeviceInfo': (('QapiModel',), 'class BlockDeviceInfo(QapiModel):\n    """Information about one block node."""\n\n    file: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    ro: bool\n    drv: str\n    backing_file: str | None = None\n    backing_file_depth: int\n    encrypted: bool\n    detect_zeroes: BlockdevDetectZeroesOptions\n    bps: int\n    bps_rd: int\n    bps_wr: int\n    iops: int\n    iops_rd: int\n    iops_wr: int\n    image: ImageInfo\n    bps_max: int | None = None\n    bps_rd_max: int | None = None\n    bps_wr_max: int | None = None\n    iops_max: int | None = None\n    iops_rd_max: int | None = None\n    iops_wr_max: int | None = None\n    bps_max_length: int | None = None\n    bps_rd_max_length: int | None = None\n    bps_wr_max_length: int | None = None\n    iops_max_length: int | None = None\n    iops_rd_max_length: int | None = None\n    iops_wr_max_length: int | None = None\n    iops_size: int | None = None\n    group: str | None = None\n    cache: BlockdevCacheInfo\n    write_threshold: int\n    dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias="dirty-bitmaps")\n'),
+        'BlockInfo': (('QapiModel',), 'class BlockInfo(QapiModel):\n    """A block backend attached to a guest device (the daemon has none)."""\n\n    device: str\n    qdev: str | None = None\n    type: str\n    removable: bool\n    locked: bool\n    inserted: BlockDeviceInfo | None = None\n    tray_open: bool | None = None\n    io_status: BlockDeviceIoStatus | None = Field(default=None, alias="io-status")\n'),
+        'BlockDeviceTimedStats': (('QapiModel',), 'class BlockDeviceTimedStats(QapiModel):\n    """Latency and queue depth figures measured over one time window."""\n\n    interval_length: int\n    min_rd_latency_ns: int\n    max_rd_latency_ns: int\n    avg_rd_latency_ns: int\n    min_wr_latency_ns: int\n    max_wr_latency_ns: int\n    avg_wr_latency_ns: int\n    min_flush_latency_ns: int\n    max_flush_latency_ns: int\n    avg_flush_latency_ns: int\n    avg_rd_queue_depth: float\n    avg_wr_queue_depth: float\n'),
+        'BlockLatencyHistogramInfo': (('QapiModel',), 'class BlockLatencyHistogramInfo(QapiModel):\n    """A latency histogram: N boundaries split the time axis into N+1 bins."""\n\n    boundaries: list[int]\n    bins: list[int]\n'),
+        'BlockDeviceStats': (('QapiModel',), 'class BlockDeviceStats(QapiModel):\n    """I/O accounting of one node or backend."""\n\n    rd_bytes: int\n    wr_bytes: int\n    unmap_bytes: int\n    rd_operations: int\n    wr_operations: int\n    flush_operations: int\n    unmap_operations: int\n    rd_total_time_ns: int\n    wr_total_time_ns: int\n    flush_total_time_ns: int\n    unmap_total_time_ns: int\n    wr_highest_offset: int\n    rd_merged: int\n    wr_merged: int\n    unmap_merged: int\n    idle_time_ns: int | None = None\n    failed_rd_operations: int\n    failed_wr_operations: int\n    failed_flush_operations: int\n    failed_unmap_operations: int\n    invalid_rd_operations: int\n    invalid_wr_operations: int\n    invalid_flush_operations: int\n    invalid_unmap_operations: int\n    account_invalid: bool\n    account_failed: bool\n    timed_stats: list[BlockDeviceTimedStats]\n    rd_latency_histogram: BlockLatencyHistogramInfo | None = None\n    wr_latency_histogram: BlockLatencyHistogramInfo | None = None\n    flush_latency_histogram: BlockLatencyHistogramInfo | None = None\n'),
+        'BlockStatsSpecificFile': (('QapiModel',), 'class BlockStatsSpecificFile(QapiModel):\n    """Statistics only the file driver keeps."""\n\n    discard_nb_ok: int = Field(alias="discard-nb-ok")\n    discard_nb_failed: int = Field(alias="discard-nb-failed")\n    discard_bytes_ok: int = Field(alias="discard-bytes-ok")\n'),
+        'BlockStatsSpecificBase': (('QapiModel',), 'class BlockStatsSpecificBase(QapiModel):\n    """Members of BlockStatsSpecificBase."""\n\n    driver: BlockdevDriver\n'),
+        'BlockStatsSpecific_file': (('BlockStatsSpecificBase', 'BlockStatsSpecificFile', 'BlockdevDriver'), 'class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):\n    """BlockStatsSpecific with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
+        'BlockStatsSpecific_null_aio': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
+        'BlockStatsSpecific_null_co': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_co(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockStatsSpecific_raw': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_raw(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'BlockStats': (('QapiModel',), 'class BlockStats(QapiModel):\n    """Statistics of a backend or node, with those of its file and backing children."""\n\n    device: str | None = None\n    qdev: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    stats: BlockDeviceStats\n    driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")\n    parent: BlockStats | None = None\n    backing: BlockStats | None = None\n'),
+        'XDbgBlockGraphNode': (('QapiModel',), 'class XDbgBlockGraphNode(QapiModel):\n    """A vertex of the block graph dump."""\n\n    id: int\n    type: XDbgBlockGraphNodeType\n    name: str\n'),
+        'XDbgBlockGraphEdge': (('QapiModel',), 'class XDbgBlockGraphEdge(QapiModel):\n    """A parent-to-child edge of the block graph dump."""\n\n    parent: int\n    child: int\n    name: str\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
+        'XDbgBlockGraph': (('QapiModel',), 'class XDbgBlockGraph(QapiModel):\n    """The whole block graph, for debugging."""\n\n    nodes: list[XDbgBlockGraphNode]\n    edges: list[XDbgBlockGraphEdge]\n'),
+        'BlockDirtyBitmap': (('QapiModel',), 'class BlockDirtyBitmap(QapiModel):\n    """Names a dirty bitmap: the node it belongs to and its own name."""\n\n    node: str\n    name: str\n'),
+        'BlockdevCacheOptions': (('QapiModel',), 'class BlockdevCacheOptions(QapiModel):\n    """Cache mode of a node."""\n\n    direct: bool | None = None\n    no_flush: bool | None = Field(default=None, alias="no-flush")\n'),
+        'BlockdevOptionsFile': (('QapiModel',), 'class BlockdevOptionsFile(QapiModel):\n    """Options of the \'file\' protocol driver."""\n\n    filename: str\n    pr_manager: str | None = Field(default=None, alias="pr-manager")\n    locking: OnOffAuto | None = None\n    aio: BlockdevAioOptions | None = None\n    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")\n    drop_cache: bool | None = Field(default=None, alias="drop-cache")\n    x_check_cache_dropped: bool | None = Field(default=None, alias="x-check-cache-dropped")\n'),
+        'BlockdevOptionsNull': (('QapiModel',), 'class BlockdevOptionsNull(QapiModel):\n    """Options of the null-co and null-aio drivers."""\n\n    size: int | None = None\n    latency_ns: int | None = Field(default=None, alias="latency-ns")\n    read_zeroes: bool | None = Field(default=None, alias="read-zeroes")\n'),
+        'BlockdevOptionsGenericFormat': (('QapiModel',), 'class BlockdevOptionsGenericFormat(QapiModel):\n    """Options common to format drivers that sit on one protocol node."""\n\n    file: BlockdevRef\n'),
+        'BlockdevOptionsRaw': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):\n    """Options of the raw format driver."""\n\n    offset: int | None = None\n    size: int | None = None\n'),
+        'BlockdevOptionsBase': (('QapiModel',), 'class BlockdevOptionsBase(QapiModel):\n    """Members of BlockdevOptionsBase."""\n\n    driver: BlockdevDriver\n    node_name: str | None = Field(default=None, alias="node-name")\n    discard: BlockdevDiscardOptions | None = None\n    cache: BlockdevCacheOptions | None = None\n    read_only: bool | None = Field(default=None, alias="read-only")\n    auto_read_only: bool | None = Field(default=None, alias="auto-read-only")\n    force_share: bool | None = Field(default=None, alias="force-share")\n    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")\n'),
+        'BlockdevOptions_file': (('BlockdevOptionsBase', 'BlockdevOptionsFile', 'BlockdevDriver'), 'class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):\n    """BlockdevOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
+        'BlockdevOptions_null_aio': (('BlockdevOptionsBase', 'BlockdevOptionsNull', 'BlockdevDriver'), 'class BlockdevOptions_null_aio(BlockdevOptionsBase, BlockdevOptionsNull):\n    """BlockdevOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
+        'BlockdevOptions_null_co': (('BlockdevOptionsBase', 'BlockdevOptionsNull', 'BlockdevDriver'), 'class BlockdevOptions_null_co(BlockdevOptionsBase, BlockdevOptionsNull):\n    """BlockdevOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockdevOptions_raw': (('BlockdevOptionsBase', 'BlockdevOptionsRaw', 'BlockdevDriver'), 'class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):\n    """BlockdevOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'NbdServerOptions': (('QapiModel',), 'class NbdServerOptions(QapiModel):\n    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""\n\n    addr: SocketAddress\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
+        'BlockExportOptionsNbdBase': (('QapiModel',), 'class BlockExportOptionsNbdBase(QapiModel):\n    """Export options the deprecated nbd-server-add shares with NBD exports."""\n\n    name: str | None = None\n    description: str | None = None\n'),
+        'BlockExportOptionsNbd': (('BlockExportOptionsNbdBase',), 'class BlockExportOptionsNbd(BlockExportOptionsNbdBase):\n    """Options of an NBD export."""\n\n    bitmaps: list[BlockDirtyBitmapOrStr] | None = None\n    allocation_depth: bool | None = Field(default=None, alias="allocation-depth")\n'),
+        'NbdServerAddOptions': (('BlockExportOptionsNbdBase',), 'class NbdServerAddOptions(BlockExportOptionsNbdBase):\n    """Arguments of the deprecated nbd-server-add."""\n\n    device: str\n    writable: bool | None = None\n    bitmap: str | None = None\n'),
+        'BlockExportOptionsBase': (('QapiModel',), 'class BlockExportOptionsBase(QapiModel):\n    """Members of BlockExportOptionsBase."""\n\n    type: BlockExportType\n    id: str\n    fixed_iothread: bool | None = Field(default=None, alias="fixed-iothread")\n    iothread: str | None = None\n    node_name: str = Field(alias="node-name")\n    writable: bool | None = None\n    writethrough: bool | None = None\n'),
+        'BlockExportOptions_nbd': (('BlockExportOptionsBase', 'BlockExportOptionsNbd', 'BlockExportType'), 'class BlockExportOptions_nbd(BlockExportOptionsBase, BlockExportOptionsNbd):\n    """BlockExportOptions with type=nbd."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockExportOptionsBase.qapi_nullable | BlockExportOptionsNbd.qapi_nullable\n\n    type: Literal[BlockExportType.NBD] = BlockExportType.NBD\n'),
+        'BlockExportInfo': (('QapiModel',), 'class BlockExportInfo(QapiModel):\n    """An export, as listed by query-block-exports."""\n\n    id: str\n    type: BlockExportType\n    node_name: str = Field(alias="node-name")\n    shutting_down: bool = Field(alias="shutting-down")\n'),
+        'ChardevCommon': (('QapiModel',), 'class ChardevCommon(QapiModel):\n    """Options every character device backend has."""\n\n    logfile: str | None = None\n    logappend: bool | None = None\n'),
+        'ChardevFile': (('ChardevCommon',), 'class ChardevFile(ChardevCommon):\n    """Options of a file backend."""\n\n    in_: str | None = Field(default=None, alias="in")\n    out: str\n    append: bool | None = None\n'),
+        'ChardevSocket': (('ChardevCommon',), 'class ChardevSocket(ChardevCommon):\n    """Options of a socket backend."""\n\n    addr: SocketAddressLegacy\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    server: bool | None = None\n    wait: bool | None = None\n    nodelay: bool | None = None\n    telnet: bool | None = None\n    tn3270: bool | None = None\n    websocket: bool | None = None\n    reconnect: int | None = None\n'),
+        'ChardevStdio': (('ChardevCommon',), 'class ChardevStdio(ChardevCommon):\n    """Options of the stdio backend."""\n\n    signal: bool | None = None\n'),
+        'ChardevRingbuf': (('ChardevCommon',), 'class ChardevRingbuf(ChardevCommon):\n    """Options of a ring buffer backend."""\n\n    size: int | None = None\n'),
+        'ChardevFileWrapper': (('QapiModel',), 'class ChardevFileWrapper(QapiModel):\n    """Wrapper of file backend options."""\n\n    data: ChardevFile\n'),
+        'ChardevSocketWrapper': (('QapiModel',), 'class ChardevSocketWrapper(QapiModel):\n    """Wrapper of socket backend options."""\n\n    data: ChardevSocket\n'),
+        'ChardevCommonWrapper': (('QapiModel',), 'class ChardevCommonWrapper(QapiModel):\n    """Wrapper of options for backends that have only the common ones."""\n\n    data: ChardevCommon\n'),
+        'ChardevStdioWrapper': (('QapiModel',), 'class ChardevStdioWrapper(QapiModel):\n    """Wrapper of stdio backend options."""\n\n    data: ChardevStdio\n'),
+        'ChardevRingbufWrapper': (('QapiModel',), 'class ChardevRingbufWrapper(QapiModel):\n    """Wrapper of ring buffer backend options."""\n\n    data: ChardevRingbuf\n'),
+        'ChardevBackendBase': (('QapiModel',), 'class ChardevBackendBase(QapiModel):\n    """Members of ChardevBackendBase."""\n\n    type: ChardevBackendKind\n'),
+        'ChardevBackend_file': (('ChardevBackendBase', 'ChardevFileWrapper', 'ChardevBackendKind'), 'class ChardevBackend_file(ChardevBackendBase, ChardevFileWrapper):\n    """ChardevBackend with type=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevFileWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.FILE] = ChardevBackendKind.FILE\n'),
+        'ChardevBackend_socket': (('ChardevBackendBase', 'ChardevSocketWrapper', 'ChardevBackendKind'), 'class ChardevBackend_socket(ChardevBackendBase, ChardevSocketWrapper):\n    """ChardevBackend with type=socket."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevSocketWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.SOCKET] = ChardevBackendKind.SOCKET\n'),
+        'ChardevBackend_null': (('ChardevBackendBase', 'ChardevCommonWrapper', 'ChardevBackendKind'), 'class ChardevBackend_null(ChardevBackendBase, ChardevCommonWrapper):\n    """ChardevBackend with type=null."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevCommonWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.NULL] = ChardevBackendKind.NULL\n'),
+        'ChardevBackend_stdio': (('ChardevBackendBase', 'ChardevStdioWrapper', 'ChardevBackendKind'), 'class ChardevBackend_stdio(ChardevBackendBase, ChardevStdioWrapper):\n    """ChardevBackend with type=stdio."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevStdioWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.STDIO] = ChardevBackendKind.STDIO\n'),
+        'ChardevBackend_ringbuf': (('ChardevBackendBase', 'ChardevRingbufWrapper', 'ChardevBackendKind'), 'class ChardevBackend_ringbuf(ChardevBackendBase, ChardevRingbufWrapper):\n    """ChardevBackend with type=ringbuf."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF\n'),
+        'VersionTriple': (('QapiModel',), 'class VersionTriple(QapiModel):\n    """A version number."""\n\n    major: int\n    minor: int\n    micro: int\n'),
+        'VersionInfo': (('QapiModel',), 'class VersionInfo(QapiModel):\n    """Version of the daemon."""\n\n    qemu: VersionTriple\n    package: str\n'),
+        'CommandInfo': (('QapiModel',), 'class CommandInfo(QapiModel):\n    """A command the monitor accepts."""\n\n    name: str\n'),
+        'MonitorOptions': (('QapiModel',), 'class MonitorOptions(QapiModel):\n    """Options of a monitor (the --monitor command line option)."""\n\n    id: str | None = None\n    mode: MonitorMode | None = None\n    pretty: bool | None = None\n    chardev: str\n'),
+        'SchemaInfoBase': (('QapiModel',), 'class SchemaInfoBase(QapiModel):\n    """Members of SchemaInfoBase."""\n\n    name: str\n    meta_type: SchemaMetaType = Field(alias="meta-type")\n    features: list[str] | None = None\n'),
+        'SchemaInfoBuiltin': (('QapiModel',), 'class SchemaInfoBuiltin(QapiModel):\n    """A built-in type."""\n\n    json_type: JSONType = Field(alias="json-type")\n'),
+        'SchemaInfoEnum': (('QapiModel',), 'class SchemaInfoEnum(QapiModel):\n    """An enumeration."""\n\n    members: list[SchemaInfoEnumMember]\n    values: list[str]\n'),
+        'SchemaInfoArray': (('QapiModel',), 'class SchemaInfoArray(QapiModel):\n    """An array type."""\n\n    element_type: str = Field(alias="element-type")\n'),
+        'SchemaInfoObject': (('QapiModel',), 'class SchemaInfoObject(QapiModel):\n    """A struct or union."""\n\n    members: list[SchemaInfoObjectMember]\n    tag: str | None = None\n    variants: list[SchemaInfoObjectVariant] | None = None\n'),
+        'SchemaInfoAlternate': (('QapiModel',), 'class SchemaInfoAlternate(QapiModel):\n    """An alternate type."""\n\n    members: list[SchemaInfoAlternateMember]\n'),
+        'SchemaInfoCommand': (('QapiModel',), 'class SchemaInfoCommand(QapiModel):\n    """A command."""\n\n    arg_type: str = Field(alias="arg-type")\n    ret_type: str = Field(alias="ret-type")\n    allow_oob: bool | None = Field(default=None, alias="allow-oob")\n'),
+        'SchemaInfoEvent': (('QapiModel',), 'class SchemaInfoEvent(QapiModel):\n    """An event."""\n\n    arg_type: str = Field(alias="arg-type")\n'),
+        'SchemaInfo_builtin': (('SchemaInfoBase', 'SchemaInfoBuiltin', 'SchemaMetaType'), 'class SchemaInfo_builtin(SchemaInfoBase, SchemaInfoBuiltin):\n    """SchemaInfo with meta-type=builtin."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoBuiltin.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.BUILTIN] = Field(default=SchemaMetaType.BUILTIN, alias="meta-type")\n'),
+        'SchemaInfo_enum': (('SchemaInfoBase', 'SchemaInfoEnum', 'SchemaMetaType'), 'class SchemaInfo_enum(SchemaInfoBase, SchemaInfoEnum):\n    """SchemaInfo with meta-type=enum."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoEnum.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.ENUM] = Field(default=SchemaMetaType.ENUM, alias="meta-type")\n'),
+        'SchemaInfo_array': (('SchemaInfoBase', 'SchemaInfoArray', 'SchemaMetaType'), 'class SchemaInfo_array(SchemaInfoBase, SchemaInfoArray):\n    """SchemaInfo with meta-type=array."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoArray.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.ARRAY] = Field(default=SchemaMetaType.ARRAY, alias="meta-type")\n'),
+        'SchemaInfo_object': (('SchemaInfoBase', 'SchemaInfoObject', 'SchemaMetaType'), 'class SchemaInfo_object(SchemaInfoBase, SchemaInfoObject):\n    """SchemaInfo with meta-type=object."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoObject.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.OBJECT] = Field(default=SchemaMetaType.OBJECT, alias="meta-type")\n'),
+        'SchemaInfo_alternate': (('SchemaInfoBase', 'SchemaInfoAlternate', 'SchemaMetaType'), 'class SchemaInfo_alternate(SchemaInfoBase, SchemaInfoAlternate):\n    """SchemaInfo with meta-type=alternate."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoAlternate.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.ALTERNATE] = Field(default=SchemaMetaType.ALTERNATE, alias="meta-type")\n'),
+        'SchemaInfo_command': (('SchemaInfoBase', 'SchemaInfoCommand', 'SchemaMetaType'), 'class SchemaInfo_command(SchemaInfoBase, SchemaInfoCommand):\n    """SchemaInfo with meta-type=command."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoCommand.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.COMMAND] = Field(default=SchemaMetaType.COMMAND, alias="meta-type")\n'),
+        'SchemaInfo_event': (('SchemaInfoBase', 'SchemaInfoEvent', 'SchemaMetaType'), 'class SchemaInfo_event(SchemaInfoBase, SchemaInfoEvent):\n    """SchemaInfo with meta-type=event."""\n    qapi_nullable: ClassVar[frozenset[str]] = SchemaInfoBase.qapi_nullable | SchemaInfoEvent.qapi_nullable\n\n    meta_type: Literal[SchemaMetaType.EVENT] = Field(default=SchemaMetaType.EVENT, alias="meta-type")\n'),
+        'SchemaInfoEnumMember': (('QapiModel',), 'class SchemaInfoEnumMember(QapiModel):\n    """A value of an enumeration."""\n\n    name: str\n    features: list[str] | None = None\n'),
+        'SchemaInfoObjectMember': (('QapiModel',), 'class SchemaInfoObjectMember(QapiModel):\n    """A member of an object type."""\n    qapi_nullable: ClassVar[frozenset[str]] = frozenset([\'default\'])\n\n    name: str\n    type: str\n    default: Any | None = None\n    features: list[str] | None = None\n'),
+        'SchemaInfoObjectVariant': (('QapiModel',), 'class SchemaInfoObjectVariant(QapiModel):\n    """A branch of a union."""\n\n    case: str\n    type: str\n'),
+        'SchemaInfoAlternateMember': (('QapiModel',), 'class SchemaInfoAlternateMember(QapiModel):\n    """A branch of an alternate."""\n\n    type: str\n'),
+        'EventLoopBaseProperties': (('QapiModel',), 'class EventLoopBaseProperties(QapiModel):\n    """Properties common to event loop objects."""\n\n    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")\n    thread_pool_min: int | None = Field(default=None, alias="thread-pool-min")\n    thread_pool_max: int | None = Field(default=None, alias="thread-pool-max")\n'),
+        'IothreadProperties': (('EventLoopBaseProperties',), 'class IothreadProperties(EventLoopBaseProperties):\n    """Properties of an iothread object."""\n\n    poll_max_ns: int | None = Field(default=None, alias="poll-max-ns")\n    poll_grow: int | None = Field(default=None, alias="poll-grow")\n    poll_shrink: int | None = Field(default=None, alias="poll-shrink")\n'),
+        'ObjectOptionsBase': (('QapiModel',), 'class ObjectOptionsBase(QapiModel):\n    """Members of ObjectOptionsBase."""\n\n    qom_type: ObjectType = Field(alias="qom-type")\n    id: str\n'),
+        'ObjectOptions_iothread': (('ObjectOptionsBase', 'IothreadProperties', 'ObjectType'), 'class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):\n    """ObjectOptions with qom-type=iothread."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | IothreadProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")\n'),
+        'QueryBlockstatsArgs': (('QapiModel',), 'class QueryBlockstatsArgs(QapiModel):\n    """Members of QueryBlockstatsArgs."""\n\n    query_nodes: bool | None = Field(default=None, alias="query-nodes")\n'),
+        'BlockResizeArgs': (('QapiModel',), 'class BlockResizeArgs(QapiModel):\n    """Members of BlockResizeArgs."""\n\n    device: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    size: int\n'),
+        'QueryNamedBlockNodesArgs': (('QapiModel',), 'class QueryNamedBlockNodesArgs(QapiModel):\n    """Members of QueryNamedBlockNodesArgs."""\n\n    flat: bool | None = None\n'),
+        'BlockdevDelArgs': (('QapiModel',), 'class BlockdevDelArgs(QapiModel):\n    """Members of BlockdevDelArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
+        'BlockImageCorruptedEvent': (('QapiModel',), 'class BlockImageCorruptedEvent(QapiModel):\n    """Members of BlockImageCorruptedEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    msg: str\n    offset: int | None = None\n    size: int | None = None\n    fatal: bool\n'),
+        'BlockIoErrorEvent': (('QapiModel',), 'class BlockIoErrorEvent(QapiModel):\n    """Members of BlockIoErrorEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    operation: IoOperationType\n    action: BlockErrorAction\n    nospace: bool | None = None\n    reason: str\n'),
+        'BlockJobCompletedEvent': (('QapiModel',), 'class BlockJobCompletedEvent(QapiModel):\n    """Members of BlockJobCompletedEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n    error: str | None = None\n'),
+        'BlockJobCancelledEvent': (('QapiModel',), 'class BlockJobCancelledEvent(QapiModel):\n    """Members of BlockJobCancelledEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n'),
+        'BlockJobErrorEvent': (('QapiModel',), 'class BlockJobErrorEvent(QapiModel):\n    """Members of BlockJobErrorEvent."""\n\n    device: str\n    operation: IoOperationType\n    action: BlockErrorAction\n'),
+        'BlockJobReadyEvent': (('QapiModel',), 'class BlockJobReadyEvent(QapiModel):\n    """Members of BlockJobReadyEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n'),
+        'BlockJobPendingEvent': (('QapiModel',), 'class BlockJobPendingEvent(QapiModel):\n    """Members of BlockJobPendingEvent."""\n\n    type: JobType\n    id: str\n'),
+        'BlockWriteThresholdEvent': (('QapiModel',), 'class BlockWriteThresholdEvent(QapiModel):\n    """Members of BlockWriteThresholdEvent."""\n\n    node_name: str = Field(alias="node-name")\n    amount_exceeded: int = Field(alias="amount-exceeded")\n    write_threshold: int = Field(alias="write-threshold")\n'),
+        'QuorumFailureEvent': (('QapiModel',), 'class QuorumFailureEvent(QapiModel):\n    """Members of QuorumFailureEvent."""\n\n    reference: str\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
+        'QuorumReportBadEvent': (('QapiModel',), 'class QuorumReportBadEvent(QapiModel):\n    """Members of QuorumReportBadEvent."""\n\n    type: QuorumOpType\n    error: str | None = None\n    node_name: str = Field(alias="node-name")\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
+        'JobStatusChangeEvent': (('QapiModel',), 'class JobStatusChangeEvent(QapiModel):\n    """Members of JobStatusChangeEvent."""\n\n    id: str\n    status: JobStatus\n'),
+        'NbdServerStartArgs': (('QapiModel',), 'class NbdServerStartArgs(QapiModel):\n    """Members of NbdServerStartArgs."""\n\n    addr: SocketAddressLegacy\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
+        'NbdServerRemoveArgs': (('QapiModel',), 'class NbdServerRemoveArgs(QapiModel):\n    """Members of NbdServerRemoveArgs."""\n\n    name: str\n    mode: BlockExportRemoveMode | None = None\n'),
+        'BlockExportDelArgs': (('QapiModel',), 'class BlockExportDelArgs(QapiModel):\n    """Members of BlockExportDelArgs."""\n\n    id: str\n    mode: BlockExportRemoveMode | None = None\n'),
+        'BlockExportDeletedEvent': (('QapiModel',), 'class BlockExportDeletedEvent(QapiModel):\n    """Members of BlockExportDeletedEvent."""\n\n    id: str\n'),
+        'VserportChangeEvent': (('QapiModel',), 'class VserportChangeEvent(QapiModel):\n    """Members of VserportChangeEvent."""\n\n    id: str\n    open: bool\n'),
+        'QmpCapabilitiesArgs': (('QapiModel',), 'class QmpCapabilitiesArgs(QapiModel):\n    """Members of QmpCapabilitiesArgs."""\n\n    enable: list[QMPCapability] | None = None\n'),
+        'ObjectDelArgs': (('QapiModel',), 'class ObjectDelArgs(QapiModel):\n    """Members of ObjectDelArgs."""\n\n    id: str\n'),
+        'SocketAddressLegacy': (('SocketAddressLegacy_inet', 'SocketAddressLegacy_unix', 'SocketAddressLegacy_vsock', 'SocketAddressLegacy_fd', 'QapiModel'), 'SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]\n'),
+        'SocketAddress': (('SocketAddress_inet', 'SocketAddress_unix', 'SocketAddress_vsock', 'SocketAddress_fd', 'QapiModel'), 'SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]\n'),
+        'ImageInfoSpecific': (('ImageInfoSpecific_qcow2', 'QapiModel'), 'ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2\n'),
+        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_raw', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_raw], Field(discriminator="driver")]\n'),
+        'BlockdevOptions': (('BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_raw', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_raw], Field(discriminator="driver")]\n'),
+        'BlockExportOptions': (('BlockExportOptions_nbd', 'QapiModel'), 'BlockExportOptions: TypeAlias = BlockExportOptions_nbd\n'),
+        'ChardevBackend': (('ChardevBackend_file', 'ChardevBackend_socket', 'ChardevBackend_null', 'ChardevBackend_stdio', 'ChardevBackend_ringbuf', 'QapiModel'), 'ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf], Field(discriminator="type")]\n'),
+        'SchemaInfo': (('SchemaInfo_builtin', 'SchemaInfo_enum', 'SchemaInfo_array', 'SchemaInfo_object', 'SchemaInfo_alternate', 'SchemaInfo_command', 'SchemaInfo_event', 'QapiModel'), 'SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]\n'),
+        'ObjectOptions': (('ObjectOptions_iothread', 'QapiModel'), 'ObjectOptions: TypeAlias = ObjectOptions_iothread\n'),
+        'BlockDirtyBitmapOrStr': (('BlockDirtyBitmap', 'QapiModel'), 'BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]\n'),
+        'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),
+        'BlockdevRefOrNull': (('BlockdevOptions', 'QapiModel'), 'BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]\n'),
+    }
+
+    def __getattr__(name: str) -> Any:
+        if name not in _SOURCES:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        deps, source = _SOURCES.pop(name)
+        for dep in deps:
+            if dep in _SOURCES:
+                __getattr__(dep)
+        exec(compile(source, __file__, "exec"), globals())
+        return globals()[name]
+
+
+def build_all() -> None:
+    """Build every model class now (full pydantic validation needs them all)."""
+    sources = globals().get("_SOURCES", {})
+    for name in list(sources):
+        if name in sources:
+            globals()["__getattr__"](name)

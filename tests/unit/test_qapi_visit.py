@@ -17,6 +17,9 @@ from storage_daemon.qapi.runtime import COMMANDS, command_args, to_wire, visit_i
 from storage_daemon.qapi_generated import models as m
 from storage_daemon.qdict import ghash_order
 
+# Full pydantic validation (TypeAdapter) needs every lazily built model class.
+m.build_all()
+
 
 def err(type_name: str, value: object, *, keyval: bool = False) -> str:
     with pytest.raises(QmpError) as exc:
