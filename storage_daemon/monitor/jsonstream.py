@@ -17,7 +17,7 @@ import json
 import math
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum, auto
 
 from storage_daemon.qdict import qdict_order
@@ -38,6 +38,8 @@ class JsonParseError:
     """One rejected message; `desc` is qsd's full text ("JSON parse error, ...")."""
 
     desc: str
+    # The rejected bytes, for messages that quote them raw; not part of equality.
+    stray: bytes | None = field(default=None, compare=False)
 
 
 class _Tok(Enum):
@@ -522,7 +524,8 @@ class JsonStream:
             tok.append(c)
             self._state = _Lex.DOT
             return pos + 1
-        if (c == 0x65 or c == 0x45) and state is not _Lex.EXP_DIGITS:
+        # QEMU's lexer takes no exponent right after a bare zero: "0e5" is 0 then "e5".
+        if (c == 0x65 or c == 0x45) and state in (_Lex.DIGITS, _Lex.FRACTION):
             tok.append(c)
             self._state = _Lex.EXP
             return pos + 1
@@ -536,7 +539,7 @@ class JsonStream:
         self._state = _Lex.RECOVERY
         self._reset_message()
         self._out.append(
-            JsonParseError(f"JSON parse error, stray '{_lossy(text).split(chr(0))[0]}'")
+            JsonParseError(f"JSON parse error, stray '{_lossy(text).split(chr(0))[0]}'", text)
         )
 
     def _too_big(self) -> None:

@@ -322,3 +322,13 @@ def test_own_order_when_asked() -> None:
 def test_unserialisable_value_is_rejected() -> None:
     with pytest.raises(TypeError):
         to_json({"a": object()})
+
+
+def test_no_exponent_after_a_bare_zero() -> None:
+    # qsd: {"a":0e5} -> "JSON parse error, expected separator in dict" (QEMU's lexer ends the
+    # number at "0"); 1e5 and 0.5e5 are numbers.
+    stream = JsonStream()
+    items = stream.feed(b'{"a":0e5}{"b":1e5}{"c":0.5e5}')
+    assert isinstance(items[0], JsonParseError)
+    assert items[0].desc == "JSON parse error, expected separator in dict"
+    assert {"b": 100000.0} in items and {"c": 50000.0} in items
