@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage_daemon import __version__
 from storage_daemon.blockdev.graph import BlockGraph
+from storage_daemon.blockdev.jobs.manager import JobManager
 from storage_daemon.clock import Clock, SystemClock
 from storage_daemon.errors import QmpError
 from storage_daemon.events import EventBus
+from storage_daemon.export.export import ExportRegistry
 from storage_daemon.monitor.chardev import Chardev
 from storage_daemon.monitor.dispatch import CommandContext, Dispatcher
 from storage_daemon.monitor.server import MonitorServer
 from storage_daemon.objects import ObjectRegistry
 from storage_daemon.qapi_generated.commands import COMMANDS
+
+if TYPE_CHECKING:
+    from storage_daemon.export.nbd.server import NbdServer
 
 # The QEMU version whose interface we implement; clients gate features on it.
 QEMU_VERSION = {"major": 7, "minor": 2, "micro": 0}
@@ -34,6 +39,9 @@ class Daemon:
         self.graph = BlockGraph()
         self.objects = ObjectRegistry()
         self.events = EventBus(self.clock)
+        self.jobs = JobManager(self.events.emit, self.clock)
+        self.exports = ExportRegistry(self.graph, self.events.emit)
+        self.nbd_server: NbdServer | None = None
         self.dispatcher = Dispatcher(self)
         self.chardevs: dict[str, Chardev] = {}
         self.monitor_server = MonitorServer(
@@ -73,7 +81,16 @@ class Daemon:
         self.monitor_server.add(chardev, pretty=pretty, id=monitor_id)
 
     async def shutdown(self) -> None:
-        """Close monitors (replies flushed), then chardevs, then nodes, newest first."""
+        """Stop the NBD server and every export (their BLOCK_EXPORT_DELETED events still reach
+        the monitors, as with qsd), close monitors (replies flushed), then chardevs, then
+        nodes, newest first. Unlike qsd, the NBD server's unix socket file is removed."""
+        server, self.nbd_server = self.nbd_server, None
+        if server is not None:
+            await server.stop()
+        for export in self.exports:
+            export.request_shutdown()
+        # qsd force-cancels every job (their events still reach the monitors) before closing.
+        await self.jobs.shutdown()
         await self.monitor_server.close()
         for chardev in reversed(list(self.chardevs.values())):
             await chardev.close()

@@ -8,14 +8,21 @@ JSON), visit into the schema type, call the handler. Every failure becomes qsd's
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
+from storage_daemon.chardevs import (
+    LEGACY_KEYS,
+    add_chardev,
+    backend_from_legacy,
+    create_chardev,
+    is_typed_chardev,
+    parse_typed_chardev,
+)
 from storage_daemon.cli import (
     POSITIONAL,
     ChardevParseError,
     CliOption,
-    chardev_help_text,
-    chardev_options_help_text,
     check_chardev_params,
     format_option_error,
     parse_chardev_legacy,
@@ -23,19 +30,23 @@ from storage_daemon.cli import (
 )
 from storage_daemon.daemon import Daemon
 from storage_daemon.errors import QmpError
+from storage_daemon.help import option_help
 from storage_daemon.keyval import KeyvalError, is_help_request
-from storage_daemon.monitor.chardev import Chardev, NullChardev, SocketChardev, StdioChardev
+from storage_daemon.monitor.chardev import Chardev, SocketChardev
 from storage_daemon.objects import check_id
-from storage_daemon.qapi.runtime import member_docs, visit_input
+from storage_daemon.qapi.runtime import visit_input
 
-# Options whose argument cannot ask for help (qsd answers this text, exit 1).
-_NO_HELP = {
+# Options whose argument can ask for help (`help`, `KIND,help`), with their implied key.
+# Beyond qsd, which answers `Help is not available for this option` for all but --object and
+# --chardev: the help comes from the schema's docs (storage_daemon/help.py).
+_HELP_KEYS = {
     "--blockdev": "driver",
-    "--monitor": "chardev",
+    "--chardev": "backend",
     "--export": "type",
+    "--monitor": "chardev",
     "--nbd-server": None,
+    "--object": "qom-type",
 }
-_NOT_YET = ("--export", "--nbd-server")
 
 
 class OptionFailed(Exception):
@@ -66,14 +77,22 @@ async def _apply(daemon: Daemon, option: CliOption, prog: str) -> None:
         raise QmpError("Unexpected argument")
     if name == "--trace":
         return  # accepted; this daemon has no trace events (see README)
-    if name in _NO_HELP and is_help_request(arg, _NO_HELP[name])[0]:
-        raise QmpError("Help is not available for this option")
-    if name in _NOT_YET:
-        raise QmpError("NBD exports are not supported yet by this daemon")
+    if name in _HELP_KEYS:
+        wants_help, kind = is_help_request(arg, _HELP_KEYS[name])
+        if wants_help:
+            raise OptionFailed(option_help(name, kind), 0, stdout=True)
     if name == "--blockdev":
         tree, keyval = parse_option_value(option)
         options = visit_input("BlockdevOptions", tree, keyval=keyval)
         await daemon.call_handler("blockdev-add", options)
+    elif name == "--nbd-server":
+        tree, keyval = parse_option_value(option)
+        options = visit_input("NbdServerOptions", tree, keyval=keyval)
+        await daemon.call_handler("nbd-server-start", options)
+    elif name == "--export":
+        tree, keyval = parse_option_value(option)
+        options = visit_input("BlockExportOptions", tree, keyval=keyval)
+        await daemon.call_handler("block-export-add", options)
     elif name == "--object":
         await _object(daemon, option)
     elif name == "--chardev":
@@ -85,61 +104,25 @@ async def _apply(daemon: Daemon, option: CliOption, prog: str) -> None:
 
 
 async def _object(daemon: Daemon, option: CliOption) -> None:
-    wants_help, qom_type = is_help_request(option.arg or "", "qom-type")
-    if wants_help:
-        if qom_type is None:
-            types = "".join(f"  {t}\n" for t in daemon.objects.user_creatable_types())
-            raise OptionFailed("List of user creatable objects:\n" + types, 0, stdout=True)
-        docs = member_docs(daemon.objects.properties_type(qom_type))
-        lines = "".join(f"  {m.name}=<{m.type}>\n" for m in sorted(docs, key=_by_name))
-        raise OptionFailed(f"{qom_type} options:\n" + lines, 0, stdout=True)
     tree, keyval = parse_option_value(option)
     options = visit_input("ObjectOptions", tree, keyval=keyval)
     await daemon.call_handler("object-add", options)
 
 
-def _by_name(member: Any) -> str:
-    return str(member.name)
-
-
 async def _chardev(daemon: Daemon, option: CliOption, prog: str) -> None:
-    parsed = parse_chardev_legacy(option.arg or "")
-    for message, hint in parsed.warnings:
-        sys.stderr.write(format_option_error(prog, option, f"warning: {message}", hint) + "\n")
-    if parsed.help_wanted:  # `--chardev null,help`: qsd lists the options and fails
-        raise OptionFailed(chardev_options_help_text(), 1, stdout=True)
-    if not check_chardev_params(parsed):
-        raise OptionFailed(chardev_help_text(), 0, stdout=True)
-    params = parsed.params
-    chardev_id = params["id"]
-    check_id(chardev_id)
-    backend = params["backend"]
+    """qsd's legacy syntax, or the typed one (chardevs.is_typed_chardev says which)."""
+    arg = option.arg or ""
+
+    def report(message: str) -> None:  # a client chardev's reconnection failures
+        sys.stderr.write(f"{prog}: {message}\n")
+
     chardev: Chardev
-    if backend == "socket":
-        if chardev_id in daemon.chardevs and isinstance(daemon.chardevs[chardev_id], SocketChardev):
-            raise QmpError("duplicate yank instance")
-        path, host = params.get("path"), params.get("host")
-        if path is None and host is None:
-            raise QmpError("Unable to parse FD number ")
-        chardev = SocketChardev(
-            chardev_id,
-            path=path,
-            host=host,
-            port=params.get("port"),
-            server=_on(params.get("server", "off")),
-            wait=_on(params.get("wait", "on")),
-            reconnect=int(params.get("reconnect", "0")),
-        )
-    elif backend == "stdio":
-        chardev = StdioChardev(chardev_id)
+    if is_typed_chardev(arg):
+        chardev_id, backend = parse_typed_chardev(arg)
+        check_id(chardev_id)
+        chardev = await add_chardev(daemon.chardevs, chardev_id, backend, on_error=report)
     else:
-        chardev = NullChardev(chardev_id)
-    if chardev_id in daemon.chardevs:
-        raise QmpError(
-            f"attempt to add duplicate property '{chardev_id}' to object (type 'container')"
-        )
-    await chardev.start()
-    daemon.chardevs[chardev_id] = chardev
+        chardev = await _legacy_chardev(daemon, option, prog, report)
     if isinstance(chardev, SocketChardev) and chardev.wait:
         sys.stderr.write(
             format_option_error(prog, option, f"info: {chardev.waiting_message}") + "\n"
@@ -147,8 +130,30 @@ async def _chardev(daemon: Daemon, option: CliOption, prog: str) -> None:
         await chardev.wait_for_client()
 
 
-def _on(value: str) -> bool:
-    return value in ("on", "yes", "true", "y")
+async def _legacy_chardev(
+    daemon: Daemon, option: CliOption, prog: str, report: Callable[[str], None]
+) -> Chardev:
+    parsed = parse_chardev_legacy(option.arg or "")
+    for message, hint in parsed.warnings:
+        sys.stderr.write(format_option_error(prog, option, f"warning: {message}", hint) + "\n")
+    if parsed.help_wanted:  # e.g. `socket,server,help`, which keyval cannot parse
+        raise OptionFailed(option_help("--chardev", parsed.backend), 0, stdout=True)
+    if not check_chardev_params(parsed, LEGACY_KEYS):
+        raise OptionFailed(option_help("--chardev", None), 0, stdout=True)
+    params = parsed.params
+    chardev_id = params["id"]
+    check_id(chardev_id)
+    existing = daemon.chardevs.get(chardev_id)
+    if params["backend"] == "socket" and isinstance(existing, SocketChardev):
+        raise QmpError("duplicate yank instance")
+    backend = backend_from_legacy(params)
+    if existing is not None:
+        raise QmpError(
+            f"attempt to add duplicate property '{chardev_id}' to object (type 'container')"
+        )
+    chardev = await create_chardev(daemon.chardevs, chardev_id, backend, on_error=report)
+    daemon.chardevs[chardev_id] = chardev
+    return chardev
 
 
 async def _monitor(daemon: Daemon, options: Any) -> None:

@@ -102,6 +102,7 @@ if TYPE_CHECKING:
         FILE = "file"
         NULL_AIO = "null-aio"
         NULL_CO = "null-co"
+        QCOW2 = "qcow2"
         RAW = "raw"
 
 
@@ -118,6 +119,48 @@ if TYPE_CHECKING:
         THREADS = "threads"
         NATIVE = "native"
         IO_URING = "io_uring"
+
+
+    class Qcow2OverlapCheckMode(enum.StrEnum):
+        """Preset sets of qcow2 metadata overlap checks."""
+
+        NONE = "none"
+        CONSTANT = "constant"
+        CACHED = "cached"
+        ALL = "all"
+
+
+    class BlockdevQcow2EncryptionFormat(enum.StrEnum):
+        """Encryption formats of qcow2 images."""
+
+        AES = "aes"
+        LUKS = "luks"
+
+
+    class BlockdevOnError(enum.StrEnum):
+        """What a block job does when one of its requests fails."""
+
+        REPORT = "report"
+        IGNORE = "ignore"
+        ENOSPC = "enospc"
+        STOP = "stop"
+        AUTO = "auto"
+
+
+    class PreallocMode(enum.StrEnum):
+        """How much of a new image's space is allocated up front."""
+
+        OFF = "off"
+        METADATA = "metadata"
+        FALLOC = "falloc"
+        FULL = "full"
+
+
+    class BlockdevQcow2Version(enum.StrEnum):
+        """The qcow2 format version a new image gets."""
+
+        V2 = "v2"
+        V3 = "v3"
 
 
     class BlockErrorAction(enum.StrEnum):
@@ -187,6 +230,14 @@ if TYPE_CHECKING:
         NULL = "null"
         STDIO = "stdio"
         RINGBUF = "ringbuf"
+        MEMORY = "memory"
+
+
+    class DataFormat(enum.StrEnum):
+        """How ring buffer data is encoded on the wire."""
+
+        UTF8 = "utf8"
+        BASE64 = "base64"
 
 
     class QMPCapability(enum.StrEnum):
@@ -596,6 +647,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
 
+    class BlockStatsSpecific_qcow2(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=qcow2."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2
+
+
     class BlockStatsSpecific_raw(BlockStatsSpecificBase):
         """BlockStatsSpecific with driver=raw."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
@@ -613,6 +671,24 @@ if TYPE_CHECKING:
         driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")
         parent: BlockStats | None = None
         backing: BlockStats | None = None
+
+
+    class BlockJobInfo(QapiModel):
+        """The state of a block job."""
+
+        type: str
+        device: str
+        len: int
+        offset: int
+        busy: bool
+        paused: bool
+        speed: int
+        io_status: BlockDeviceIoStatus = Field(alias="io-status")
+        ready: bool
+        status: JobStatus
+        auto_finalize: bool = Field(alias="auto-finalize")
+        auto_dismiss: bool = Field(alias="auto-dismiss")
+        error: str | None = None
 
 
     class XDbgBlockGraphNode(QapiModel):
@@ -687,6 +763,77 @@ if TYPE_CHECKING:
         size: int | None = None
 
 
+    class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):
+        """Options common to format drivers that may have a backing file."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsGenericFormat.qapi_nullable | frozenset(['backing'])
+
+        backing: BlockdevRefOrNull | None = None
+
+
+    class Qcow2OverlapCheckFlags(QapiModel):
+        """Per-structure switches of qcow2 metadata overlap checks."""
+
+        template: Qcow2OverlapCheckMode | None = None
+        main_header: bool | None = Field(default=None, alias="main-header")
+        active_l1: bool | None = Field(default=None, alias="active-l1")
+        active_l2: bool | None = Field(default=None, alias="active-l2")
+        refcount_table: bool | None = Field(default=None, alias="refcount-table")
+        refcount_block: bool | None = Field(default=None, alias="refcount-block")
+        snapshot_table: bool | None = Field(default=None, alias="snapshot-table")
+        inactive_l1: bool | None = Field(default=None, alias="inactive-l1")
+        inactive_l2: bool | None = Field(default=None, alias="inactive-l2")
+        bitmap_directory: bool | None = Field(default=None, alias="bitmap-directory")
+
+
+    class QCryptoBlockOptionsQCow(QapiModel):
+        """Options of legacy qcow AES encryption."""
+
+        key_secret: str | None = Field(default=None, alias="key-secret")
+
+
+    class QCryptoBlockOptionsLUKS(QapiModel):
+        """Options of LUKS encryption."""
+
+        key_secret: str | None = Field(default=None, alias="key-secret")
+
+
+    class BlockdevQcow2EncryptionBase(QapiModel):
+        """Members of BlockdevQcow2EncryptionBase."""
+
+        format: BlockdevQcow2EncryptionFormat
+
+
+    class BlockdevQcow2Encryption_aes(BlockdevQcow2EncryptionBase, QCryptoBlockOptionsQCow):
+        """BlockdevQcow2Encryption with format=aes."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevQcow2EncryptionBase.qapi_nullable | QCryptoBlockOptionsQCow.qapi_nullable
+
+        format: Literal[BlockdevQcow2EncryptionFormat.AES] = BlockdevQcow2EncryptionFormat.AES
+
+
+    class BlockdevQcow2Encryption_luks(BlockdevQcow2EncryptionBase, QCryptoBlockOptionsLUKS):
+        """BlockdevQcow2Encryption with format=luks."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevQcow2EncryptionBase.qapi_nullable | QCryptoBlockOptionsLUKS.qapi_nullable
+
+        format: Literal[BlockdevQcow2EncryptionFormat.LUKS] = BlockdevQcow2EncryptionFormat.LUKS
+
+
+    class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):
+        """Options of the qcow2 format driver."""
+
+        lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")
+        pass_discard_request: bool | None = Field(default=None, alias="pass-discard-request")
+        pass_discard_snapshot: bool | None = Field(default=None, alias="pass-discard-snapshot")
+        pass_discard_other: bool | None = Field(default=None, alias="pass-discard-other")
+        overlap_check: Qcow2OverlapChecks | None = Field(default=None, alias="overlap-check")
+        cache_size: int | None = Field(default=None, alias="cache-size")
+        l2_cache_size: int | None = Field(default=None, alias="l2-cache-size")
+        l2_cache_entry_size: int | None = Field(default=None, alias="l2-cache-entry-size")
+        refcount_cache_size: int | None = Field(default=None, alias="refcount-cache-size")
+        cache_clean_interval: int | None = Field(default=None, alias="cache-clean-interval")
+        encrypt: BlockdevQcow2Encryption | None = None
+        data_file: BlockdevRef | None = Field(default=None, alias="data-file")
+
+
     class BlockdevOptionsBase(QapiModel):
         """Members of BlockdevOptionsBase."""
 
@@ -721,11 +868,98 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
 
+    class BlockdevOptions_qcow2(BlockdevOptionsBase, BlockdevOptionsQcow2):
+        """BlockdevOptions with driver=qcow2."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsQcow2.qapi_nullable
+
+        driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2
+
+
     class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):
         """BlockdevOptions with driver=raw."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable
 
         driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
+
+
+    class BlockdevCreateOptionsFile(QapiModel):
+        """Options for creating a file on the host file system."""
+
+        filename: str
+        size: int
+        preallocation: PreallocMode | None = None
+        nocow: bool | None = None
+        extent_size_hint: int | None = Field(default=None, alias="extent-size-hint")
+
+
+    class BlockdevCreateOptionsQcow2(QapiModel):
+        """Options for writing a new qcow2 image onto an existing node."""
+
+        file: BlockdevRef
+        data_file: BlockdevRef | None = Field(default=None, alias="data-file")
+        data_file_raw: bool | None = Field(default=None, alias="data-file-raw")
+        extended_l2: bool | None = Field(default=None, alias="extended-l2")
+        size: int
+        version: BlockdevQcow2Version | None = None
+        backing_file: str | None = Field(default=None, alias="backing-file")
+        backing_fmt: BlockdevDriver | None = Field(default=None, alias="backing-fmt")
+        cluster_size: int | None = Field(default=None, alias="cluster-size")
+        preallocation: PreallocMode | None = None
+        lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")
+        refcount_bits: int | None = Field(default=None, alias="refcount-bits")
+        compression_type: Qcow2CompressionType | None = Field(default=None, alias="compression-type")
+
+
+    class BlockdevCreateOptionsBase(QapiModel):
+        """Members of BlockdevCreateOptionsBase."""
+
+        driver: BlockdevDriver
+
+
+    class BlockdevCreateOptions_file(BlockdevCreateOptionsBase, BlockdevCreateOptionsFile):
+        """BlockdevCreateOptions with driver=file."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsFile.qapi_nullable
+
+        driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
+
+
+    class BlockdevCreateOptions_qcow2(BlockdevCreateOptionsBase, BlockdevCreateOptionsQcow2):
+        """BlockdevCreateOptions with driver=qcow2."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsQcow2.qapi_nullable
+
+        driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2
+
+
+    class BlockdevCreateOptions_null_aio(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=null-aio."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO
+
+
+    class BlockdevCreateOptions_null_co(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=null-co."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
+
+
+    class BlockdevCreateOptions_raw(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=raw."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
+
+
+    class JobInfo(QapiModel):
+        """The state of a job."""
+
+        id: str
+        type: JobType
+        status: JobStatus
+        current_progress: int = Field(alias="current-progress")
+        total_progress: int = Field(alias="total-progress")
+        error: str | None = None
 
 
     class NbdServerOptions(QapiModel):
@@ -898,6 +1132,97 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable
 
         type: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF
+
+
+    class ChardevBackend_memory(ChardevBackendBase, ChardevRingbufWrapper):
+        """ChardevBackend with type=memory."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable
+
+        type: Literal[ChardevBackendKind.MEMORY] = ChardevBackendKind.MEMORY
+
+
+    class ChardevSocketFlat(ChardevCommon):
+        """Options of a socket backend in the flat syntax of --chardev: like ChardevSocket, but the address members sit directly next to the address 'type' (addr.type=unix,addr.path=...)."""
+
+        addr: SocketAddress
+        tls_creds: str | None = Field(default=None, alias="tls-creds")
+        tls_authz: str | None = Field(default=None, alias="tls-authz")
+        server: bool | None = None
+        wait: bool | None = None
+        nodelay: bool | None = None
+        telnet: bool | None = None
+        tn3270: bool | None = None
+        websocket: bool | None = None
+        reconnect: int | None = None
+
+
+    class ChardevOptionsBase(QapiModel):
+        """Members of ChardevOptionsBase."""
+
+        id: str
+        backend: ChardevBackendKind
+
+
+    class ChardevOptions_file(ChardevOptionsBase, ChardevFile):
+        """ChardevOptions with backend=file."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevFile.qapi_nullable
+
+        backend: Literal[ChardevBackendKind.FILE] = ChardevBackendKind.FILE
+
+
+    class ChardevOptions_socket(ChardevOptionsBase, ChardevSocketFlat):
+        """ChardevOptions with backend=socket."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevSocketFlat.qapi_nullable
+
+        backend: Literal[ChardevBackendKind.SOCKET] = ChardevBackendKind.SOCKET
+
+
+    class ChardevOptions_null(ChardevOptionsBase, ChardevCommon):
+        """ChardevOptions with backend=null."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevCommon.qapi_nullable
+
+        backend: Literal[ChardevBackendKind.NULL] = ChardevBackendKind.NULL
+
+
+    class ChardevOptions_stdio(ChardevOptionsBase, ChardevStdio):
+        """ChardevOptions with backend=stdio."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevStdio.qapi_nullable
+
+        backend: Literal[ChardevBackendKind.STDIO] = ChardevBackendKind.STDIO
+
+
+    class ChardevOptions_ringbuf(ChardevOptionsBase, ChardevRingbuf):
+        """ChardevOptions with backend=ringbuf."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevRingbuf.qapi_nullable
+
+        backend: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF
+
+
+    class ChardevOptions_memory(ChardevOptionsBase, ChardevRingbuf):
+        """ChardevOptions with backend=memory."""
+        qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevRingbuf.qapi_nullable
+
+        backend: Literal[ChardevBackendKind.MEMORY] = ChardevBackendKind.MEMORY
+
+
+    class ChardevInfo(QapiModel):
+        """A character device as query-chardev shows it."""
+
+        label: str
+        filename: str
+        frontend_open: bool = Field(alias="frontend-open")
+
+
+    class ChardevBackendInfo(QapiModel):
+        """A character device backend kind."""
+
+        name: str
+
+
+    class ChardevReturn(QapiModel):
+        """What chardev-add and chardev-change return."""
+
+        pty: str | None = None
 
 
     class VersionTriple(QapiModel):
@@ -1114,10 +1439,61 @@ if TYPE_CHECKING:
         flat: bool | None = None
 
 
+    class BlockJobSetSpeedArgs(QapiModel):
+        """Members of BlockJobSetSpeedArgs."""
+
+        device: str
+        speed: int
+
+
+    class BlockJobCancelArgs(QapiModel):
+        """Members of BlockJobCancelArgs."""
+
+        device: str
+        force: bool | None = None
+
+
+    class BlockJobPauseArgs(QapiModel):
+        """Members of BlockJobPauseArgs."""
+
+        device: str
+
+
+    class BlockJobResumeArgs(QapiModel):
+        """Members of BlockJobResumeArgs."""
+
+        device: str
+
+
+    class BlockJobCompleteArgs(QapiModel):
+        """Members of BlockJobCompleteArgs."""
+
+        device: str
+
+
+    class BlockJobDismissArgs(QapiModel):
+        """Members of BlockJobDismissArgs."""
+
+        id: str
+
+
+    class BlockJobFinalizeArgs(QapiModel):
+        """Members of BlockJobFinalizeArgs."""
+
+        id: str
+
+
     class BlockdevDelArgs(QapiModel):
         """Members of BlockdevDelArgs."""
 
         node_name: str = Field(alias="node-name")
+
+
+    class BlockdevCreateArgs(QapiModel):
+        """Members of BlockdevCreateArgs."""
+
+        job_id: str = Field(alias="job-id")
+        options: BlockdevCreateOptions
 
 
     class BlockImageCorruptedEvent(QapiModel):
@@ -1221,6 +1597,42 @@ if TYPE_CHECKING:
         status: JobStatus
 
 
+    class JobPauseArgs(QapiModel):
+        """Members of JobPauseArgs."""
+
+        id: str
+
+
+    class JobResumeArgs(QapiModel):
+        """Members of JobResumeArgs."""
+
+        id: str
+
+
+    class JobCancelArgs(QapiModel):
+        """Members of JobCancelArgs."""
+
+        id: str
+
+
+    class JobCompleteArgs(QapiModel):
+        """Members of JobCompleteArgs."""
+
+        id: str
+
+
+    class JobDismissArgs(QapiModel):
+        """Members of JobDismissArgs."""
+
+        id: str
+
+
+    class JobFinalizeArgs(QapiModel):
+        """Members of JobFinalizeArgs."""
+
+        id: str
+
+
     class NbdServerStartArgs(QapiModel):
         """Members of NbdServerStartArgs."""
 
@@ -1246,6 +1658,48 @@ if TYPE_CHECKING:
 
     class BlockExportDeletedEvent(QapiModel):
         """Members of BlockExportDeletedEvent."""
+
+        id: str
+
+
+    class RingbufWriteArgs(QapiModel):
+        """Members of RingbufWriteArgs."""
+
+        device: str
+        data: str
+        format: DataFormat | None = None
+
+
+    class RingbufReadArgs(QapiModel):
+        """Members of RingbufReadArgs."""
+
+        device: str
+        size: int
+        format: DataFormat | None = None
+
+
+    class ChardevAddArgs(QapiModel):
+        """Members of ChardevAddArgs."""
+
+        id: str
+        backend: ChardevBackend
+
+
+    class ChardevChangeArgs(QapiModel):
+        """Members of ChardevChangeArgs."""
+
+        id: str
+        backend: ChardevBackend
+
+
+    class ChardevRemoveArgs(QapiModel):
+        """Members of ChardevRemoveArgs."""
+
+        id: str
+
+
+    class ChardevSendBreakArgs(QapiModel):
+        """Members of ChardevSendBreakArgs."""
 
         id: str
 
@@ -1278,16 +1732,25 @@ if TYPE_CHECKING:
     ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2
 
 
-    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_raw], Field(discriminator="driver")]
+    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw], Field(discriminator="driver")]
 
 
-    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_raw], Field(discriminator="driver")]
+    BlockdevQcow2Encryption: TypeAlias = Annotated[Union[BlockdevQcow2Encryption_aes, BlockdevQcow2Encryption_luks], Field(discriminator="format")]
+
+
+    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_qcow2, BlockdevOptions_raw], Field(discriminator="driver")]
+
+
+    BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_raw], Field(discriminator="driver")]
 
 
     BlockExportOptions: TypeAlias = BlockExportOptions_nbd
 
 
-    ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf], Field(discriminator="type")]
+    ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf, ChardevBackend_memory], Field(discriminator="type")]
+
+
+    ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]
 
 
     SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]
@@ -1297,6 +1760,9 @@ if TYPE_CHECKING:
 
 
     BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
+
+
+    Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]
 
 
     BlockdevRef: TypeAlias = Union[BlockdevOptions, str]
@@ -1318,16 +1784,22 @@ else:
         'BlockDeviceIoStatus': ((), 'class BlockDeviceIoStatus(enum.StrEnum):\n    """State of a device after I/O errors, when errors stop the device."""\n\n    OK = "ok"\n    FAILED = "failed"\n    NOSPACE = "nospace"\n'),
         'XDbgBlockGraphNodeType': ((), 'class XDbgBlockGraphNodeType(enum.StrEnum):\n    """Kinds of vertex in the block graph dump."""\n\n    BLOCK_BACKEND = "block-backend"\n    BLOCK_JOB = "block-job"\n    BLOCK_DRIVER = "block-driver"\n'),
         'BlockPermission': ((), 'class BlockPermission(enum.StrEnum):\n    """Operations a parent may need on a child node, or let other parents do."""\n\n    CONSISTENT_READ = "consistent-read"\n    WRITE = "write"\n    WRITE_UNCHANGED = "write-unchanged"\n    RESIZE = "resize"\n'),
-        'BlockdevDriver': ((), 'class BlockdevDriver(enum.StrEnum):\n    """Block drivers this daemon implements."""\n\n    FILE = "file"\n    NULL_AIO = "null-aio"\n    NULL_CO = "null-co"\n    RAW = "raw"\n'),
+        'BlockdevDriver': ((), 'class BlockdevDriver(enum.StrEnum):\n    """Block drivers this daemon implements."""\n\n    FILE = "file"\n    NULL_AIO = "null-aio"\n    NULL_CO = "null-co"\n    QCOW2 = "qcow2"\n    RAW = "raw"\n'),
         'BlockdevDiscardOptions': ((), 'class BlockdevDiscardOptions(enum.StrEnum):\n    """What to do with discard requests."""\n\n    IGNORE = "ignore"\n    UNMAP = "unmap"\n'),
         'BlockdevAioOptions': ((), 'class BlockdevAioOptions(enum.StrEnum):\n    """How asynchronous I/O is done on host files."""\n\n    THREADS = "threads"\n    NATIVE = "native"\n    IO_URING = "io_uring"\n'),
+        'Qcow2OverlapCheckMode': ((), 'class Qcow2OverlapCheckMode(enum.StrEnum):\n    """Preset sets of qcow2 metadata overlap checks."""\n\n    NONE = "none"\n    CONSTANT = "constant"\n    CACHED = "cached"\n    ALL = "all"\n'),
+        'BlockdevQcow2EncryptionFormat': ((), 'class BlockdevQcow2EncryptionFormat(enum.StrEnum):\n    """Encryption formats of qcow2 images."""\n\n    AES = "aes"\n    LUKS = "luks"\n'),
+        'BlockdevOnError': ((), 'class BlockdevOnError(enum.StrEnum):\n    """What a block job does when one of its requests fails."""\n\n    REPORT = "report"\n    IGNORE = "ignore"\n    ENOSPC = "enospc"\n    STOP = "stop"\n    AUTO = "auto"\n'),
+        'PreallocMode': ((), 'class PreallocMode(enum.StrEnum):\n    """How much of a new image\'s space is allocated up front."""\n\n    OFF = "off"\n    METADATA = "metadata"\n    FALLOC = "falloc"\n    FULL = "full"\n'),
+        'BlockdevQcow2Version': ((), 'class BlockdevQcow2Version(enum.StrEnum):\n    """The qcow2 format version a new image gets."""\n\n    V2 = "v2"\n    V3 = "v3"\n'),
         'BlockErrorAction': ((), 'class BlockErrorAction(enum.StrEnum):\n    """What happened after an I/O error."""\n\n    IGNORE = "ignore"\n    REPORT = "report"\n    STOP = "stop"\n'),
         'QuorumOpType': ((), 'class QuorumOpType(enum.StrEnum):\n    """Kinds of quorum operation."""\n\n    READ = "read"\n    WRITE = "write"\n    FLUSH = "flush"\n'),
         'JobType': ((), 'class JobType(enum.StrEnum):\n    """Kinds of background job."""\n\n    COMMIT = "commit"\n    STREAM = "stream"\n    MIRROR = "mirror"\n    BACKUP = "backup"\n    CREATE = "create"\n    AMEND = "amend"\n    SNAPSHOT_LOAD = "snapshot-load"\n    SNAPSHOT_SAVE = "snapshot-save"\n    SNAPSHOT_DELETE = "snapshot-delete"\n'),
         'JobStatus': ((), 'class JobStatus(enum.StrEnum):\n    """States of a job\'s life cycle."""\n\n    UNDEFINED = "undefined"\n    CREATED = "created"\n    RUNNING = "running"\n    PAUSED = "paused"\n    READY = "ready"\n    STANDBY = "standby"\n    WAITING = "waiting"\n    PENDING = "pending"\n    ABORTING = "aborting"\n    CONCLUDED = "concluded"\n    NULL = "null"\n'),
         'BlockExportRemoveMode': ((), 'class BlockExportRemoveMode(enum.StrEnum):\n    """How to remove an export that still has clients."""\n\n    SAFE = "safe"\n    HARD = "hard"\n'),
         'BlockExportType': ((), 'class BlockExportType(enum.StrEnum):\n    """Kinds of block export this daemon implements."""\n\n    NBD = "nbd"\n'),
-        'ChardevBackendKind': ((), 'class ChardevBackendKind(enum.StrEnum):\n    """Character device backends this daemon implements."""\n\n    FILE = "file"\n    SOCKET = "socket"\n    NULL = "null"\n    STDIO = "stdio"\n    RINGBUF = "ringbuf"\n'),
+        'ChardevBackendKind': ((), 'class ChardevBackendKind(enum.StrEnum):\n    """Character device backends this daemon implements."""\n\n    FILE = "file"\n    SOCKET = "socket"\n    NULL = "null"\n    STDIO = "stdio"\n    RINGBUF = "ringbuf"\n    MEMORY = "memory"\n'),
+        'DataFormat': ((), 'class DataFormat(enum.StrEnum):\n    """How ring buffer data is encoded on the wire."""\n\n    UTF8 = "utf8"\n    BASE64 = "base64"\n'),
         'QMPCapability': ((), 'class QMPCapability(enum.StrEnum):\n    """Optional QMP protocol capabilities."""\n\n    OOB = "oob"\n'),
         'MonitorMode': ((), 'class MonitorMode(enum.StrEnum):\n    """The protocol a monitor speaks."""\n\n    READLINE = "readline"\n    CONTROL = "control"\n'),
         'SchemaMetaType': ((), 'class SchemaMetaType(enum.StrEnum):\n    """Kinds of schema entity."""\n\n    BUILTIN = "builtin"\n    ENUM = "enum"\n    ARRAY = "array"\n    OBJECT = "object"\n    ALTERNATE = "alternate"\n    COMMAND = "command"\n    EVENT = "event"\n'),
@@ -1370,8 +1842,10 @@ else:
         'BlockStatsSpecific_file': (('BlockStatsSpecificBase', 'BlockStatsSpecificFile', 'BlockdevDriver'), 'class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):\n    """BlockStatsSpecific with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
         'BlockStatsSpecific_null_aio': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockStatsSpecific_null_co': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_co(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockStatsSpecific_qcow2': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_qcow2(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
         'BlockStatsSpecific_raw': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_raw(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
         'BlockStats': (('QapiModel',), 'class BlockStats(QapiModel):\n    """Statistics of a backend or node, with those of its file and backing children."""\n\n    device: str | None = None\n    qdev: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    stats: BlockDeviceStats\n    driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")\n    parent: BlockStats | None = None\n    backing: BlockStats | None = None\n'),
+        'BlockJobInfo': (('QapiModel',), 'class BlockJobInfo(QapiModel):\n    """The state of a block job."""\n\n    type: str\n    device: str\n    len: int\n    offset: int\n    busy: bool\n    paused: bool\n    speed: int\n    io_status: BlockDeviceIoStatus = Field(alias="io-status")\n    ready: bool\n    status: JobStatus\n    auto_finalize: bool = Field(alias="auto-finalize")\n    auto_dismiss: bool = Field(alias="auto-dismiss")\n    error: str | None = None\n'),
         'XDbgBlockGraphNode': (('QapiModel',), 'class XDbgBlockGraphNode(QapiModel):\n    """A vertex of the block graph dump."""\n\n    id: int\n    type: XDbgBlockGraphNodeType\n    name: str\n'),
         'XDbgBlockGraphEdge': (('QapiModel',), 'class XDbgBlockGraphEdge(QapiModel):\n    """A parent-to-child edge of the block graph dump."""\n\n    parent: int\n    child: int\n    name: str\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
         'XDbgBlockGraph': (('QapiModel',), 'class XDbgBlockGraph(QapiModel):\n    """The whole block graph, for debugging."""\n\n    nodes: list[XDbgBlockGraphNode]\n    edges: list[XDbgBlockGraphEdge]\n'),
@@ -1381,11 +1855,29 @@ else:
         'BlockdevOptionsNull': (('QapiModel',), 'class BlockdevOptionsNull(QapiModel):\n    """Options of the null-co and null-aio drivers."""\n\n    size: int | None = None\n    latency_ns: int | None = Field(default=None, alias="latency-ns")\n    read_zeroes: bool | None = Field(default=None, alias="read-zeroes")\n'),
         'BlockdevOptionsGenericFormat': (('QapiModel',), 'class BlockdevOptionsGenericFormat(QapiModel):\n    """Options common to format drivers that sit on one protocol node."""\n\n    file: BlockdevRef\n'),
         'BlockdevOptionsRaw': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):\n    """Options of the raw format driver."""\n\n    offset: int | None = None\n    size: int | None = None\n'),
+        'BlockdevOptionsGenericCOWFormat': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsGenericCOWFormat(BlockdevOptionsGenericFormat):\n    """Options common to format drivers that may have a backing file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsGenericFormat.qapi_nullable | frozenset([\'backing\'])\n\n    backing: BlockdevRefOrNull | None = None\n'),
+        'Qcow2OverlapCheckFlags': (('QapiModel',), 'class Qcow2OverlapCheckFlags(QapiModel):\n    """Per-structure switches of qcow2 metadata overlap checks."""\n\n    template: Qcow2OverlapCheckMode | None = None\n    main_header: bool | None = Field(default=None, alias="main-header")\n    active_l1: bool | None = Field(default=None, alias="active-l1")\n    active_l2: bool | None = Field(default=None, alias="active-l2")\n    refcount_table: bool | None = Field(default=None, alias="refcount-table")\n    refcount_block: bool | None = Field(default=None, alias="refcount-block")\n    snapshot_table: bool | None = Field(default=None, alias="snapshot-table")\n    inactive_l1: bool | None = Field(default=None, alias="inactive-l1")\n    inactive_l2: bool | None = Field(default=None, alias="inactive-l2")\n    bitmap_directory: bool | None = Field(default=None, alias="bitmap-directory")\n'),
+        'QCryptoBlockOptionsQCow': (('QapiModel',), 'class QCryptoBlockOptionsQCow(QapiModel):\n    """Options of legacy qcow AES encryption."""\n\n    key_secret: str | None = Field(default=None, alias="key-secret")\n'),
+        'QCryptoBlockOptionsLUKS': (('QapiModel',), 'class QCryptoBlockOptionsLUKS(QapiModel):\n    """Options of LUKS encryption."""\n\n    key_secret: str | None = Field(default=None, alias="key-secret")\n'),
+        'BlockdevQcow2EncryptionBase': (('QapiModel',), 'class BlockdevQcow2EncryptionBase(QapiModel):\n    """Members of BlockdevQcow2EncryptionBase."""\n\n    format: BlockdevQcow2EncryptionFormat\n'),
+        'BlockdevQcow2Encryption_aes': (('BlockdevQcow2EncryptionBase', 'QCryptoBlockOptionsQCow', 'BlockdevQcow2EncryptionFormat'), 'class BlockdevQcow2Encryption_aes(BlockdevQcow2EncryptionBase, QCryptoBlockOptionsQCow):\n    """BlockdevQcow2Encryption with format=aes."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevQcow2EncryptionBase.qapi_nullable | QCryptoBlockOptionsQCow.qapi_nullable\n\n    format: Literal[BlockdevQcow2EncryptionFormat.AES] = BlockdevQcow2EncryptionFormat.AES\n'),
+        'BlockdevQcow2Encryption_luks': (('BlockdevQcow2EncryptionBase', 'QCryptoBlockOptionsLUKS', 'BlockdevQcow2EncryptionFormat'), 'class BlockdevQcow2Encryption_luks(BlockdevQcow2EncryptionBase, QCryptoBlockOptionsLUKS):\n    """BlockdevQcow2Encryption with format=luks."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevQcow2EncryptionBase.qapi_nullable | QCryptoBlockOptionsLUKS.qapi_nullable\n\n    format: Literal[BlockdevQcow2EncryptionFormat.LUKS] = BlockdevQcow2EncryptionFormat.LUKS\n'),
+        'BlockdevOptionsQcow2': (('BlockdevOptionsGenericCOWFormat',), 'class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):\n    """Options of the qcow2 format driver."""\n\n    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")\n    pass_discard_request: bool | None = Field(default=None, alias="pass-discard-request")\n    pass_discard_snapshot: bool | None = Field(default=None, alias="pass-discard-snapshot")\n    pass_discard_other: bool | None = Field(default=None, alias="pass-discard-other")\n    overlap_check: Qcow2OverlapChecks | None = Field(default=None, alias="overlap-check")\n    cache_size: int | None = Field(default=None, alias="cache-size")\n    l2_cache_size: int | None = Field(default=None, alias="l2-cache-size")\n    l2_cache_entry_size: int | None = Field(default=None, alias="l2-cache-entry-size")\n    refcount_cache_size: int | None = Field(default=None, alias="refcount-cache-size")\n    cache_clean_interval: int | None = Field(default=None, alias="cache-clean-interval")\n    encrypt: BlockdevQcow2Encryption | None = None\n    data_file: BlockdevRef | None = Field(default=None, alias="data-file")\n'),
         'BlockdevOptionsBase': (('QapiModel',), 'class BlockdevOptionsBase(QapiModel):\n    """Members of BlockdevOptionsBase."""\n\n    driver: BlockdevDriver\n    node_name: str | None = Field(default=None, alias="node-name")\n    discard: BlockdevDiscardOptions | None = None\n    cache: BlockdevCacheOptions | None = None\n    read_only: bool | None = Field(default=None, alias="read-only")\n    auto_read_only: bool | None = Field(default=None, alias="auto-read-only")\n    force_share: bool | None = Field(default=None, alias="force-share")\n    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")\n'),
         'BlockdevOptions_file': (('BlockdevOptionsBase', 'BlockdevOptionsFile', 'BlockdevDriver'), 'class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):\n    """BlockdevOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
         'BlockdevOptions_null_aio': (('BlockdevOptionsBase', 'BlockdevOptionsNull', 'BlockdevDriver'), 'class BlockdevOptions_null_aio(BlockdevOptionsBase, BlockdevOptionsNull):\n    """BlockdevOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockdevOptions_null_co': (('BlockdevOptionsBase', 'BlockdevOptionsNull', 'BlockdevDriver'), 'class BlockdevOptions_null_co(BlockdevOptionsBase, BlockdevOptionsNull):\n    """BlockdevOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockdevOptions_qcow2': (('BlockdevOptionsBase', 'BlockdevOptionsQcow2', 'BlockdevDriver'), 'class BlockdevOptions_qcow2(BlockdevOptionsBase, BlockdevOptionsQcow2):\n    """BlockdevOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
         'BlockdevOptions_raw': (('BlockdevOptionsBase', 'BlockdevOptionsRaw', 'BlockdevDriver'), 'class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):\n    """BlockdevOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'BlockdevCreateOptionsFile': (('QapiModel',), 'class BlockdevCreateOptionsFile(QapiModel):\n    """Options for creating a file on the host file system."""\n\n    filename: str\n    size: int\n    preallocation: PreallocMode | None = None\n    nocow: bool | None = None\n    extent_size_hint: int | None = Field(default=None, alias="extent-size-hint")\n'),
+        'BlockdevCreateOptionsQcow2': (('QapiModel',), 'class BlockdevCreateOptionsQcow2(QapiModel):\n    """Options for writing a new qcow2 image onto an existing node."""\n\n    file: BlockdevRef\n    data_file: BlockdevRef | None = Field(default=None, alias="data-file")\n    data_file_raw: bool | None = Field(default=None, alias="data-file-raw")\n    extended_l2: bool | None = Field(default=None, alias="extended-l2")\n    size: int\n    version: BlockdevQcow2Version | None = None\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    backing_fmt: BlockdevDriver | None = Field(default=None, alias="backing-fmt")\n    cluster_size: int | None = Field(default=None, alias="cluster-size")\n    preallocation: PreallocMode | None = None\n    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")\n    refcount_bits: int | None = Field(default=None, alias="refcount-bits")\n    compression_type: Qcow2CompressionType | None = Field(default=None, alias="compression-type")\n'),
+        'BlockdevCreateOptionsBase': (('QapiModel',), 'class BlockdevCreateOptionsBase(QapiModel):\n    """Members of BlockdevCreateOptionsBase."""\n\n    driver: BlockdevDriver\n'),
+        'BlockdevCreateOptions_file': (('BlockdevCreateOptionsBase', 'BlockdevCreateOptionsFile', 'BlockdevDriver'), 'class BlockdevCreateOptions_file(BlockdevCreateOptionsBase, BlockdevCreateOptionsFile):\n    """BlockdevCreateOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
+        'BlockdevCreateOptions_qcow2': (('BlockdevCreateOptionsBase', 'BlockdevCreateOptionsQcow2', 'BlockdevDriver'), 'class BlockdevCreateOptions_qcow2(BlockdevCreateOptionsBase, BlockdevCreateOptionsQcow2):\n    """BlockdevCreateOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
+        'BlockdevCreateOptions_null_aio': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_null_aio(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
+        'BlockdevCreateOptions_null_co': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_null_co(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockdevCreateOptions_raw': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_raw(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'JobInfo': (('QapiModel',), 'class JobInfo(QapiModel):\n    """The state of a job."""\n\n    id: str\n    type: JobType\n    status: JobStatus\n    current_progress: int = Field(alias="current-progress")\n    total_progress: int = Field(alias="total-progress")\n    error: str | None = None\n'),
         'NbdServerOptions': (('QapiModel',), 'class NbdServerOptions(QapiModel):\n    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""\n\n    addr: SocketAddress\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
         'BlockExportOptionsNbdBase': (('QapiModel',), 'class BlockExportOptionsNbdBase(QapiModel):\n    """Export options the deprecated nbd-server-add shares with NBD exports."""\n\n    name: str | None = None\n    description: str | None = None\n'),
         'BlockExportOptionsNbd': (('BlockExportOptionsNbdBase',), 'class BlockExportOptionsNbd(BlockExportOptionsNbdBase):\n    """Options of an NBD export."""\n\n    bitmaps: list[BlockDirtyBitmapOrStr] | None = None\n    allocation_depth: bool | None = Field(default=None, alias="allocation-depth")\n'),
@@ -1409,6 +1901,18 @@ else:
         'ChardevBackend_null': (('ChardevBackendBase', 'ChardevCommonWrapper', 'ChardevBackendKind'), 'class ChardevBackend_null(ChardevBackendBase, ChardevCommonWrapper):\n    """ChardevBackend with type=null."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevCommonWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.NULL] = ChardevBackendKind.NULL\n'),
         'ChardevBackend_stdio': (('ChardevBackendBase', 'ChardevStdioWrapper', 'ChardevBackendKind'), 'class ChardevBackend_stdio(ChardevBackendBase, ChardevStdioWrapper):\n    """ChardevBackend with type=stdio."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevStdioWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.STDIO] = ChardevBackendKind.STDIO\n'),
         'ChardevBackend_ringbuf': (('ChardevBackendBase', 'ChardevRingbufWrapper', 'ChardevBackendKind'), 'class ChardevBackend_ringbuf(ChardevBackendBase, ChardevRingbufWrapper):\n    """ChardevBackend with type=ringbuf."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF\n'),
+        'ChardevBackend_memory': (('ChardevBackendBase', 'ChardevRingbufWrapper', 'ChardevBackendKind'), 'class ChardevBackend_memory(ChardevBackendBase, ChardevRingbufWrapper):\n    """ChardevBackend with type=memory."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevBackendBase.qapi_nullable | ChardevRingbufWrapper.qapi_nullable\n\n    type: Literal[ChardevBackendKind.MEMORY] = ChardevBackendKind.MEMORY\n'),
+        'ChardevSocketFlat': (('ChardevCommon',), 'class ChardevSocketFlat(ChardevCommon):\n    """Options of a socket backend in the flat syntax of --chardev: like ChardevSocket, but the address members sit directly next to the address \'type\' (addr.type=unix,addr.path=...)."""\n\n    addr: SocketAddress\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    server: bool | None = None\n    wait: bool | None = None\n    nodelay: bool | None = None\n    telnet: bool | None = None\n    tn3270: bool | None = None\n    websocket: bool | None = None\n    reconnect: int | None = None\n'),
+        'ChardevOptionsBase': (('QapiModel',), 'class ChardevOptionsBase(QapiModel):\n    """Members of ChardevOptionsBase."""\n\n    id: str\n    backend: ChardevBackendKind\n'),
+        'ChardevOptions_file': (('ChardevOptionsBase', 'ChardevFile', 'ChardevBackendKind'), 'class ChardevOptions_file(ChardevOptionsBase, ChardevFile):\n    """ChardevOptions with backend=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevFile.qapi_nullable\n\n    backend: Literal[ChardevBackendKind.FILE] = ChardevBackendKind.FILE\n'),
+        'ChardevOptions_socket': (('ChardevOptionsBase', 'ChardevSocketFlat', 'ChardevBackendKind'), 'class ChardevOptions_socket(ChardevOptionsBase, ChardevSocketFlat):\n    """ChardevOptions with backend=socket."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevSocketFlat.qapi_nullable\n\n    backend: Literal[ChardevBackendKind.SOCKET] = ChardevBackendKind.SOCKET\n'),
+        'ChardevOptions_null': (('ChardevOptionsBase', 'ChardevCommon', 'ChardevBackendKind'), 'class ChardevOptions_null(ChardevOptionsBase, ChardevCommon):\n    """ChardevOptions with backend=null."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevCommon.qapi_nullable\n\n    backend: Literal[ChardevBackendKind.NULL] = ChardevBackendKind.NULL\n'),
+        'ChardevOptions_stdio': (('ChardevOptionsBase', 'ChardevStdio', 'ChardevBackendKind'), 'class ChardevOptions_stdio(ChardevOptionsBase, ChardevStdio):\n    """ChardevOptions with backend=stdio."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevStdio.qapi_nullable\n\n    backend: Literal[ChardevBackendKind.STDIO] = ChardevBackendKind.STDIO\n'),
+        'ChardevOptions_ringbuf': (('ChardevOptionsBase', 'ChardevRingbuf', 'ChardevBackendKind'), 'class ChardevOptions_ringbuf(ChardevOptionsBase, ChardevRingbuf):\n    """ChardevOptions with backend=ringbuf."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevRingbuf.qapi_nullable\n\n    backend: Literal[ChardevBackendKind.RINGBUF] = ChardevBackendKind.RINGBUF\n'),
+        'ChardevOptions_memory': (('ChardevOptionsBase', 'ChardevRingbuf', 'ChardevBackendKind'), 'class ChardevOptions_memory(ChardevOptionsBase, ChardevRingbuf):\n    """ChardevOptions with backend=memory."""\n    qapi_nullable: ClassVar[frozenset[str]] = ChardevOptionsBase.qapi_nullable | ChardevRingbuf.qapi_nullable\n\n    backend: Literal[ChardevBackendKind.MEMORY] = ChardevBackendKind.MEMORY\n'),
+        'ChardevInfo': (('QapiModel',), 'class ChardevInfo(QapiModel):\n    """A character device as query-chardev shows it."""\n\n    label: str\n    filename: str\n    frontend_open: bool = Field(alias="frontend-open")\n'),
+        'ChardevBackendInfo': (('QapiModel',), 'class ChardevBackendInfo(QapiModel):\n    """A character device backend kind."""\n\n    name: str\n'),
+        'ChardevReturn': (('QapiModel',), 'class ChardevReturn(QapiModel):\n    """What chardev-add and chardev-change return."""\n\n    pty: str | None = None\n'),
         'VersionTriple': (('QapiModel',), 'class VersionTriple(QapiModel):\n    """A version number."""\n\n    major: int\n    minor: int\n    micro: int\n'),
         'VersionInfo': (('QapiModel',), 'class VersionInfo(QapiModel):\n    """Version of the daemon."""\n\n    qemu: VersionTriple\n    package: str\n'),
         'CommandInfo': (('QapiModel',), 'class CommandInfo(QapiModel):\n    """A command the monitor accepts."""\n\n    name: str\n'),
@@ -1439,7 +1943,15 @@ else:
         'QueryBlockstatsArgs': (('QapiModel',), 'class QueryBlockstatsArgs(QapiModel):\n    """Members of QueryBlockstatsArgs."""\n\n    query_nodes: bool | None = Field(default=None, alias="query-nodes")\n'),
         'BlockResizeArgs': (('QapiModel',), 'class BlockResizeArgs(QapiModel):\n    """Members of BlockResizeArgs."""\n\n    device: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    size: int\n'),
         'QueryNamedBlockNodesArgs': (('QapiModel',), 'class QueryNamedBlockNodesArgs(QapiModel):\n    """Members of QueryNamedBlockNodesArgs."""\n\n    flat: bool | None = None\n'),
+        'BlockJobSetSpeedArgs': (('QapiModel',), 'class BlockJobSetSpeedArgs(QapiModel):\n    """Members of BlockJobSetSpeedArgs."""\n\n    device: str\n    speed: int\n'),
+        'BlockJobCancelArgs': (('QapiModel',), 'class BlockJobCancelArgs(QapiModel):\n    """Members of BlockJobCancelArgs."""\n\n    device: str\n    force: bool | None = None\n'),
+        'BlockJobPauseArgs': (('QapiModel',), 'class BlockJobPauseArgs(QapiModel):\n    """Members of BlockJobPauseArgs."""\n\n    device: str\n'),
+        'BlockJobResumeArgs': (('QapiModel',), 'class BlockJobResumeArgs(QapiModel):\n    """Members of BlockJobResumeArgs."""\n\n    device: str\n'),
+        'BlockJobCompleteArgs': (('QapiModel',), 'class BlockJobCompleteArgs(QapiModel):\n    """Members of BlockJobCompleteArgs."""\n\n    device: str\n'),
+        'BlockJobDismissArgs': (('QapiModel',), 'class BlockJobDismissArgs(QapiModel):\n    """Members of BlockJobDismissArgs."""\n\n    id: str\n'),
+        'BlockJobFinalizeArgs': (('QapiModel',), 'class BlockJobFinalizeArgs(QapiModel):\n    """Members of BlockJobFinalizeArgs."""\n\n    id: str\n'),
         'BlockdevDelArgs': (('QapiModel',), 'class BlockdevDelArgs(QapiModel):\n    """Members of BlockdevDelArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
+        'BlockdevCreateArgs': (('QapiModel',), 'class BlockdevCreateArgs(QapiModel):\n    """Members of BlockdevCreateArgs."""\n\n    job_id: str = Field(alias="job-id")\n    options: BlockdevCreateOptions\n'),
         'BlockImageCorruptedEvent': (('QapiModel',), 'class BlockImageCorruptedEvent(QapiModel):\n    """Members of BlockImageCorruptedEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    msg: str\n    offset: int | None = None\n    size: int | None = None\n    fatal: bool\n'),
         'BlockIoErrorEvent': (('QapiModel',), 'class BlockIoErrorEvent(QapiModel):\n    """Members of BlockIoErrorEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    operation: IoOperationType\n    action: BlockErrorAction\n    nospace: bool | None = None\n    reason: str\n'),
         'BlockJobCompletedEvent': (('QapiModel',), 'class BlockJobCompletedEvent(QapiModel):\n    """Members of BlockJobCompletedEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n    error: str | None = None\n'),
@@ -1451,23 +1963,39 @@ else:
         'QuorumFailureEvent': (('QapiModel',), 'class QuorumFailureEvent(QapiModel):\n    """Members of QuorumFailureEvent."""\n\n    reference: str\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
         'QuorumReportBadEvent': (('QapiModel',), 'class QuorumReportBadEvent(QapiModel):\n    """Members of QuorumReportBadEvent."""\n\n    type: QuorumOpType\n    error: str | None = None\n    node_name: str = Field(alias="node-name")\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
         'JobStatusChangeEvent': (('QapiModel',), 'class JobStatusChangeEvent(QapiModel):\n    """Members of JobStatusChangeEvent."""\n\n    id: str\n    status: JobStatus\n'),
+        'JobPauseArgs': (('QapiModel',), 'class JobPauseArgs(QapiModel):\n    """Members of JobPauseArgs."""\n\n    id: str\n'),
+        'JobResumeArgs': (('QapiModel',), 'class JobResumeArgs(QapiModel):\n    """Members of JobResumeArgs."""\n\n    id: str\n'),
+        'JobCancelArgs': (('QapiModel',), 'class JobCancelArgs(QapiModel):\n    """Members of JobCancelArgs."""\n\n    id: str\n'),
+        'JobCompleteArgs': (('QapiModel',), 'class JobCompleteArgs(QapiModel):\n    """Members of JobCompleteArgs."""\n\n    id: str\n'),
+        'JobDismissArgs': (('QapiModel',), 'class JobDismissArgs(QapiModel):\n    """Members of JobDismissArgs."""\n\n    id: str\n'),
+        'JobFinalizeArgs': (('QapiModel',), 'class JobFinalizeArgs(QapiModel):\n    """Members of JobFinalizeArgs."""\n\n    id: str\n'),
         'NbdServerStartArgs': (('QapiModel',), 'class NbdServerStartArgs(QapiModel):\n    """Members of NbdServerStartArgs."""\n\n    addr: SocketAddressLegacy\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
         'NbdServerRemoveArgs': (('QapiModel',), 'class NbdServerRemoveArgs(QapiModel):\n    """Members of NbdServerRemoveArgs."""\n\n    name: str\n    mode: BlockExportRemoveMode | None = None\n'),
         'BlockExportDelArgs': (('QapiModel',), 'class BlockExportDelArgs(QapiModel):\n    """Members of BlockExportDelArgs."""\n\n    id: str\n    mode: BlockExportRemoveMode | None = None\n'),
         'BlockExportDeletedEvent': (('QapiModel',), 'class BlockExportDeletedEvent(QapiModel):\n    """Members of BlockExportDeletedEvent."""\n\n    id: str\n'),
+        'RingbufWriteArgs': (('QapiModel',), 'class RingbufWriteArgs(QapiModel):\n    """Members of RingbufWriteArgs."""\n\n    device: str\n    data: str\n    format: DataFormat | None = None\n'),
+        'RingbufReadArgs': (('QapiModel',), 'class RingbufReadArgs(QapiModel):\n    """Members of RingbufReadArgs."""\n\n    device: str\n    size: int\n    format: DataFormat | None = None\n'),
+        'ChardevAddArgs': (('QapiModel',), 'class ChardevAddArgs(QapiModel):\n    """Members of ChardevAddArgs."""\n\n    id: str\n    backend: ChardevBackend\n'),
+        'ChardevChangeArgs': (('QapiModel',), 'class ChardevChangeArgs(QapiModel):\n    """Members of ChardevChangeArgs."""\n\n    id: str\n    backend: ChardevBackend\n'),
+        'ChardevRemoveArgs': (('QapiModel',), 'class ChardevRemoveArgs(QapiModel):\n    """Members of ChardevRemoveArgs."""\n\n    id: str\n'),
+        'ChardevSendBreakArgs': (('QapiModel',), 'class ChardevSendBreakArgs(QapiModel):\n    """Members of ChardevSendBreakArgs."""\n\n    id: str\n'),
         'VserportChangeEvent': (('QapiModel',), 'class VserportChangeEvent(QapiModel):\n    """Members of VserportChangeEvent."""\n\n    id: str\n    open: bool\n'),
         'QmpCapabilitiesArgs': (('QapiModel',), 'class QmpCapabilitiesArgs(QapiModel):\n    """Members of QmpCapabilitiesArgs."""\n\n    enable: list[QMPCapability] | None = None\n'),
         'ObjectDelArgs': (('QapiModel',), 'class ObjectDelArgs(QapiModel):\n    """Members of ObjectDelArgs."""\n\n    id: str\n'),
         'SocketAddressLegacy': (('SocketAddressLegacy_inet', 'SocketAddressLegacy_unix', 'SocketAddressLegacy_vsock', 'SocketAddressLegacy_fd', 'QapiModel'), 'SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]\n'),
         'SocketAddress': (('SocketAddress_inet', 'SocketAddress_unix', 'SocketAddress_vsock', 'SocketAddress_fd', 'QapiModel'), 'SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]\n'),
         'ImageInfoSpecific': (('ImageInfoSpecific_qcow2', 'QapiModel'), 'ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2\n'),
-        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_raw', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_raw], Field(discriminator="driver")]\n'),
-        'BlockdevOptions': (('BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_raw', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_raw], Field(discriminator="driver")]\n'),
+        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_qcow2', 'BlockStatsSpecific_raw', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw], Field(discriminator="driver")]\n'),
+        'BlockdevQcow2Encryption': (('BlockdevQcow2Encryption_aes', 'BlockdevQcow2Encryption_luks', 'QapiModel'), 'BlockdevQcow2Encryption: TypeAlias = Annotated[Union[BlockdevQcow2Encryption_aes, BlockdevQcow2Encryption_luks], Field(discriminator="format")]\n'),
+        'BlockdevOptions': (('BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_qcow2', 'BlockdevOptions_raw', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_qcow2, BlockdevOptions_raw], Field(discriminator="driver")]\n'),
+        'BlockdevCreateOptions': (('BlockdevCreateOptions_file', 'BlockdevCreateOptions_qcow2', 'BlockdevCreateOptions_null_aio', 'BlockdevCreateOptions_null_co', 'BlockdevCreateOptions_raw', 'QapiModel'), 'BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_raw], Field(discriminator="driver")]\n'),
         'BlockExportOptions': (('BlockExportOptions_nbd', 'QapiModel'), 'BlockExportOptions: TypeAlias = BlockExportOptions_nbd\n'),
-        'ChardevBackend': (('ChardevBackend_file', 'ChardevBackend_socket', 'ChardevBackend_null', 'ChardevBackend_stdio', 'ChardevBackend_ringbuf', 'QapiModel'), 'ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf], Field(discriminator="type")]\n'),
+        'ChardevBackend': (('ChardevBackend_file', 'ChardevBackend_socket', 'ChardevBackend_null', 'ChardevBackend_stdio', 'ChardevBackend_ringbuf', 'ChardevBackend_memory', 'QapiModel'), 'ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf, ChardevBackend_memory], Field(discriminator="type")]\n'),
+        'ChardevOptions': (('ChardevOptions_file', 'ChardevOptions_socket', 'ChardevOptions_null', 'ChardevOptions_stdio', 'ChardevOptions_ringbuf', 'ChardevOptions_memory', 'QapiModel'), 'ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]\n'),
         'SchemaInfo': (('SchemaInfo_builtin', 'SchemaInfo_enum', 'SchemaInfo_array', 'SchemaInfo_object', 'SchemaInfo_alternate', 'SchemaInfo_command', 'SchemaInfo_event', 'QapiModel'), 'SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]\n'),
         'ObjectOptions': (('ObjectOptions_iothread', 'QapiModel'), 'ObjectOptions: TypeAlias = ObjectOptions_iothread\n'),
         'BlockDirtyBitmapOrStr': (('BlockDirtyBitmap', 'QapiModel'), 'BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]\n'),
+        'Qcow2OverlapChecks': (('Qcow2OverlapCheckFlags', 'Qcow2OverlapCheckMode', 'QapiModel'), 'Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]\n'),
         'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),
         'BlockdevRefOrNull': (('BlockdevOptions', 'QapiModel'), 'BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]\n'),
     }

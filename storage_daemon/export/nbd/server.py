@@ -1,0 +1,492 @@
+"""The NBD server edge: listeners, one protocol object per client, requests run as tasks.
+
+Edge ring. Bytes go from the socket straight into the sans-IO core's buffers (asyncio/uvloop
+`BufferedProtocol`); each request the core hands out runs as its own task owned by its
+connection and is answered as soon as it completes (out of order). Invariants: at most
+`MAX_RUNNING` requests of a connection execute at once, the rest wait in a queue while
+reading is paused, and reading also stops while the socket's send buffer is above its high-
+water mark, so a client that never reads its replies cannot make us buffer without bound; a
+connection is finished (export reference dropped, slot freed) only once its last request
+ended; no exception from the block layer ever escapes a request task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections import deque
+from collections.abc import Callable, Coroutine
+from typing import Any, cast
+
+from storage_daemon.blockdev import io
+from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.node import BlockNode
+from storage_daemon.errors import QmpError
+from storage_daemon.export.export import BlockExport
+from storage_daemon.export.nbd.constants import (
+    CONTEXT_ID_ALLOCATION_DEPTH,
+    CONTEXT_ID_BASE_ALLOCATION,
+    STATE_HOLE,
+    STATE_ZERO,
+    Cmd,
+    CmdFlag,
+)
+from storage_daemon.export.nbd.listen import Endpoint, Listener, close_listeners, open_listeners
+from storage_daemon.export.nbd.protocol import (
+    Close,
+    Event,
+    ExportInfo,
+    HandshakeDone,
+    Request,
+    ServerConnection,
+)
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_LIMIT = 10.0
+"""Seconds a client may take to choose an export (qsd 7.2 as Debian patched it)."""
+DEFAULT_MAX_CONNECTIONS = 100
+MAX_RUNNING = 32
+"""Requests of one connection executing at once; further ones queue, reading pauses."""
+WRITE_HIGH_WATER = 8 * 1024 * 1024
+WRITE_LOW_WATER = 2 * 1024 * 1024
+MAX_EXTENTS = 8192
+"""Extents per BLOCK_STATUS context in one reply (clients ask again for the rest)."""
+
+_FUA = int(CmdFlag.FUA)
+_NO_HOLE = int(CmdFlag.NO_HOLE)
+_FAST_ZERO = int(CmdFlag.FAST_ZERO)
+_REQ_ONE = int(CmdFlag.REQ_ONE)
+
+# What an error reply says, per command (qsd's wording where it has one).
+_FAILURE_TEXT = {
+    Cmd.READ: "reading from file failed",
+    Cmd.WRITE: "writing to file failed",
+    Cmd.WRITE_ZEROES: "writing to file failed",
+    Cmd.TRIM: "discard failed",
+    Cmd.FLUSH: "flush failed",
+    Cmd.CACHE: "caching data failed",
+    Cmd.BLOCK_STATUS: "can't get block status",
+}
+
+
+class NbdExport(BlockExport):
+    """An export served by the NBD server under `info.name`."""
+
+    type_name = "nbd"
+
+    def __init__(
+        self,
+        export_id: str,
+        node: BlockNode,
+        *,
+        writable: bool,
+        writethrough: bool,
+        server: NbdServer,
+    ) -> None:
+        super().__init__(export_id, node, writable=writable, writethrough=writethrough)
+        self.server = server
+        self.info: ExportInfo | None = None
+        self.connections: set[NbdConnection] = set()
+
+    def publish(self, info: ExportInfo) -> None:
+        """Make the export visible to clients (after every check passed)."""
+        self.info = info
+        self.server.add_export(self)
+
+    def _close_clients(self) -> None:
+        # qsd frees the name at once: new clients cannot find it, and it may be reused.
+        self.server.remove_export(self)
+        for conn in list(self.connections):
+            conn.abort()
+
+
+class NbdServer:
+    """The one NBD server of the daemon: listening sockets, exports by name, connections."""
+
+    def __init__(
+        self, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, handshake_limit: float = 10.0
+    ) -> None:
+        self.max_connections = max_connections
+        self.handshake_limit = handshake_limit
+        self.infos: dict[str, ExportInfo] = {}
+        self._exports: dict[str, NbdExport] = {}
+        self._listeners: list[Listener] = []
+        self._accept_tasks: list[asyncio.Task[None]] = []
+        self.connections: set[NbdConnection] = set()
+        self._slot_free = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- listening --------------------------------------------------------------------
+
+    async def start(self, endpoint: Endpoint, *, from_monitor: bool) -> None:
+        """Bind (QmpError with qsd's texts) and start accepting clients."""
+        self._listeners = await open_listeners(endpoint, from_monitor=from_monitor)
+        for listener in self._listeners:
+            task = asyncio.get_running_loop().create_task(self._accept_loop(listener.sock))
+            self._accept_tasks.append(task)
+
+    @property
+    def addresses(self) -> list[Any]:
+        return [listener.sock.getsockname() for listener in self._listeners]
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            # At the limit, leave new clients in the kernel's backlog (as qsd does).
+            while self.max_connections and len(self.connections) >= self.max_connections:
+                self._slot_free.clear()
+                await self._slot_free.wait()
+            try:
+                client, _ = await loop.sock_accept(sock)
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    await asyncio.sleep(0.1)  # out of descriptors: back off, do not spin
+                continue
+            if client.family in (socket.AF_INET, socket.AF_INET6):
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = NbdConnection(self)
+            self._track(conn)
+            try:
+                await loop.connect_accepted_socket(conn.factory, client)
+            except OSError:
+                client.close()
+                self._finished(conn)
+
+    def _track(self, conn: NbdConnection) -> None:
+        self.connections.add(conn)
+        self._idle.clear()
+
+    def _finished(self, conn: NbdConnection) -> None:
+        self.connections.discard(conn)
+        self._slot_free.set()
+        if not self.connections:
+            self._idle.set()
+
+    async def stop(self) -> None:
+        """Stop listening, shut every NBD export down, drop every client; wait until done."""
+        for task in self._accept_tasks:
+            task.cancel()
+        await asyncio.gather(*self._accept_tasks, return_exceptions=True)
+        self._accept_tasks.clear()
+        close_listeners(self._listeners)
+        self._listeners.clear()
+        # Exports go in creation order (qsd's BLOCK_EXPORT_DELETED order).
+        for export in list(self._exports.values()):
+            export.request_shutdown()
+        for conn in list(self.connections):
+            conn.abort()
+        await self._idle.wait()
+
+    # --- exports ----------------------------------------------------------------------
+
+    def find_export(self, name: str) -> NbdExport | None:
+        return self._exports.get(name)
+
+    def add_export(self, export: NbdExport) -> None:
+        assert export.info is not None
+        self._exports[export.info.name] = export
+        self.infos[export.info.name] = export.info
+
+    def remove_export(self, export: NbdExport) -> None:
+        info = export.info
+        if info is not None and self._exports.get(info.name) is export:
+            del self._exports[info.name]
+            del self.infos[info.name]
+
+
+class NbdConnection(asyncio.BufferedProtocol):
+    """One client: feeds the core, runs its requests, writes the replies."""
+
+    def __init__(self, server: NbdServer) -> None:
+        self._server = server
+        self._core = ServerConnection(server.infos)
+        self._transport: asyncio.Transport | None = None
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self.export: NbdExport | None = None
+        self._edge: BdrvChild | None = None
+        self._writethrough = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._queue: deque[Request] = deque()
+        self._running = 0
+        self._read_paused = False
+        self._write_paused = False
+        self._closing = False  # no more requests: finish the running ones, then close
+        self._lost = False  # the socket is gone: replies are dropped
+        self._finished = False
+
+    def factory(self) -> NbdConnection:
+        """The protocol factory handed to the loop for this (already accepted) socket."""
+        return self
+
+    # --- transport callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not derive from asyncio.Transport, but implement it.
+        transport = cast(asyncio.Transport, transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        transport.write(self._core.start())
+        if self._server.handshake_limit > 0:
+            self._timer = self._loop.call_later(self._server.handshake_limit, self._too_slow)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._core.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._handle(self._core.buffer_updated(nbytes))
+
+    def eof_received(self) -> bool:
+        self._handle(self._core.receive_eof())
+        return True  # half-open: replies to requests already read may still go out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._closing = True
+        self._cancel_timer()
+        self._queue.clear()
+        self._maybe_finish()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._pump()
+
+    # --- control ----------------------------------------------------------------------
+
+    def abort(self) -> None:
+        """Hard disconnect (export deleted, server stopped, handshake too slow)."""
+        self._closing = True
+        self._queue.clear()
+        if self._transport is None:
+            self._lost = True  # never connected: nothing will call connection_lost
+            self._maybe_finish()
+        elif not self._lost:
+            self._transport.abort()
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self.export is None:
+            self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _pause_reading(self) -> None:
+        if not self._read_paused and not self._lost and self._transport is not None:
+            self._read_paused = True
+            self._transport.pause_reading()
+
+    def _handle(self, events: list[Event]) -> None:
+        out = self._core.data_to_send()
+        transport = self._transport
+        if out and transport is not None and not self._lost:
+            transport.write(out)
+        for event in events:
+            if type(event) is Request:
+                self._submit(event)
+            elif isinstance(event, HandshakeDone):
+                self._chosen(event)
+            elif isinstance(event, Close):
+                self._closing = True
+                self._pause_reading()
+                self._maybe_finish()
+
+    def _chosen(self, event: HandshakeDone) -> None:
+        self._cancel_timer()
+        export = self._server.find_export(event.export.name)
+        if export is None or export.info is not event.export or export.shutting_down:
+            self.abort()
+            return
+        export.ref()
+        export.connections.add(self)
+        self.export = export
+        self._edge = export.edge
+        self._writethrough = export.writethrough
+
+    # --- requests ---------------------------------------------------------------------
+
+    def _submit(self, req: Request) -> None:
+        if self._closing:
+            return  # aborted: the client is being dropped
+        if self._running < MAX_RUNNING and not self._queue and not self._write_paused:
+            self._start(req)
+        else:
+            self._queue.append(req)
+            self._pause_reading()
+
+    def _start(self, req: Request) -> None:
+        self._running += 1
+        task = self._loop.create_task(self._serve(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._running -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.error("NBD request task failed", exc_info=task.exception())
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and self._running < MAX_RUNNING and not self._write_paused:
+            self._start(self._queue.popleft())
+        if (
+            self._read_paused
+            and not self._queue
+            and not self._closing
+            and not self._write_paused
+            and self._running < MAX_RUNNING
+            and self._transport is not None
+        ):
+            self._read_paused = False
+            self._transport.resume_reading()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self._closing or self._running or self._queue or self._finished:
+            return
+        if not self._lost:
+            # Clean end (DISC, EOF, protocol error): flush what is queued, then close.
+            if self._transport is not None:
+                self._transport.close()
+            return  # connection_lost calls us again
+        self._finished = True
+        export, self.export = self.export, None
+        if export is not None:
+            export.connections.discard(self)
+            export.unref()
+        self._server._finished(self)
+
+    def _send(self, *parts: bytes | bytearray | memoryview) -> None:
+        transport = self._transport
+        if transport is None or self._lost:
+            return
+        if len(parts) == 1:
+            transport.write(parts[0])
+        else:
+            transport.writelines(parts)
+
+    async def _serve(self, req: Request) -> None:
+        """Execute one request and answer it; every failure becomes an NBD error reply."""
+        core = self._core
+        edge = self._edge
+        try:
+            if edge is None:
+                raise OSError(errno.ESHUTDOWN, "export gone")
+            cmd = req.command
+            if cmd is Cmd.READ:
+                await self._read(core, edge, req)
+                return
+            if cmd is Cmd.WRITE:
+                assert req.payload is not None
+                fua = self._writethrough or bool(req.flags & _FUA)
+                await io.pwrite(edge, req.offset, req.payload, fua=fua)
+                req.payload = None
+            elif cmd is Cmd.BLOCK_STATUS:
+                self._send(core.reply_block_status(req, await self._extents(edge, req)))
+                return
+            elif cmd is Cmd.WRITE_ZEROES:
+                await io.pwrite_zeroes(
+                    edge,
+                    req.offset,
+                    req.length,
+                    may_unmap=not req.flags & _NO_HOLE,
+                    fua=self._writethrough or bool(req.flags & _FUA),
+                    fast_only=bool(req.flags & _FAST_ZERO),
+                )
+            elif cmd is Cmd.TRIM:
+                await io.pdiscard(edge, req.offset, req.length)
+                if req.flags & _FUA:
+                    await io.flush(edge)
+            elif cmd is Cmd.FLUSH:
+                await io.flush(edge)
+            # CACHE: advisory; nothing to prefetch into (the page cache does that for us).
+            self._send(core.reply_ok(req))
+        except OSError as err:
+            self._fail(req, err.errno or errno.EIO)
+        except Exception:
+            log.exception("NBD request %s failed unexpectedly", req.command.name)
+            self._fail(req, errno.EIO)
+
+    def _fail(self, req: Request, code: int) -> None:
+        if req._reply_state == 2:
+            return  # already answered (the failure came after the reply)
+        self._send(self._core.reply_error(req, code, _FAILURE_TEXT.get(req.command, "")))
+
+    async def _read(self, core: ServerConnection, edge: BdrvChild, req: Request) -> None:
+        # The whole read happens before any byte is sent, so a failure can still be an
+        # error reply in simple mode too.
+        data = await io.pread(edge, req.offset, req.length)
+        if core.structured_replies and req.length and io.is_zero(data):
+            # Zeroes travel as a hole chunk (qsd sends holes for zero extents too).
+            self._send(core.read_chunk_hole(req, req.offset, req.length, done=True))
+        else:
+            self._send(core.reply_read(req), data)
+
+    async def _extents(self, edge: BdrvChild, req: Request) -> dict[int, list[tuple[int, int]]]:
+        one = bool(req.flags & _REQ_ONE)
+        out: dict[int, list[tuple[int, int]]] = {}
+        for ctx in self._core.meta_contexts:
+            if ctx.id == CONTEXT_ID_BASE_ALLOCATION:
+                out[ctx.id] = await _collect(edge, req, one, _allocation)
+            elif ctx.id == CONTEXT_ID_ALLOCATION_DEPTH:
+                out[ctx.id] = await _collect(edge, req, one, _depth)
+            else:
+                # A dirty bitmap context: no bitmaps exist yet, so nothing is dirty.
+                out[ctx.id] = [(req.length, 0)]
+        return out
+
+
+async def _allocation(edge: BdrvChild, offset: int, length: int) -> tuple[int, int]:
+    status = await io.block_status(edge, offset, length)
+    flags = (0 if status.data else STATE_HOLE) | (STATE_ZERO if status.zero else 0)
+    return status.length, flags
+
+
+async def _depth(edge: BdrvChild, offset: int, length: int) -> tuple[int, int]:
+    return await io.allocation_depth(edge, offset, length)
+
+
+async def _collect(
+    edge: BdrvChild,
+    req: Request,
+    one: bool,
+    probe: Callable[[BdrvChild, int, int], Coroutine[Any, Any, tuple[int, int]]],
+) -> list[tuple[int, int]]:
+    """Extents from `req.offset` on, adjacent equal flags merged (as qsd merges them)."""
+    extents: list[tuple[int, int]] = []
+    pos, end = req.offset, req.offset + req.length
+    while pos < end:
+        length, flags = await probe(edge, pos, end - pos)
+        if length <= 0:
+            break
+        if extents and extents[-1][1] == flags:
+            extents[-1] = (extents[-1][0] + length, flags)
+        elif len(extents) >= MAX_EXTENTS:
+            break
+        else:
+            extents.append((length, flags))
+        pos += length
+        if one:
+            break
+    if not extents:
+        raise OSError(errno.EIO, "no extent")
+    return extents
+
+
+def check_export_strings(name: str, description: str) -> None:
+    """qsd's length limits on the export name and description (bytes, as C counts them)."""
+    if len(name.encode()) > 4096:
+        raise QmpError(f"export name '{name}' too long")
+    if len(description.encode()) > 4096:
+        raise QmpError(f"description '{description}' too long")
