@@ -21,7 +21,7 @@ def node_length(node: BlockNode) -> int:
     return -(-length // SECTOR) * SECTOR
 
 
-async def image_info(node: BlockNode) -> dict[str, Any]:
+async def image_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     info: dict[str, Any] = {
         "filename": node.filename(),
         "format": node.driver.format_name(),
@@ -32,19 +32,33 @@ async def image_info(node: BlockNode) -> dict[str, Any]:
     info["actual-size"] = await node.driver.actual_size()
     info["virtual-size"] = node_length(node)
     info.update(extra)
+    backing = node.child("backing")
+    if backing is not None and not flat:
+        info["backing-image"] = await image_info(backing.node)
     return info
 
 
-async def block_device_info(node: BlockNode) -> dict[str, Any]:
+def backing_depth(node: BlockNode) -> int:
+    """How many backing nodes hang below `node` (qsd's backing_file_depth)."""
+    depth = 0
+    edge = node.child("backing")
+    while edge is not None and depth < 1000:
+        depth += 1
+        edge = edge.node.child("backing")
+    return depth
+
+
+async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     """One BlockDeviceInfo entry."""
     opts = node.options
     filename = node.filename()
-    return {
+    backing = node.child("backing")
+    info: dict[str, Any] = {
         "file": filename,
         "node-name": node.name,
         "ro": opts.read_only,
         "drv": node.driver.name,
-        "backing_file_depth": 0,
+        "backing_file_depth": backing_depth(node),
         "encrypted": False,
         "detect_zeroes": opts.detect_zeroes,
         "bps": 0,
@@ -53,7 +67,7 @@ async def block_device_info(node: BlockNode) -> dict[str, Any]:
         "iops": 0,
         "iops_rd": 0,
         "iops_wr": 0,
-        "image": await image_info(node),
+        "image": await image_info(node, flat),
         "cache": {
             "writeback": True,
             "direct": opts.cache_direct,
@@ -61,12 +75,15 @@ async def block_device_info(node: BlockNode) -> dict[str, Any]:
         },
         "write_threshold": 0,
     }
+    if backing is not None:
+        info["backing_file"] = backing.node.filename()
+    return info
 
 
 async def named_block_nodes(graph: BlockGraph, flat: bool) -> list[dict[str, Any]]:
     """Every node, newest first, as qsd lists them."""
     # `flat` only drops nested backing-image chains, which appear with backing files.
-    return [await block_device_info(node) for node in reversed(list(graph))]
+    return [await block_device_info(node, flat) for node in reversed(list(graph))]
 
 
 def debug_block_graph(graph: BlockGraph, extra_parents: list[Any] | None = None) -> dict[str, Any]:

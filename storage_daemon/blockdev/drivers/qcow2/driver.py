@@ -1,0 +1,600 @@
+"""The `qcow2` format driver: opening, options, permissions, info and the data operations.
+
+Domain ring. Reads go through `Mapper`; every metadata change runs under one lock and goes
+through `Metadata`, which keeps the on-disk invariants (see alloc.py). Detected corruption
+marks the image corrupt (when writable), emits BLOCK_IMAGE_CORRUPTED through `EVENT_SINK`, and
+fences the node: every later request fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import posixpath
+import sys
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+from storage_daemon.blockdev import io
+from storage_daemon.blockdev.child import ROLE_BACKING, ROLE_FILE_OF_FORMAT, BdrvChild, ChildRole
+from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
+from storage_daemon.blockdev.drivers.qcow2 import format as fmt
+from storage_daemon.blockdev.drivers.qcow2.alloc import (
+    FREE_OTHER,
+    FREE_REQUEST,
+    FREE_SNAPSHOT,
+    OL_OPTION_NAMES,
+    OL_SNAPSHOT_TABLE,
+    OL_TEMPLATES,
+    Corruption,
+    Metadata,
+)
+from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
+from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
+from storage_daemon.blockdev.drivers.qcow2.writer import Writer
+from storage_daemon.blockdev.perm import Perm
+from storage_daemon.errors import QmpError
+
+# The daemon sets this to its event bus' emit (name, data); tests may too.
+EVENT_SINK: Callable[[str, dict[str, Any]], None] | None = None
+
+DEFAULT_L2_CACHE_MAX = 32 << 20
+MAX_CHAIN_DEPTH = 64
+_OPENING: ContextVar[tuple[str, ...]] = ContextVar("qcow2_opening", default=())
+
+
+def set_event_sink(sink: Callable[[str, dict[str, Any]], None] | None) -> None:
+    global EVENT_SINK
+    EVENT_SINK = sink
+
+
+def _wire(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def _overlap_checks(option: Any) -> frozenset[str]:
+    if option is None:
+        return OL_TEMPLATES["cached"]
+    if isinstance(option, str) or (hasattr(option, "value") and not hasattr(option, "template")):
+        return OL_TEMPLATES[_wire(option)]
+    template = _wire(option.template) if option.template is not None else "cached"
+    checks = set(OL_TEMPLATES[template])
+    for wire_name, name in OL_OPTION_NAMES.items():
+        value = getattr(option, wire_name.replace("-", "_"))
+        if value is True:
+            checks.add(name)
+        elif value is False:
+            checks.discard(name)
+    return frozenset(checks)
+
+
+class Qcow2Driver(BlockDriver):
+    name = "qcow2"
+    supports_backing = True
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self._file: BdrvChild | None = None
+        self._data_file: BdrvChild | None = None
+        self.backing: BdrvChild | None = None
+        self.hdr: fmt.Header | None = None
+        self.meta: Metadata | None = None
+        self.mapper: Mapper | None = None
+        self.writer: Writer | None = None
+        self.snapshots: list[fmt.Snapshot] = []
+        self.lazy_refcounts = False
+        self._fenced = False
+        self._corruption_reported = False
+        self._lock = asyncio.Lock()
+        self._writable = False
+        self._dirty_set = False
+        self._backing_filename: str | None = None
+        self._full_backing_filename: str | None = None
+        self._strong: dict[str, Any] = {}
+
+    # --- opening ------------------------------------------------------------------------
+
+    async def open(self, options: Any, opener: ChildOpener) -> None:
+        self._file = await opener.open_child(self.node, options.file, "file", ROLE_FILE_OF_FORMAT)
+        file = self._file
+        name = file.node.filename()
+        chain = _OPENING.get()
+        if name in chain:
+            raise QmpError(f"Backing file '{name}' creates an infinite loop.")
+        if len(chain) >= MAX_CHAIN_DEPTH:
+            raise QmpError("Backing chain too deep")
+        token = _OPENING.set((*chain, name))
+        try:
+            await self._open(options, opener, file)
+        finally:
+            _OPENING.reset(token)
+
+    async def _open(self, options: Any, opener: ChildOpener, file: BdrvChild) -> None:
+        writable = not self.node.options.read_only
+        self._writable = writable
+        file_len = file.node.driver.getlength()
+        head = await io.pread(file, 0, fmt.V3_HEADER_LENGTH + 8)
+        try:
+            hdr = fmt.parse_fixed_header(bytes(head))
+            cluster0 = bytes(await io.pread(file, 0, hdr.cluster_size))
+            hdr = fmt.parse_header(cluster0, writable=writable)
+        except fmt.FormatError as err:
+            raise QmpError(str(err)) from err
+        self.hdr = hdr
+        cs = hdr.cluster_size
+        self._check_options(options, hdr)
+        l1 = await self._read_table(file, hdr.l1_table_offset, hdr.l1_size, file_len)
+        reftable = await self._read_table(
+            file, hdr.refcount_table_offset, hdr.reftable_entries, file_len
+        )
+        try:
+            fmt.parse_extensions(cluster0, hdr)
+        except fmt.FormatError as err:
+            raise QmpError(str(err)) from err
+        if hdr.crypt_method:
+            if options.encrypt is None or options.encrypt.key_secret is None:
+                raise QmpError("Parameter 'encrypt.key-secret' is required for cipher")
+            raise QmpError("qcow2 encryption is not supported by this daemon")
+        if options.encrypt is not None:
+            raise QmpError(
+                "No encryption in image header, but options specified format "
+                f"'{_wire(options.encrypt.format)}'"
+            )
+        l2_cap, rb_cap = self._cache_sizes(options, hdr)
+        meta = Metadata(
+            file, hdr, l1, reftable, l2_cap, rb_cap, _overlap_checks(options.overlap_check)
+        )
+        meta.end_cluster = -(-file_len // cs)
+        meta.before_l2_writeback = self.mark_dirty
+        self.meta = meta
+        await self._read_snapshots(file, file_len)
+        meta.build_overlap_map()
+        meta.mark_snapshot_table(hdr.snapshots_offset, self._snapshot_table_size)
+        discard_kinds = set()
+        if options.pass_discard_request is True or (
+            options.pass_discard_request is None and self.node.options.discard == "unmap"
+        ):
+            discard_kinds.add(FREE_REQUEST)
+        if options.pass_discard_snapshot is not False:
+            discard_kinds.add(FREE_SNAPSHOT)
+        if options.pass_discard_other is True:
+            discard_kinds.add(FREE_OTHER)
+        meta.discard_kinds = discard_kinds
+        # Data file.
+        data_edge = file
+        if hdr.incompatible & fmt.INCOMPAT_DATA_FILE:
+            if options.data_file is None:
+                raise QmpError("'data-file' is required for this image")
+            self._data_file = await opener.open_child(
+                self.node, options.data_file, "data-file", ChildRole.DATA
+            )
+            data_edge = self._data_file
+        elif options.data_file is not None:
+            raise QmpError("'data-file' can only be set for images with an external data file")
+        self.mapper = Mapper(meta, hdr.size, data_edge, self._data_file is not None)
+        self.writer = Writer(self, meta, self.mapper)
+        self.lazy_refcounts = bool(
+            options.lazy_refcounts
+            if options.lazy_refcounts is not None
+            else hdr.compatible & fmt.COMPAT_LAZY_REFCOUNTS
+        )
+        await self._open_backing(options, opener)
+        if writable:
+            await self._prepare_writable()
+
+    def _check_options(self, options: Any, hdr: fmt.Header) -> None:
+        if options.lazy_refcounts and hdr.version < 3:
+            raise QmpError(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )
+        entry = options.l2_cache_entry_size
+        cs = hdr.cluster_size
+        if entry is not None and (entry < 512 or entry > cs or entry & (entry - 1)):
+            raise QmpError(
+                "L2 cache entry size must be a power of two between 512 and the cluster "
+                f"size ({cs})"
+            )
+        given = [
+            x
+            for x in (options.cache_size, options.l2_cache_size, options.refcount_cache_size)
+            if x is not None
+        ]
+        if len(given) == 3:
+            raise QmpError(
+                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
+            )
+        if options.cache_size is not None:
+            if options.l2_cache_size is not None and options.l2_cache_size > options.cache_size:
+                raise QmpError("l2-cache-size may not exceed cache-size")
+            if (
+                options.refcount_cache_size is not None
+                and options.refcount_cache_size > options.cache_size
+            ):
+                raise QmpError("refcount-cache-size may not exceed cache-size")
+        interval = options.cache_clean_interval
+        if interval is not None and (interval < 0 or interval > 0xFFFFFFFF):
+            raise QmpError("Cache clean interval too big")
+
+    def _cache_sizes(self, options: Any, hdr: fmt.Header) -> tuple[int, int]:
+        cs = hdr.cluster_size
+        needed = -(-hdr.size // cs) * hdr.l2_entry_size
+        l2_bytes = min(max(needed, 2 * cs), DEFAULT_L2_CACHE_MAX)
+        rb_bytes = 4 * cs
+        if options.cache_size is not None:
+            total = options.cache_size
+            if options.l2_cache_size is not None:
+                l2_bytes = options.l2_cache_size
+                rb_bytes = total - l2_bytes
+            elif options.refcount_cache_size is not None:
+                rb_bytes = options.refcount_cache_size
+                l2_bytes = total - rb_bytes
+            else:
+                l2_bytes = min(needed, max(total - rb_bytes, 0)) or total // 2
+        else:
+            if options.l2_cache_size is not None:
+                l2_bytes = options.l2_cache_size
+            if options.refcount_cache_size is not None:
+                rb_bytes = options.refcount_cache_size
+        if l2_bytes > (1 << 40):
+            raise QmpError("L2 cache size too big")
+        if rb_bytes > (1 << 40):
+            raise QmpError("Refcount cache size too big")
+        return max(2, l2_bytes // cs), max(4, rb_bytes // cs)
+
+    @staticmethod
+    async def _read_table(file: BdrvChild, offset: int, entries: int, file_len: int) -> list[int]:
+        """A table of u64 entries; the part past EOF reads as zeroes and costs no I/O."""
+        if not entries:
+            return []
+        in_file = max(0, min(entries * 8, file_len - offset)) if offset < file_len else 0
+        values: list[int] = []
+        if in_file:
+            raw = await io.pread(file, offset, in_file)
+            if in_file > 64 * 1024:  # large tables are decoded off the event loop
+                values = await asyncio.to_thread(fmt.unpack_u64s, raw)
+            else:
+                values = fmt.unpack_u64s(raw)
+        values.extend([0] * (entries - len(values)))
+        return values
+
+    async def _read_snapshots(self, file: BdrvChild, file_len: int) -> None:
+        hdr = self.hdr
+        assert hdr is not None
+        self._snapshot_table_size = 0
+        if not hdr.nb_snapshots:
+            return
+        want = min(fmt.MAX_SNAPSHOT_TABLE, hdr.nb_snapshots * fmt.SNAPSHOT_HEADER_SIZE + 1024)
+        while True:
+            avail = max(0, min(want, file_len - hdr.snapshots_offset))
+            buf = (
+                bytearray(await io.pread(file, hdr.snapshots_offset, avail))
+                if avail
+                else bytearray()
+            )
+            buf.extend(bytes(want - len(buf)))
+            try:
+                self.snapshots, size = fmt.parse_snapshots(buf, hdr.nb_snapshots)
+                break
+            except fmt.NeedMore as more:
+                if more.need > fmt.MAX_SNAPSHOT_TABLE:
+                    raise QmpError("Snapshot table is too big") from None
+                want = min(fmt.MAX_SNAPSHOT_TABLE, max(more.need, want * 2))
+            except fmt.FormatError as err:
+                raise QmpError(str(err)) from err
+        self._snapshot_table_size = size
+        meta = self.meta
+        assert meta is not None
+        for snap in self.snapshots:
+            if (
+                snap.l1_table_offset % hdr.cluster_size == 0
+                and snap.l1_size <= fmt.MAX_L1_SIZE // 8
+            ):
+                meta.snapshot_l1s.append((snap.l1_table_offset, snap.l1_size))
+        if meta.overlap_checks & {"inactive L2 table"}:
+            for offset, size in meta.snapshot_l1s:
+                for entry in await self._read_table(file, offset, size, file_len):
+                    if entry & fmt.L1E_OFFSET_MASK:
+                        meta.inactive_l2.add(entry & fmt.L1E_OFFSET_MASK)
+
+    async def _open_backing(self, options: Any, opener: ChildOpener) -> None:
+        hdr = self.hdr
+        assert hdr is not None
+        self._backing_filename = hdr.backing_file
+        explicit = "backing" in options.model_fields_set
+        if hdr.backing_file:
+            self._full_backing_filename = self._resolve(hdr.backing_file)
+        if explicit:
+            if options.backing is None:
+                return
+            self.backing = await opener.open_child(
+                self.node, options.backing, "backing", ROLE_BACKING
+            )
+        elif hdr.backing_file:
+            self.backing = await self._open_backing_file(opener)
+        if self.backing is not None and self.mapper is not None:
+            self.mapper.backing = self.backing
+
+    def _resolve(self, name: str) -> str:
+        if name.startswith("/") or ":" in name.split("/", 1)[0]:
+            return name
+        base = self._file.node.filename() if self._file is not None else ""
+        if base.startswith("json:"):
+            raise QmpError(f"Cannot use relative backing file names for '{base}'")
+        return posixpath.join(posixpath.dirname(base), name)
+
+    async def _open_backing_file(self, opener: ChildOpener) -> BdrvChild:
+        from storage_daemon.qapi.runtime import visit_input
+
+        hdr = self.hdr
+        assert hdr is not None and self._full_backing_filename is not None
+        path = self._full_backing_filename
+        formats = [hdr.backing_format] if hdr.backing_format else ["qcow2", "raw"]
+        last: QmpError | None = None
+        for driver in formats:
+            spec = {
+                "driver": driver,
+                "read-only": True,
+                "file": {"driver": "file", "filename": path},
+            }
+            try:
+                ref = visit_input("BlockdevOptions", spec)
+            except QmpError as err:
+                raise QmpError(f"Could not open backing file: {err.desc}") from err
+            try:
+                return await opener.open_child(self.node, ref, "backing", ROLE_BACKING)
+            except QmpError as err:
+                last = err
+                if err.desc == "Image is not in qcow2 format" and driver != formats[-1]:
+                    continue
+                break
+        assert last is not None
+        raise QmpError(f"Could not open backing file: {last.desc}") from last
+
+    async def _prepare_writable(self) -> None:
+        hdr = self.hdr
+        meta = self.meta
+        assert hdr is not None and meta is not None
+        if hdr.version == 3 and hdr.autoclear & ~fmt.AUTOCLEAR_KNOWN:
+            hdr.autoclear &= fmt.AUTOCLEAR_KNOWN
+            await meta.write_header_field(88, hdr.autoclear.to_bytes(8, "big"))
+        if hdr.incompatible & fmt.INCOMPAT_DIRTY:
+            from storage_daemon.blockdev.drivers.qcow2.check import repair
+
+            try:
+                await repair(self)
+            except (OSError, Corruption) as err:
+                raise QmpError(f"Could not repair dirty image: {err}") from err
+            await self._set_incompat(hdr.incompatible & ~fmt.INCOMPAT_DIRTY)
+
+    async def _set_incompat(self, value: int) -> None:
+        hdr = self.hdr
+        meta = self.meta
+        assert hdr is not None and meta is not None
+        if hdr.version < 3:
+            return
+        hdr.incompatible = value
+        await meta.write_header_field(72, value.to_bytes(8, "big"))
+
+    async def mark_dirty(self) -> None:
+        """Lazy refcounts: the dirty bit is on disk before the first L2 write-back."""
+        hdr = self.hdr
+        if not self.lazy_refcounts or self._dirty_set or hdr is None or hdr.version < 3:
+            return
+        await self._set_incompat(hdr.incompatible | fmt.INCOMPAT_DIRTY)
+        self._dirty_set = True
+
+    async def close(self) -> None:
+        if self._writable and not self._fenced and self.meta is not None:
+            try:
+                async with self._lock:
+                    await self._writeback()
+                    if self._dirty_set and self.hdr is not None:
+                        await self.meta.sync()
+                        await self._set_incompat(self.hdr.incompatible & ~fmt.INCOMPAT_DIRTY)
+                        self._dirty_set = False
+            except (OSError, Corruption):
+                pass
+
+    # --- permissions --------------------------------------------------------------------
+
+    def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        if child.role & ChildRole.COW:
+            wanted = Perm.CONSISTENT_READ if perm & (Perm.CONSISTENT_READ | Perm.WRITE) else Perm(0)
+            sharing = Perm.WRITE | Perm.RESIZE if shared & Perm.WRITE else Perm(0)
+            sharing |= Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+            return wanted, sharing
+        wanted = Perm.CONSISTENT_READ
+        if not self.node.options.read_only:
+            wanted |= Perm.WRITE | Perm.RESIZE
+        return wanted, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+    # --- naming and info ----------------------------------------------------------------
+
+    def strong_options(self) -> dict[str, Any]:
+        return {}
+
+    def exact_filename(self) -> str | None:
+        if self._file is None:
+            return None
+        name = self._file.node.filename()
+        return None if name.startswith("json:") else name
+
+    def format_name(self) -> str:
+        return "qcow2"
+
+    def image_info_extra(self) -> dict[str, Any]:
+        hdr = self.hdr
+        if hdr is None:
+            return {}
+        info: dict[str, Any] = {
+            "dirty-flag": bool(hdr.incompatible & fmt.INCOMPAT_DIRTY),
+            "cluster-size": hdr.cluster_size,
+        }
+        if hdr.crypt_method:
+            info["encrypted"] = True
+        if self._backing_filename:
+            info["backing-filename"] = self._backing_filename
+            if self._full_backing_filename:
+                info["full-backing-filename"] = self._full_backing_filename
+            if hdr.backing_format:
+                info["backing-filename-format"] = hdr.backing_format
+        if self.snapshots:
+            info["snapshots"] = [snap.info() for snap in self.snapshots]
+        data: dict[str, Any]
+        if hdr.version == 2:
+            data = {"compat": "0.10", "refcount-bits": hdr.refcount_bits}
+        else:
+            data = {"compat": "1.1"}
+            if hdr.data_file is not None or hdr.incompatible & fmt.INCOMPAT_DATA_FILE:
+                if hdr.data_file is not None:
+                    data["data-file"] = hdr.data_file
+                data["data-file-raw"] = bool(hdr.autoclear & fmt.AUTOCLEAR_DATA_FILE_RAW)
+            data["extended-l2"] = hdr.extended_l2
+            data["lazy-refcounts"] = bool(hdr.compatible & fmt.COMPAT_LAZY_REFCOUNTS)
+            data["corrupt"] = bool(hdr.incompatible & fmt.INCOMPAT_CORRUPT)
+            data["refcount-bits"] = hdr.refcount_bits
+        data["compression-type"] = "zstd" if hdr.compression_type == 1 else "zlib"
+        info["format-specific"] = {"type": "qcow2", "data": data}
+        return info
+
+    async def actual_size(self) -> int:
+        if self._file is None:
+            return 0
+        return await self._file.node.driver.actual_size()
+
+    # --- corruption ---------------------------------------------------------------------
+
+    def _check_fenced(self) -> None:
+        if self._fenced:
+            raise OSError(errno.ENOMEDIUM, os.strerror(errno.ENOMEDIUM))
+
+    async def signal_corruption(self, err: Corruption) -> OSError:
+        """Report corruption as QEMU does; the caller raises the returned EIO."""
+        fatal = err.fatal and self._writable
+        if not self._corruption_reported:
+            self._corruption_reported = True
+            if fatal:
+                print(
+                    f"qcow2: Marking image as corrupt: {err.msg}; further corruption events "
+                    "will be suppressed",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"qcow2: Image is corrupt: {err.msg}; further non-fatal corruption events "
+                    "will be suppressed",
+                    file=sys.stderr,
+                )
+            sink = EVENT_SINK
+            if sink is not None:
+                data: dict[str, Any] = {"device": "", "node-name": self.node.name, "msg": err.msg}
+                if err.offset >= 0:
+                    data["offset"] = err.offset
+                if err.size >= 0:
+                    data["size"] = err.size
+                data["fatal"] = fatal
+                sink("BLOCK_IMAGE_CORRUPTED", data)
+        if fatal:
+            self._fenced = True
+            hdr = self.hdr
+            if hdr is not None and hdr.version == 3 and self.meta is not None:
+                try:
+                    await self._set_incompat(hdr.incompatible | fmt.INCOMPAT_CORRUPT)
+                except OSError:
+                    pass
+        return OSError(errno.EIO, os.strerror(errno.EIO))
+
+    # --- data path ----------------------------------------------------------------------
+
+    def getlength(self) -> int:
+        return self.hdr.size if self.hdr is not None else 0
+
+    def _mapper(self) -> Mapper:
+        self._check_fenced()
+        assert self.mapper is not None
+        return self.mapper
+
+    async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        mapper = self._mapper()
+        try:
+            return await mapper.read(offset, length)
+        except Corruption as err:
+            raise await self.signal_corruption(err) from err
+
+    async def block_status(self, offset: int, length: int) -> BlockStatus:
+        mapper = self._mapper()
+        try:
+            ext = await mapper.extent(offset, length)
+        except Corruption as err:
+            raise await self.signal_corruption(err) from err
+        kind = ext.kind
+        if kind in (ClusterType.NORMAL, ClusterType.COMPRESSED):
+            return BlockStatus(length=ext.length, data=True, zero=False)
+        if kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
+            return BlockStatus(length=ext.length, data=False, zero=True)
+        return BlockStatus(length=ext.length, data=False, zero=False, depth=0)
+
+    async def _run_write(self, op: Callable[[Writer], Any], fua: bool) -> None:
+        self._check_fenced()
+        writer = self.writer
+        assert writer is not None
+        try:
+            async with self._lock:
+                self._check_fenced()
+                await op(writer)
+                assert self.meta is not None
+                await self.meta.trim()
+            if fua:
+                await self.flush()
+        except Corruption as err:
+            raise await self.signal_corruption(err) from err
+
+    async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        async def op(writer: Writer) -> None:
+            await writer.write(offset, memoryview(data))
+
+        await self._run_write(op, fua)
+
+    async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
+        hdr = self.hdr
+        assert hdr is not None
+        if hdr.version < 3:
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
+
+        async def op(writer: Writer) -> None:
+            await writer.zero(offset, length, unmap)
+
+        await self._run_write(op, fua)
+
+    async def pdiscard(self, offset: int, length: int) -> None:
+        async def op(writer: Writer) -> None:
+            await writer.discard(offset, length)
+
+        await self._run_write(op, False)
+
+    async def _writeback(self) -> None:
+        meta = self.meta
+        assert meta is not None
+        edges = (self._data_file,) if self._data_file is not None else ()
+        await meta.writeback(edges)
+
+    async def flush(self) -> None:
+        self._check_fenced()
+        try:
+            async with self._lock:
+                await self._writeback()
+        except Corruption as err:
+            raise await self.signal_corruption(err) from err
+
+    async def truncate(self, size: int) -> None:
+        raise QmpError("qcow2 resize is not supported yet")
+
+    def snapshot_table_offset(self) -> tuple[int, int]:
+        hdr = self.hdr
+        assert hdr is not None
+        return hdr.snapshots_offset, self._snapshot_table_size
+
+
+__all__ = ["EVENT_SINK", "OL_SNAPSHOT_TABLE", "Qcow2Driver", "set_event_sink"]

@@ -1,0 +1,207 @@
+"""Guest offset -> host mapping of a qcow2 image, and reading guest data through it.
+
+Domain ring. `Mapper.extent` answers "what backs the bytes from here on" from the L1/L2
+tables (cached); `Mapper.read` assembles guest data from host clusters, zero clusters,
+compressed clusters and the backing chain. Invariant: readers never modify metadata and never
+start a write-back; heavy CPU work (decompression of large clusters) runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import zlib
+from dataclasses import dataclass
+
+from storage_daemon.blockdev import io
+from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.drivers.qcow2 import format as fmt
+from storage_daemon.blockdev.drivers.qcow2.alloc import Corruption, Metadata
+from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
+
+# At most this many clusters are examined for one extent (bounds the time of one call).
+MAX_EXTENT_UNITS = 8192
+_OFFLOAD_BYTES = 64 * 1024
+
+try:  # optional: zstd-compressed images need the `zstandard` package
+    import zstandard
+except ImportError:  # pragma: no cover - depends on the environment
+    zstandard = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class Extent:
+    kind: ClusterType
+    length: int
+    host: int  # host byte offset of the first byte (NORMAL), else 0
+    raw: int = 0  # the L2 entry (COMPRESSED)
+
+
+def _eio() -> OSError:
+    return OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+def decompress(data: bytes, cluster_size: int, zstd: bool) -> bytes:
+    """One compressed cluster's bytes; EIO when the stream is not a full cluster."""
+    try:
+        if zstd:
+            if zstandard is None:
+                raise OSError(errno.ENOTSUP, "zstd compression is not supported")
+            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        else:
+            out = zlib.decompressobj(-12).decompress(data, cluster_size)
+    except (zlib.error, ValueError) as err:
+        raise _eio() from err
+    except Exception as err:
+        if zstandard is not None and isinstance(err, zstandard.ZstdError):
+            raise _eio() from err
+        raise
+    if len(out) < cluster_size:
+        raise _eio()
+    return out[:cluster_size]
+
+
+class Mapper:
+    def __init__(
+        self,
+        meta: Metadata,
+        size: int,
+        data: BdrvChild,
+        has_data_file: bool,
+    ) -> None:
+        self.meta = meta
+        self.size = size
+        self.data = data
+        self.backing: BdrvChild | None = None
+        self.has_data_file = has_data_file
+        self.extended = meta.hdr.extended_l2
+        self.cluster_bits = meta.cluster_bits
+        self.cluster_size = meta.cluster_size
+        self.l2_entries = meta.hdr.l2_entries
+        self.sc_bits = self.cluster_bits - 5 if self.extended else self.cluster_bits
+        self.zstd = meta.hdr.compression_type == 1
+        self._last_compressed: tuple[int, bytes] | None = None
+
+    # --- mapping ------------------------------------------------------------------------
+
+    async def l2_for(self, cluster_index: int) -> tuple[int, bytearray | None]:
+        """(L2 table offset, table) for a guest cluster; (0, None) when unallocated."""
+        l1_index = cluster_index // self.l2_entries
+        l1 = self.meta.l1
+        if l1_index >= len(l1):
+            return 0, None
+        offset = l1[l1_index] & fmt.L1E_OFFSET_MASK
+        if not offset:
+            return 0, None
+        return offset, await self.meta.load_l2(offset)
+
+    def unit(self, entry: fmt.L2Entry, sc_index: int) -> ClusterType:
+        if self.extended:
+            try:
+                return fmt.subcluster_type(entry, sc_index, self.has_data_file)
+            except fmt.InvalidEntry as err:
+                raise Corruption(f"Invalid cluster entry found (L2 entry {entry.raw:#x})") from err
+        return fmt.cluster_type(entry, False, self.has_data_file)
+
+    async def extent(self, pos: int, length: int) -> Extent:
+        """The longest run from `pos` (at most `length`) with one kind and contiguous host."""
+        cs_mask = self.cluster_size - 1
+        cluster_index = pos >> self.cluster_bits
+        l2_index = cluster_index % self.l2_entries
+        in_table = ((self.l2_entries - l2_index) << self.cluster_bits) - (pos & cs_mask)
+        length = min(length, in_table)
+        l2_offset, table = await self.l2_for(cluster_index)
+        if table is None:
+            return Extent(ClusterType.UNALLOCATED, length, 0)
+        end = pos + length
+        first_kind: ClusterType | None = None
+        first_host = 0
+        raw = 0
+        cur = pos
+        units = 0
+        while cur < end and units < MAX_EXTENT_UNITS:
+            idx = (cur >> self.cluster_bits) % self.l2_entries
+            if cur != pos and idx == 0:
+                break
+            entry = fmt.l2_get(table, idx, self.extended)
+            sc = (cur & cs_mask) >> self.sc_bits if self.extended else 0
+            kind = self.unit(entry, sc)
+            unit_end = min(((cur >> self.sc_bits) + 1) << self.sc_bits, end)
+            host = 0
+            if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC, ClusterType.UNALLOCATED_ALLOC):
+                if entry.offset & cs_mask:
+                    raise Corruption(
+                        f"Cluster allocation offset {entry.offset:#x} unaligned "
+                        f"(L2 offset: {l2_offset:#x}, L2 index: {idx:#x})",
+                        entry.offset,
+                        self.cluster_size,
+                    )
+                host = entry.offset + (cur & cs_mask)
+            if first_kind is None:
+                first_kind, first_host, raw = kind, host, entry.raw
+            elif (
+                kind != first_kind
+                or (kind == ClusterType.NORMAL and host != first_host + (cur - pos))
+                or kind == ClusterType.COMPRESSED
+            ):
+                break
+            cur = unit_end
+            units += 1
+        assert first_kind is not None
+        return Extent(first_kind, cur - pos, first_host, raw)
+
+    # --- reading ------------------------------------------------------------------------
+
+    async def read(self, pos: int, length: int) -> bytearray:
+        buf = bytearray(length)
+        done = 0
+        count = 0
+        while done < length:
+            count += 1
+            if count % 8 == 0:
+                await asyncio.sleep(0)
+            ext = await self.extent(pos + done, length - done)
+            n = ext.length
+            kind = ext.kind
+            if kind == ClusterType.NORMAL:
+                buf[done : done + n] = await io.pread(self.data, ext.host, n)
+            elif kind in (ClusterType.UNALLOCATED, ClusterType.UNALLOCATED_ALLOC):
+                await self._read_backing(buf, done, pos + done, n)
+            elif kind == ClusterType.COMPRESSED:
+                cluster = await self.compressed_cluster(ext.raw)
+                start = (pos + done) & (self.cluster_size - 1)
+                buf[done : done + n] = cluster[start : start + n]
+            # zero kinds: the buffer is already zero
+            done += n
+        return buf
+
+    async def _read_backing(self, buf: bytearray, at: int, pos: int, n: int) -> None:
+        backing = self.backing
+        if backing is None:
+            return
+        blen = backing.node.driver.getlength()
+        if pos >= blen:
+            return
+        count = min(n, blen - pos)
+        buf[at : at + count] = await io.pread(backing, pos, count)
+
+    async def compressed_cluster(self, raw: int) -> bytes:
+        host, span = fmt.compressed_span(raw, self.cluster_bits)
+        cached = self._last_compressed
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        data = bytes(await io.pread(self.meta.file, host, span))
+        if self.cluster_size >= _OFFLOAD_BYTES:
+            out = await asyncio.to_thread(decompress, data, self.cluster_size, self.zstd)
+        else:
+            out = decompress(data, self.cluster_size, self.zstd)
+        self._last_compressed = (raw, out)
+        return out
+
+    def compressed_host_clusters(self, raw: int) -> tuple[int, int]:
+        """(first host cluster offset, count) a compressed entry holds references on."""
+        host, span = fmt.compressed_span(raw, self.cluster_bits)
+        first = host >> self.cluster_bits
+        last = (host + span - 1) >> self.cluster_bits
+        return first << self.cluster_bits, last - first + 1

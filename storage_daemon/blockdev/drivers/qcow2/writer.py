@@ -1,0 +1,343 @@
+"""Guest writes, zero writes and discards of a qcow2 image, one cluster at a time.
+
+Domain ring; runs under the driver's metadata lock. Order per cluster: allocate (refcount in
+the cache), write the data (with the copy-on-write head and tail), then update the cached L2
+entry; `Metadata.writeback` later makes refblocks and data stable before the L2 table and
+applies the refcount drops of replaced clusters last. Invariant: a host cluster is written in
+place only when its L2 entry carries COPIED (refcount exactly 1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from storage_daemon.blockdev import io
+from storage_daemon.blockdev.drivers.qcow2 import format as fmt
+from storage_daemon.blockdev.drivers.qcow2.alloc import (
+    FREE_OTHER,
+    FREE_REQUEST,
+    Corruption,
+    Metadata,
+)
+from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
+from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
+
+if TYPE_CHECKING:
+    from storage_daemon.blockdev.drivers.qcow2.driver import Qcow2Driver
+
+# Cached metadata and page-cache hits complete without suspending: long loops yield to the
+# event loop every this many clusters.
+YIELD_EVERY = 32
+
+
+class Writer:
+    def __init__(self, driver: Qcow2Driver, meta: Metadata, mapper: Mapper) -> None:
+        self.driver = driver
+        self.meta = meta
+        self.mapper = mapper
+        self.cs = meta.cluster_size
+        self.cb = meta.cluster_bits
+        self.ext = mapper.extended
+        self.sc = self.cs // fmt.SUBCLUSTERS if self.ext else self.cs
+        self.l2_entries = meta.hdr.l2_entries
+        self.v3 = meta.hdr.version >= 3
+
+    # --- L2 tables ----------------------------------------------------------------------
+
+    async def _l2_for_write(self, cluster_index: int) -> tuple[int, bytearray]:
+        meta = self.meta
+        l1_index = cluster_index // self.l2_entries
+        if l1_index >= len(meta.l1):
+            raise Corruption(f"L1 index {l1_index} out of range")
+        entry = meta.l1[l1_index]
+        offset = entry & fmt.L1E_OFFSET_MASK
+        if offset and entry & fmt.OFLAG_COPIED:
+            return offset, await meta.load_l2(offset)
+        template = await meta.load_l2(offset) if offset else None
+        return await meta.new_l2(l1_index, template)
+
+    def _host_of(self, entry: fmt.L2Entry, cluster_index: int) -> int:
+        host = entry.offset
+        if host & (self.cs - 1):
+            raise Corruption(
+                f"Cluster allocation offset {host:#x} unaligned (guest offset: "
+                f"{cluster_index << self.cb:#x})",
+                host,
+                self.cs,
+            )
+        return host
+
+    def _free_old(self, entry: fmt.L2Entry, kind: str) -> None:
+        """Queue the release of the host clusters an entry referenced."""
+        if self.mapper.has_data_file:
+            return
+        if entry.compressed:
+            first, count = self.mapper.compressed_host_clusters(entry.raw)
+            self.meta.queue_free(first, count, kind)
+        elif entry.offset:
+            self.meta.queue_free(entry.offset, 1, kind)
+
+    async def _write_host(self, host: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.mapper.has_data_file:
+            self.meta.check_overlap(host, len(data))
+        await io.pwrite(self.mapper.data, host, data)
+
+    async def _new_host(self, cluster_index: int) -> int:
+        if self.mapper.has_data_file:
+            return cluster_index << self.cb
+        return await self.meta.alloc_clusters(1)
+
+    # --- writes -------------------------------------------------------------------------
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        pos = offset
+        end = offset + len(data)
+        count = 0
+        while pos < end:
+            n = min(end - pos, self.cs - (pos & (self.cs - 1)))
+            await self._write_cluster(pos, data[pos - offset : pos - offset + n])
+            pos += n
+            count += 1
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+
+    async def _guest_fill(self, buf: bytearray, base: int, start: int, stop: int) -> None:
+        """Copy the current guest content of [start, stop) into buf (which holds base...)."""
+        if stop > start:
+            buf[start - base : stop - base] = await self.mapper.read(start, stop - start)
+
+    async def _write_cluster(self, pos: int, data: memoryview) -> None:
+        cs = self.cs
+        cluster_index = pos >> self.cb
+        cstart = cluster_index << self.cb
+        in_off = pos - cstart
+        n = len(data)
+        l2_offset, table = await self._l2_for_write(cluster_index)
+        idx = cluster_index % self.l2_entries
+        entry = fmt.l2_get(table, idx, self.ext)
+        if self.ext:
+            await self._write_extended(pos, data, cstart, l2_offset, table, idx, entry)
+            return
+        kind = fmt.cluster_type(entry, False, self.mapper.has_data_file)
+        in_place = kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and (
+            entry.copied or self.mapper.has_data_file
+        )
+        if in_place and kind == ClusterType.NORMAL:
+            host = self._host_of(entry, cluster_index)
+            await self._write_host(host + in_off, data)
+            return
+        # The whole cluster is (re)written: head and tail keep what reads return now.
+        buf = bytearray(cs)
+        if kind != ClusterType.ZERO_ALLOC and kind != ClusterType.ZERO_PLAIN:
+            await self._guest_fill(buf, cstart, cstart, cstart + in_off)
+            await self._guest_fill(buf, cstart, pos + n, cstart + cs)
+        buf[in_off : in_off + n] = data
+        if in_place:
+            host = self._host_of(entry, cluster_index)
+        else:
+            host = await self._new_host(cluster_index)
+        await self._write_host(host, buf)
+        fmt.l2_set(table, idx, False, host | fmt.OFLAG_COPIED)
+        self.meta.l2_dirty(l2_offset, table)
+        if not in_place and kind in (
+            ClusterType.NORMAL,
+            ClusterType.ZERO_ALLOC,
+            ClusterType.COMPRESSED,
+        ):
+            self._free_old(entry, FREE_OTHER)
+
+    async def _write_extended(
+        self,
+        pos: int,
+        data: memoryview,
+        cstart: int,
+        l2_offset: int,
+        table: bytearray,
+        idx: int,
+        entry: fmt.L2Entry,
+    ) -> None:
+        sc = self.sc
+        cluster_index = cstart >> self.cb
+        in_off = pos - cstart
+        n = len(data)
+        first_sc = in_off // sc
+        last_sc = (in_off + n - 1) // sc
+        touched = ((1 << (last_sc + 1)) - 1) & ~((1 << first_sc) - 1)
+        has_df = self.mapper.has_data_file
+        host_kind = fmt.cluster_type(entry, True, has_df)
+        for sc_index in (first_sc, last_sc):
+            self.mapper.unit(entry, sc_index)  # validates the bitmap
+        alloc_bits = entry.bitmap & fmt.ALL_SUBCLUSTERS
+        zero_bits = entry.bitmap >> 32
+        if host_kind == ClusterType.NORMAL and (entry.copied or has_df):
+            host = self._host_of(entry, cluster_index)
+            span_start = in_off
+            span_end = in_off + n
+            if in_off % sc and not alloc_bits >> first_sc & 1:
+                span_start = first_sc * sc
+            if (in_off + n) % sc and not alloc_bits >> last_sc & 1:
+                span_end = (last_sc + 1) * sc
+            if (span_start, span_end) == (in_off, in_off + n):
+                await self._write_host(host + in_off, data)
+            else:
+                buf = bytearray(span_end - span_start)
+                await self._guest_fill(buf, cstart + span_start, cstart + span_start, pos)
+                await self._guest_fill(buf, cstart + span_start, pos + n, cstart + span_end)
+                buf[in_off - span_start : in_off - span_start + n] = data
+                await self._write_host(host + span_start, buf)
+            new_bitmap = (alloc_bits | touched) | ((zero_bits & ~touched) << 32)
+            if new_bitmap != entry.bitmap:
+                fmt.l2_set(table, idx, True, entry.raw, new_bitmap)
+                self.meta.l2_dirty(l2_offset, table)
+            return
+        host = await self._new_host(cluster_index)
+        if host_kind in (ClusterType.NORMAL, ClusterType.COMPRESSED):
+            # Replacing a shared or compressed cluster: copy all of it.
+            buf = bytearray(self.cs)
+            await self._guest_fill(buf, cstart, cstart, pos)
+            await self._guest_fill(buf, cstart, pos + n, cstart + self.cs)
+            buf[in_off : in_off + n] = data
+            await self._write_host(host, buf)
+            if host_kind == ClusterType.COMPRESSED:
+                new_alloc, new_zero = fmt.ALL_SUBCLUSTERS, 0
+            else:
+                new_alloc, new_zero = alloc_bits | touched, zero_bits & ~touched
+            self._free_old(entry, FREE_OTHER)
+        else:
+            span_start = first_sc * sc
+            span_end = (last_sc + 1) * sc
+            buf = bytearray(span_end - span_start)
+            await self._guest_fill(buf, cstart + span_start, cstart + span_start, pos)
+            await self._guest_fill(buf, cstart + span_start, pos + n, cstart + span_end)
+            buf[in_off - span_start : in_off - span_start + n] = data
+            await self._write_host(host + span_start, buf)
+            new_alloc, new_zero = touched, zero_bits & ~touched
+        fmt.l2_set(table, idx, True, host | fmt.OFLAG_COPIED, new_alloc | (new_zero << 32))
+        self.meta.l2_dirty(l2_offset, table)
+
+    # --- zeroes and discard -------------------------------------------------------------
+
+    async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        size = self.mapper.size
+        unit = self.sc
+        pos = offset
+        end = offset + length
+        count = 0
+        while pos < end:
+            count += 1
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            cluster_end = ((pos >> self.cb) + 1) << self.cb
+            stop = min(end, cluster_end)
+            unit_start = -(-pos // unit) * unit
+            unit_stop = (stop // unit) * unit
+            if stop == size and stop % unit:
+                unit_stop = -(-stop // unit) * unit  # the image's last partial unit
+            if unit_start >= unit_stop:
+                await self.write(pos, memoryview(bytes(stop - pos)))
+            else:
+                if pos < unit_start:
+                    await self.write(pos, memoryview(bytes(unit_start - pos)))
+                await self._zero_units(unit_start, min(unit_stop, cluster_end), unmap)
+                tail = min(unit_stop, stop)
+                if tail < stop:
+                    await self.write(tail, memoryview(bytes(stop - tail)))
+            pos = stop
+
+    async def _zero_units(self, start: int, stop: int, unmap: bool) -> None:
+        """Make whole units (clusters or subclusters) of one cluster read as zeroes."""
+        cluster_index = start >> self.cb
+        cstart = cluster_index << self.cb
+        whole = start == cstart and stop - cstart >= self.cs
+        no_backing = self.mapper.backing is None
+        if not self.ext:
+            # Skip clusters that already read as zeroes without an L2 table to touch.
+            l2_offset, table0 = await self.mapper.l2_for(cluster_index)
+            if table0 is None and no_backing:
+                return
+        l2_offset, table = await self._l2_for_write(cluster_index)
+        idx = cluster_index % self.l2_entries
+        entry = fmt.l2_get(table, idx, self.ext)
+        has_df = self.mapper.has_data_file
+        if not self.ext:
+            kind = fmt.cluster_type(entry, False, has_df)
+            if kind == ClusterType.ZERO_PLAIN or (kind == ClusterType.ZERO_ALLOC and not unmap):
+                return
+            if kind == ClusterType.UNALLOCATED and no_backing:
+                return
+            keep = (
+                kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
+                and (entry.copied or has_df)
+                and not unmap
+            )
+            if keep:
+                new = entry.offset | fmt.OFLAG_COPIED | fmt.OFLAG_ZERO
+            else:
+                new = fmt.OFLAG_ZERO
+                if has_df and kind != ClusterType.UNALLOCATED:
+                    new = fmt.OFLAG_ZERO
+                self._free_old(entry, FREE_REQUEST if unmap else FREE_OTHER)
+            fmt.l2_set(table, idx, False, new)
+            self.meta.l2_dirty(l2_offset, table)
+            return
+        first_sc = (start - cstart) // self.sc
+        last_sc = min((stop - cstart + self.sc - 1) // self.sc, fmt.SUBCLUSTERS) - 1
+        mask = ((1 << (last_sc + 1)) - 1) & ~((1 << first_sc) - 1)
+        for sc_index in (first_sc, last_sc):
+            self.mapper.unit(entry, sc_index)
+        host_kind = fmt.cluster_type(entry, True, has_df)
+        alloc_bits = entry.bitmap & fmt.ALL_SUBCLUSTERS
+        zero_bits = entry.bitmap >> 32
+        if host_kind == ClusterType.COMPRESSED or (
+            host_kind == ClusterType.NORMAL and not entry.copied and not has_df
+        ):
+            if not whole:
+                # Partial zeroing of a shared cluster: copy it first through a write.
+                await self.write(start, memoryview(bytes(stop - start)))
+                return
+            self._free_old(entry, FREE_OTHER)
+            fmt.l2_set(table, idx, True, 0, fmt.ALL_SUBCLUSTERS << 32)
+        elif whole and unmap and host_kind == ClusterType.NORMAL and not has_df:
+            self._free_old(entry, FREE_REQUEST)
+            fmt.l2_set(table, idx, True, 0, fmt.ALL_SUBCLUSTERS << 32)
+        else:
+            new_bitmap = (alloc_bits & ~mask) | ((zero_bits | mask) << 32)
+            fmt.l2_set(table, idx, True, entry.raw, new_bitmap)
+        self.meta.l2_dirty(l2_offset, table)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Deallocate whole clusters; they read as zeroes afterwards (v3 with a backing file:
+        zero clusters, so the backing file does not show through)."""
+        pos = -(-offset // self.cs) * self.cs
+        end = offset + length
+        size = self.mapper.size
+        if end == size:
+            end = -(-end // self.cs) * self.cs
+        end = (end // self.cs) * self.cs
+        has_backing = self.mapper.backing is not None
+        if has_backing and not self.v3 and not self.ext:
+            return  # v2 has no zero clusters: deallocating would expose the backing file
+        count = 0
+        while pos < end:
+            count += 1
+            if count % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            cluster_index = pos >> self.cb
+            pos += self.cs
+            _, existing = await self.mapper.l2_for(cluster_index)
+            if existing is None and not has_backing:
+                continue
+            l2_offset, table = await self._l2_for_write(cluster_index)
+            idx = cluster_index % self.l2_entries
+            entry = fmt.l2_get(table, idx, self.ext)
+            if self.ext:
+                new_raw, new_bitmap = 0, (fmt.ALL_SUBCLUSTERS << 32) if has_backing else 0
+            else:
+                new_raw, new_bitmap = (fmt.OFLAG_ZERO if has_backing and self.v3 else 0), 0
+            if (entry.raw, entry.bitmap) == (new_raw, new_bitmap):
+                continue
+            if not self.mapper.has_data_file:
+                self._free_old(entry, FREE_REQUEST)
+            fmt.l2_set(table, idx, self.ext, new_raw, new_bitmap)
+            self.meta.l2_dirty(l2_offset, table)
