@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := qemu-utils qemu-system-common libnbd-bin python3-libnbd nbdkit fio
 
-.PHONY: run test venv apt lint typecheck unit generate bench
+.PHONY: run test venv apt lint typecheck generate bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,7 @@ run: venv
 
 generate: venv
 	$(PY) -m storage_daemon.qapi.gen
+	$(PY) -m storage_daemon.help --man
 
 lint: venv
 	$(VENV)/bin/ruff check storage_daemon tests bench
@@ -36,8 +37,10 @@ typecheck: venv
 
 test: apt venv
 	$(PY) -m storage_daemon.qapi.gen --check
+	$(PY) -m storage_daemon.help --check
 	$(MAKE) lint typecheck
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: venv
 	$(PY) bench/startup.py
+	$(PY) bench/nbd_bench.py

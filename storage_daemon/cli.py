@@ -573,8 +573,10 @@ QEMU storage daemon
              [,driver specific parameters...]
                          configure a block backend
 
-  --chardev <options>    configure a character device backend
-                         (see the qemu(1) man page for possible options)
+  --chardev <options>    configure a character device backend: qsd's syntax
+                         (socket,id=<id>,path=<path>,server=on,wait=off) or
+                         the typed one (socket,id=<id>,addr.type=unix,
+                         addr.path=<path>,server=on,wait=off, or JSON)
 
   --daemonize            daemonize the process, and have the parent exit
                          once startup is complete
@@ -599,14 +601,20 @@ QEMU storage daemon
                          create a new object of type <type>, setting
                          properties in the order they are specified. Note
                          that the 'id' property must be set.
-                         See the qemu(1) man page for documentation of the
-                         objects that can be added.
 
   --pidfile <path>       write process ID to a file after startup
 
-  --chardev help         list chardev backend types that can be added
-
-`--object help` and `--chardev help` list the types this daemon implements.
+The options taking keyval or JSON also answer `help`:
+  --blockdev help        list the block drivers
+  --blockdev <driver>,help
+                         list a driver's options, with types and defaults
+  --chardev help         list the chardev backends
+  --chardev <backend>,help
+                         list a backend's options (typed and legacy names)
+  --export help          list the export types; --export <type>,help: options
+  --monitor help, --nbd-server help
+                         list the options
+See storage-daemon(1) for every driver, object type and backend.
 """
 
 
@@ -615,7 +623,8 @@ def help_text(prog: str) -> str:
 
     Differences from qsd 7.2: no FUSE / vhost-user-blk / vduse-blk exports; the NBD export
     line names the real `bitmaps.<n>` member (qsd's help says `bitmap`, which it rejects);
-    a closing note on `--object help` / `--chardev help` replaces qsd's bug-report lines.
+    --chardev names its typed syntax; a closing list of the per-option help requests (which
+    qsd lacks) replaces qsd's bug-report lines.
     """
     return _HELP.format(prog=prog)
 
