@@ -8,6 +8,7 @@ and the daemon serves until quit or a signal. Startup failures leave no socket o
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -65,6 +66,10 @@ async def serve(
     if pidfile is not None:
         pidfile.write(os.getpid())
     ready()
+    # Everything built so far lives as long as the daemon: keep it out of the collector's
+    # full passes, which would otherwise stall the event loop now and then.
+    gc.collect()
+    gc.freeze()
     await daemon.wait_exit()
     await daemon.shutdown()
     return 0
