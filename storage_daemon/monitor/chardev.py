@@ -122,6 +122,7 @@ class StdioChardev(Chardev):
         self._stdin_fd = stdin_fd
         self._stdout_fd = stdout_fd
         self._used = False
+        self._out_pump: threading.Thread | None = None
 
     @property
     def filename(self) -> str:
@@ -155,8 +156,16 @@ class StdioChardev(Chardev):
         )
         for pump in pumps:
             pump.start()
+        self._out_pump = pumps[1]
         reader, writer = await asyncio.open_connection(sock=ours)
         return Connection(reader, writer, "stdio")
+
+    async def close(self) -> None:
+        await super().close()
+        if self._out_pump is not None:
+            # Replies written before the monitor closed must reach stdout before we exit.
+            await asyncio.to_thread(self._out_pump.join, _CLOSE_TIMEOUT)
+            self._out_pump = None
 
 
 def _pollable(fd: int) -> bool:
