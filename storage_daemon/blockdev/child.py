@@ -7,7 +7,8 @@ permission checks and is named the same way in conflict messages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +31,9 @@ ROLE_FILTERED = ChildRole.DATA | ChildRole.FILTERED | ChildRole.PRIMARY
 ROLE_BACKING = ChildRole.DATA | ChildRole.COW
 
 
+_edge_serials = itertools.count()
+
+
 class BlockParent(Protocol):
     """Anything that holds a node through an edge."""
 
@@ -48,6 +52,8 @@ class BdrvChild:
     role: ChildRole
     perm: Perm = PERM_NONE
     shared: Perm = PERM_NONE
+    # Creation order of edges: queries list non-node parents in the order they appeared.
+    serial: int = field(default_factory=_edge_serials.__next__, compare=False)
 
     @property
     def parent_node(self) -> BlockNode | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.graph import BlockGraph
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.perm import perm_list
@@ -86,28 +87,50 @@ async def named_block_nodes(graph: BlockGraph, flat: bool) -> list[dict[str, Any
     return [await block_device_info(node, flat) for node in reversed(list(graph))]
 
 
-def debug_block_graph(graph: BlockGraph, extra_parents: list[Any] | None = None) -> dict[str, Any]:
-    """x-debug-query-block-graph: nodes numbered in creation order, listed newest first."""
-    nodes = list(graph)
-    ids = {node: index for index, node in enumerate(nodes, start=1)}
-    edges: list[dict[str, Any]] = []
-    for node in nodes:
-        for edge in node.children:
-            edges.append(
+def debug_block_graph(graph: BlockGraph) -> dict[str, Any]:
+    """x-debug-query-block-graph, numbered and ordered as qsd does it.
+
+    qsd visits backends (exports, temporary users), then every node, then jobs; an object gets
+    its id when first seen (as a visited node or as an edge's end), and both lists are built
+    by prepending, so they come out newest first.
+    """
+    ids: dict[object, int] = {}
+    nodes_out: list[dict[str, Any]] = []
+    edges_out: list[dict[str, Any]] = []
+
+    def number(obj: object) -> int:
+        return ids.setdefault(obj, len(ids) + 1)
+
+    def visit(obj: object, kind: str, name: str, edges: list[BdrvChild]) -> None:
+        nodes_out.insert(0, {"id": number(obj), "type": kind, "name": name})
+        for edge in edges:
+            edges_out.insert(
+                0,
                 {
-                    "parent": ids[node],
-                    "child": ids[edge.node],
+                    "parent": number(obj),
+                    "child": number(edge.node),
                     "name": edge.name,
                     "perm": perm_list(edge.perm),
                     "shared-perm": perm_list(edge.shared),
-                }
+                },
             )
-    return {
-        "nodes": [
-            {"id": ids[node], "type": "block-driver", "name": node.name} for node in reversed(nodes)
-        ],
-        "edges": list(reversed(edges)),
-    }
+
+    nodes = list(graph)
+    outside: dict[object, list[BdrvChild]] = {}
+    for edge in sorted(
+        (edge for node in nodes for edge in node.parents if edge.parent_node is None),
+        key=lambda edge: edge.serial,
+    ):
+        outside.setdefault(edge.parent, []).append(edge)
+    jobs = {parent: edges for parent, edges in outside.items() if hasattr(parent, "job_type")}
+    for parent, edges in outside.items():
+        if parent not in jobs:
+            visit(parent, "block-backend", "", edges)
+    for node in nodes:
+        visit(node, "block-driver", node.name, node.children)
+    for job, edges in jobs.items():
+        visit(job, "block-job", str(getattr(job, "id", "")), edges)
+    return {"nodes": nodes_out, "edges": edges_out}
 
 
 def _device_stats(node: BlockNode) -> dict[str, Any]:

@@ -261,3 +261,18 @@ def test_removal_with_clients(compat: Compat) -> None:
         norm[side] = normalise_transcript(records, daemon.workdir)
     ref, ours = norm["reference"], norm["ours"]
     assert [canonical(r) for r in ref] == [canonical(r) for r in ours], diff_text(ref, ours)
+
+
+def test_debug_graph_shows_exports_as_backends(compat: Compat) -> None:
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "n0"}),
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "n1"}),
+            Cmd("nbd-server-start", {"addr": UNIX}),
+            Cmd(
+                "block-export-add", {"type": "nbd", "id": "e0", "node-name": "n0", "writable": True}
+            ),
+            Cmd("block-export-add", {"type": "nbd", "id": "e1", "node-name": "n1"}),
+            Cmd("x-debug-query-block-graph"),
+        ]
+    )
