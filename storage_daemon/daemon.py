@@ -37,8 +37,9 @@ class Daemon:
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or SystemClock()
         self.graph = BlockGraph()
-        self.objects = ObjectRegistry()
+        self.objects = ObjectRegistry(self.clock)
         self.events = EventBus(self.clock)
+        self.graph.emit_hook = self.events.emit  # drivers' events (node.graph.emit)
         self.jobs = JobManager(self.events.emit, self.clock)
         self.exports = ExportRegistry(self.graph, self.events.emit)
         self.nbd_server: NbdServer | None = None
@@ -103,3 +104,4 @@ class Daemon:
                     pass  # still used by another node: closed with its parent
         for node in reversed(list(self.graph)):
             await self.graph.remove(node)
+        self.objects.close_all()  # throttle timers and the like

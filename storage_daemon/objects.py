@@ -1,17 +1,20 @@
 """User-creatable objects (`--object`, object-add): the /objects container (domain ring).
 
-Objects are kept by id in creation order. Types that need behaviour (throttle groups,
-secrets) get their own classes as they land; an `iothread` is accepted and recorded: the
-daemon runs all I/O on its event loop plus a thread pool, so it has nothing to bind.
+Objects are kept by id in creation order, each an instance of its QOM type's class in
+`storage_daemon.qom`. Invariant: an object is registered only after `complete()` succeeded, and
+one whose `in_use` count is non-zero cannot be deleted.
 """
 
 from __future__ import annotations
 
 import re
-from enum import Enum
 from typing import Any
 
+from storage_daemon.clock import Clock, SystemClock
 from storage_daemon.errors import QmpError
+from storage_daemon.qom.base import UserObject
+from storage_daemon.qom.simple import AuthzList, AuthzSimple, IoThread, Secret
+from storage_daemon.qom.throttle_group import ThrottleGroup
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 ID_HINT = "Identifiers consist of letters, digits, '-', '.', '_', starting with a letter."
@@ -23,11 +26,43 @@ def check_id(value: str) -> None:
         raise QmpError("Parameter 'id' expects an identifier", hint=ID_HINT)
 
 
-# qom-type -> the schema struct holding its properties (for `--object TYPE,help`).
-PROPERTY_TYPES = {"iothread": "IothreadProperties"}
+# qom-type (the schema's ObjectType value) -> the schema struct holding its properties.
+PROPERTY_TYPES = {
+    "authz-list": "AuthZListProperties",
+    "authz-simple": "AuthZSimpleProperties",
+    "iothread": "IothreadProperties",
+    "secret": "SecretProperties",
+    "throttle-group": "ThrottleGroupProperties",
+}
+
+
+def _wire(value: Any) -> str:
+    return str(getattr(value, "value", value))
+
+
+_ACTIVE: list[ObjectRegistry] = []
+
+
+def active_registry() -> ObjectRegistry:
+    """The registry of the daemon created last: how block drivers (throttle) find objects.
+
+    Drivers receive only their options; until the graph carries a reference to the daemon's
+    registry, the newest registry is the one in use (one daemon per process).
+    """
+    if not _ACTIVE:
+        ObjectRegistry()
+    return _ACTIVE[-1]
 
 
 class ObjectRegistry:
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self.objects: dict[str, UserObject] = {}
+        self.in_use: dict[str, int] = {}
+        # qsd creates the /objects container on the first object-add and keeps it.
+        self.container_created = False
+        _ACTIVE[:] = [self]
+
     def user_creatable_types(self) -> list[str]:
         return sorted(PROPERTY_TYPES)
 
@@ -36,41 +71,70 @@ class ObjectRegistry:
             raise QmpError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
         return PROPERTY_TYPES[qom_type]
 
-    def __init__(self) -> None:
-        self.objects: dict[str, Any] = {}
-        self.in_use: dict[str, int] = {}
+    def _create(self, options: Any) -> UserObject:
+        qom_type = _wire(options.qom_type)
+        if qom_type == "throttle-group":
+            return ThrottleGroup(options.id, options, self.clock)
+        if qom_type == "secret":
+            return Secret(options.id, options, self.secret)
+        classes: dict[str, type[UserObject]] = {
+            "iothread": IoThread,
+            "authz-simple": AuthzSimple,
+            "authz-list": AuthzList,
+        }
+        return classes[qom_type](options.id, options)
 
-    def add(self, options: Any) -> None:
+    def add(self, options: Any) -> UserObject:
+        self.container_created = True
         check_id(options.id)
         if options.id in self.objects:
             raise QmpError(
                 f"attempt to add duplicate property '{options.id}' to object (type 'container')"
             )
-        if str(getattr(options.qom_type, "value", options.qom_type)) == "iothread":
-            _check_iothread(options)
-        self.objects[options.id] = options
+        obj = self._create(options)
+        try:
+            obj.complete()
+        except BaseException:
+            obj.close()
+            raise
+        self.objects[options.id] = obj
+        return obj
 
     def delete(self, object_id: str) -> None:
-        if object_id not in self.objects:
+        obj = self.objects.get(object_id)
+        if obj is None:
             raise QmpError(f"object '{object_id}' not found")
         if self.in_use.get(object_id):
             raise QmpError(f"object '{object_id}' is in use, can not be deleted")
         del self.objects[object_id]
+        obj.close()
+
+    def close_all(self) -> None:
+        for obj in self.objects.values():
+            obj.close()
 
     def type_of(self, object_id: str) -> str | None:
-        options = self.objects.get(object_id)
-        if options is None:
-            return None
-        qom_type = options.qom_type
-        return str(qom_type.value if isinstance(qom_type, Enum) else qom_type)
+        obj = self.objects.get(object_id)
+        return None if obj is None else obj.qom_type
 
+    # --- lookups for users of objects --------------------------------------------------
 
-_INT64_MAX = (1 << 63) - 1
+    def secret(self, object_id: str) -> Secret | None:
+        obj = self.objects.get(object_id)
+        return obj if isinstance(obj, Secret) else None
 
+    def throttle_group(self, object_id: str) -> ThrottleGroup:
+        obj = self.objects.get(object_id)
+        if not isinstance(obj, ThrottleGroup):
+            raise QmpError(f"Throttle group '{object_id}' does not exist")
+        return obj
 
-def _check_iothread(options: Any) -> None:
-    for name in ("poll_max_ns", "poll_grow", "poll_shrink", "aio_max_batch"):
-        value = getattr(options, name, None)
-        if value is not None and not 0 <= value <= _INT64_MAX:
-            wire_name = name.replace("_", "-")
-            raise QmpError(f"{wire_name} value must be in range [0, {_INT64_MAX}]")
+    def use(self, object_id: str) -> None:
+        self.in_use[object_id] = self.in_use.get(object_id, 0) + 1
+
+    def unuse(self, object_id: str) -> None:
+        count = self.in_use.get(object_id, 0) - 1
+        if count > 0:
+            self.in_use[object_id] = count
+        else:
+            self.in_use.pop(object_id, None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 EVENTS: dict[str, str | None] = {
     'BLOCK_IMAGE_CORRUPTED': 'BlockImageCorruptedEvent',
+    'BLOCK_NODE_REPLACED': 'BlockNodeReplacedEvent',
     'BLOCK_IO_ERROR': 'BlockIoErrorEvent',
     'BLOCK_JOB_COMPLETED': 'BlockJobCompletedEvent',
     'BLOCK_JOB_CANCELLED': 'BlockJobCancelledEvent',

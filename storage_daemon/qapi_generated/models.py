@@ -99,11 +99,17 @@ if TYPE_CHECKING:
     class BlockdevDriver(enum.StrEnum):
         """Block drivers this daemon implements."""
 
+        BLKDEBUG = "blkdebug"
+        COMPRESS = "compress"
+        COPY_ON_READ = "copy-on-read"
+        ERROR = "error"
         FILE = "file"
         NULL_AIO = "null-aio"
         NULL_CO = "null-co"
+        PREALLOCATE = "preallocate"
         QCOW2 = "qcow2"
         RAW = "raw"
+        THROTTLE = "throttle"
 
 
     class BlockdevDiscardOptions(enum.StrEnum):
@@ -121,6 +127,20 @@ if TYPE_CHECKING:
         IO_URING = "io_uring"
 
 
+    class BlockdevErrorErrno(enum.StrEnum):
+        """The error an 'error' node answers every request with (errno names in lower case, as QAPI enum values are)."""
+
+        EIO = "eio"
+        ENOSPC = "enospc"
+        EPERM = "eperm"
+        EACCES = "eacces"
+        EROFS = "erofs"
+        ENOMEDIUM = "enomedium"
+        ENOTSUP = "enotsup"
+        EINVAL = "einval"
+        ESHUTDOWN = "eshutdown"
+
+
     class Qcow2OverlapCheckMode(enum.StrEnum):
         """Preset sets of qcow2 metadata overlap checks."""
 
@@ -135,6 +155,70 @@ if TYPE_CHECKING:
 
         AES = "aes"
         LUKS = "luks"
+
+
+    class BlkdebugEvent(enum.StrEnum):
+        """Events blkdebug rules react to; the format events come from a format driver sitting on a blkdebug node."""
+
+        L1_UPDATE = "l1_update"
+        L1_GROW_ALLOC_TABLE = "l1_grow_alloc_table"
+        L1_GROW_WRITE_TABLE = "l1_grow_write_table"
+        L1_GROW_ACTIVATE_TABLE = "l1_grow_activate_table"
+        L2_LOAD = "l2_load"
+        L2_UPDATE = "l2_update"
+        L2_UPDATE_COMPRESSED = "l2_update_compressed"
+        L2_ALLOC_COW_READ = "l2_alloc_cow_read"
+        L2_ALLOC_WRITE = "l2_alloc_write"
+        READ_AIO = "read_aio"
+        READ_BACKING_AIO = "read_backing_aio"
+        READ_COMPRESSED = "read_compressed"
+        WRITE_AIO = "write_aio"
+        WRITE_COMPRESSED = "write_compressed"
+        VMSTATE_LOAD = "vmstate_load"
+        VMSTATE_SAVE = "vmstate_save"
+        COW_READ = "cow_read"
+        COW_WRITE = "cow_write"
+        REFTABLE_LOAD = "reftable_load"
+        REFTABLE_GROW = "reftable_grow"
+        REFTABLE_UPDATE = "reftable_update"
+        REFBLOCK_LOAD = "refblock_load"
+        REFBLOCK_UPDATE = "refblock_update"
+        REFBLOCK_UPDATE_PART = "refblock_update_part"
+        REFBLOCK_ALLOC = "refblock_alloc"
+        REFBLOCK_ALLOC_HOOKUP = "refblock_alloc_hookup"
+        REFBLOCK_ALLOC_WRITE = "refblock_alloc_write"
+        REFBLOCK_ALLOC_WRITE_BLOCKS = "refblock_alloc_write_blocks"
+        REFBLOCK_ALLOC_WRITE_TABLE = "refblock_alloc_write_table"
+        REFBLOCK_ALLOC_SWITCH_TABLE = "refblock_alloc_switch_table"
+        CLUSTER_ALLOC = "cluster_alloc"
+        CLUSTER_ALLOC_BYTES = "cluster_alloc_bytes"
+        CLUSTER_FREE = "cluster_free"
+        FLUSH_TO_OS = "flush_to_os"
+        FLUSH_TO_DISK = "flush_to_disk"
+        PWRITEV_RMW_HEAD = "pwritev_rmw_head"
+        PWRITEV_RMW_AFTER_HEAD = "pwritev_rmw_after_head"
+        PWRITEV_RMW_TAIL = "pwritev_rmw_tail"
+        PWRITEV_RMW_AFTER_TAIL = "pwritev_rmw_after_tail"
+        PWRITEV = "pwritev"
+        PWRITEV_ZERO = "pwritev_zero"
+        PWRITEV_DONE = "pwritev_done"
+        EMPTY_IMAGE_PREPARE = "empty_image_prepare"
+        L1_SHRINK_WRITE_TABLE = "l1_shrink_write_table"
+        L1_SHRINK_FREE_L2_CLUSTERS = "l1_shrink_free_l2_clusters"
+        COR_WRITE = "cor_write"
+        CLUSTER_ALLOC_SPACE = "cluster_alloc_space"
+        NONE = "none"
+
+
+    class BlkdebugIOType(enum.StrEnum):
+        """Kinds of requests an inject-error rule applies to."""
+
+        READ = "read"
+        WRITE = "write"
+        WRITE_ZEROES = "write-zeroes"
+        DISCARD = "discard"
+        FLUSH = "flush"
+        BLOCK_STATUS = "block-status"
 
 
     class BlockdevOnError(enum.StrEnum):
@@ -161,6 +245,59 @@ if TYPE_CHECKING:
 
         V2 = "v2"
         V3 = "v3"
+
+
+    class QCryptoBlockFormat(enum.StrEnum):
+        """The encryption formats a new image can be created with."""
+
+        QCOW = "qcow"
+        LUKS = "luks"
+
+
+    class QCryptoCipherAlgorithm(enum.StrEnum):
+        """Block cipher algorithms."""
+
+        AES_128 = "aes-128"
+        AES_192 = "aes-192"
+        AES_256 = "aes-256"
+        DES = "des"
+        V_3DES = "3des"
+        CAST5_128 = "cast5-128"
+        SERPENT_128 = "serpent-128"
+        SERPENT_192 = "serpent-192"
+        SERPENT_256 = "serpent-256"
+        TWOFISH_128 = "twofish-128"
+        TWOFISH_192 = "twofish-192"
+        TWOFISH_256 = "twofish-256"
+
+
+    class QCryptoCipherMode(enum.StrEnum):
+        """Block cipher chaining modes."""
+
+        ECB = "ecb"
+        CBC = "cbc"
+        XTS = "xts"
+        CTR = "ctr"
+
+
+    class QCryptoIVGenAlgorithm(enum.StrEnum):
+        """How initialisation vectors are derived from the sector number."""
+
+        PLAIN = "plain"
+        PLAIN64 = "plain64"
+        ESSIV = "essiv"
+
+
+    class QCryptoHashAlgorithm(enum.StrEnum):
+        """Hash algorithms."""
+
+        MD5 = "md5"
+        SHA1 = "sha1"
+        SHA224 = "sha224"
+        SHA256 = "sha256"
+        SHA384 = "sha384"
+        SHA512 = "sha512"
+        RIPEMD160 = "ripemd160"
 
 
     class BlockErrorAction(enum.StrEnum):
@@ -278,10 +415,35 @@ if TYPE_CHECKING:
         VALUE = "value"
 
 
+    class QCryptoSecretFormat(enum.StrEnum):
+        """How the data of a secret is encoded."""
+
+        RAW = "raw"
+        BASE64 = "base64"
+
+
+    class QAuthZListPolicy(enum.StrEnum):
+        """Whether an authorization rule grants or refuses access."""
+
+        DENY = "deny"
+        ALLOW = "allow"
+
+
+    class QAuthZListFormat(enum.StrEnum):
+        """How a rule matches identities."""
+
+        EXACT = "exact"
+        GLOB = "glob"
+
+
     class ObjectType(enum.StrEnum):
         """Object types that can be created with object-add or --object."""
 
+        AUTHZ_LIST = "authz-list"
+        AUTHZ_SIMPLE = "authz-simple"
         IOTHREAD = "iothread"
+        SECRET = "secret"
+        THROTTLE_GROUP = "throttle-group"
 
 
     class String(QapiModel):
@@ -512,6 +674,7 @@ if TYPE_CHECKING:
         drv: str
         backing_file: str | None = None
         backing_file_depth: int
+        active: bool
         encrypted: bool
         detect_zeroes: BlockdevDetectZeroesOptions
         bps: int
@@ -633,6 +796,34 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE
 
 
+    class BlockStatsSpecific_blkdebug(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=blkdebug."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG
+
+
+    class BlockStatsSpecific_compress(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=compress."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS
+
+
+    class BlockStatsSpecific_copy_on_read(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=copy-on-read."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ
+
+
+    class BlockStatsSpecific_error(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=error."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR
+
+
     class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):
         """BlockStatsSpecific with driver=null-aio."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
@@ -647,6 +838,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
 
+    class BlockStatsSpecific_preallocate(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=preallocate."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE
+
+
     class BlockStatsSpecific_qcow2(BlockStatsSpecificBase):
         """BlockStatsSpecific with driver=qcow2."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
@@ -659,6 +857,13 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
 
         driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
+
+
+    class BlockStatsSpecific_throttle(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=throttle."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE
 
 
     class BlockStats(QapiModel):
@@ -716,6 +921,31 @@ if TYPE_CHECKING:
         edges: list[XDbgBlockGraphEdge]
 
 
+    class XBlockNodePermissions(QapiModel):
+        """What the users of a node hold together."""
+
+        perm: list[BlockPermission]
+        shared_perm: list[BlockPermission] = Field(alias="shared-perm")
+
+
+    class XBlockNodeParent(QapiModel):
+        """One user of a node."""
+
+        parent: str
+        child: str
+        perm: list[BlockPermission]
+        shared_perm: list[BlockPermission] = Field(alias="shared-perm")
+
+
+    class XBlockNodeInfo(QapiModel):
+        """Everything about one node, structured (see x-query-block-node)."""
+
+        options: BlockdevOptions
+        permissions: XBlockNodePermissions
+        parents: list[XBlockNodeParent]
+        active: bool
+
+
     class BlockDirtyBitmap(QapiModel):
         """Names a dirty bitmap: the node it belongs to and its own name."""
 
@@ -740,6 +970,13 @@ if TYPE_CHECKING:
         aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")
         drop_cache: bool | None = Field(default=None, alias="drop-cache")
         x_check_cache_dropped: bool | None = Field(default=None, alias="x-check-cache-dropped")
+
+
+    class BlockdevOptionsError(QapiModel):
+        """Options of the 'error' driver (our extension): a node of @size bytes that fails every request (read, write, zeroes, discard, flush, block status, resize) with @errno. It has no children and stores nothing."""
+
+        size: int
+        errno: BlockdevErrorErrno | None = None
 
 
     class BlockdevOptionsNull(QapiModel):
@@ -834,6 +1071,63 @@ if TYPE_CHECKING:
         data_file: BlockdevRef | None = Field(default=None, alias="data-file")
 
 
+    class BlkdebugInjectErrorOptions(QapiModel):
+        """A rule making requests fail after an event."""
+
+        event: BlkdebugEvent
+        state: int | None = None
+        iotype: BlkdebugIOType | None = None
+        errno: int | None = None
+        sector: int | None = None
+        once: bool | None = None
+        immediately: bool | None = None
+
+
+    class BlkdebugSetStateOptions(QapiModel):
+        """A rule changing the node's state on an event."""
+
+        event: BlkdebugEvent
+        state: int | None = None
+        new_state: int
+
+
+    class BlockdevOptionsBlkdebug(QapiModel):
+        """Options of the blkdebug filter, which injects errors for testing."""
+
+        image: BlockdevRef
+        config: str | None = None
+        align: int | None = None
+        max_transfer: int | None = Field(default=None, alias="max-transfer")
+        opt_write_zero: int | None = Field(default=None, alias="opt-write-zero")
+        max_write_zero: int | None = Field(default=None, alias="max-write-zero")
+        opt_discard: int | None = Field(default=None, alias="opt-discard")
+        max_discard: int | None = Field(default=None, alias="max-discard")
+        inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias="inject-error")
+        set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias="set-state")
+        take_child_perms: list[BlockPermission] | None = Field(default=None, alias="take-child-perms")
+        unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias="unshare-child-perms")
+
+
+    class BlockdevOptionsCor(BlockdevOptionsGenericFormat):
+        """Options of the copy-on-read filter."""
+
+        bottom: str | None = None
+
+
+    class BlockdevOptionsPreallocate(BlockdevOptionsGenericFormat):
+        """Options of the preallocate filter."""
+
+        prealloc_align: int | None = Field(default=None, alias="prealloc-align")
+        prealloc_size: int | None = Field(default=None, alias="prealloc-size")
+
+
+    class BlockdevOptionsThrottle(QapiModel):
+        """Options of the throttle filter."""
+
+        throttle_group: str = Field(alias="throttle-group")
+        file: BlockdevRef
+
+
     class BlockdevOptionsBase(QapiModel):
         """Members of BlockdevOptionsBase."""
 
@@ -841,10 +1135,39 @@ if TYPE_CHECKING:
         node_name: str | None = Field(default=None, alias="node-name")
         discard: BlockdevDiscardOptions | None = None
         cache: BlockdevCacheOptions | None = None
+        active: bool | None = None
         read_only: bool | None = Field(default=None, alias="read-only")
         auto_read_only: bool | None = Field(default=None, alias="auto-read-only")
         force_share: bool | None = Field(default=None, alias="force-share")
         detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")
+
+
+    class BlockdevOptions_blkdebug(BlockdevOptionsBase, BlockdevOptionsBlkdebug):
+        """BlockdevOptions with driver=blkdebug."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsBlkdebug.qapi_nullable
+
+        driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG
+
+
+    class BlockdevOptions_compress(BlockdevOptionsBase, BlockdevOptionsGenericFormat):
+        """BlockdevOptions with driver=compress."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsGenericFormat.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS
+
+
+    class BlockdevOptions_copy_on_read(BlockdevOptionsBase, BlockdevOptionsCor):
+        """BlockdevOptions with driver=copy-on-read."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsCor.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ
+
+
+    class BlockdevOptions_error(BlockdevOptionsBase, BlockdevOptionsError):
+        """BlockdevOptions with driver=error."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsError.qapi_nullable
+
+        driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR
 
 
     class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):
@@ -868,6 +1191,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
 
+    class BlockdevOptions_preallocate(BlockdevOptionsBase, BlockdevOptionsPreallocate):
+        """BlockdevOptions with driver=preallocate."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsPreallocate.qapi_nullable
+
+        driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE
+
+
     class BlockdevOptions_qcow2(BlockdevOptionsBase, BlockdevOptionsQcow2):
         """BlockdevOptions with driver=qcow2."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsQcow2.qapi_nullable
@@ -882,6 +1212,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
 
 
+    class BlockdevOptions_throttle(BlockdevOptionsBase, BlockdevOptionsThrottle):
+        """BlockdevOptions with driver=throttle."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsThrottle.qapi_nullable
+
+        driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE
+
+
     class BlockdevCreateOptionsFile(QapiModel):
         """Options for creating a file on the host file system."""
 
@@ -890,6 +1227,38 @@ if TYPE_CHECKING:
         preallocation: PreallocMode | None = None
         nocow: bool | None = None
         extent_size_hint: int | None = Field(default=None, alias="extent-size-hint")
+
+
+    class QCryptoBlockCreateOptionsLUKS(QapiModel):
+        """Parameters of a new LUKS header."""
+
+        key_secret: str | None = Field(default=None, alias="key-secret")
+        cipher_alg: QCryptoCipherAlgorithm | None = Field(default=None, alias="cipher-alg")
+        cipher_mode: QCryptoCipherMode | None = Field(default=None, alias="cipher-mode")
+        ivgen_alg: QCryptoIVGenAlgorithm | None = Field(default=None, alias="ivgen-alg")
+        ivgen_hash_alg: QCryptoHashAlgorithm | None = Field(default=None, alias="ivgen-hash-alg")
+        hash_alg: QCryptoHashAlgorithm | None = Field(default=None, alias="hash-alg")
+        iter_time: int | None = Field(default=None, alias="iter-time")
+
+
+    class QCryptoBlockCreateOptionsBase(QapiModel):
+        """Members of QCryptoBlockCreateOptionsBase."""
+
+        format: QCryptoBlockFormat
+
+
+    class QCryptoBlockCreateOptions_qcow(QCryptoBlockCreateOptionsBase, QCryptoBlockOptionsQCow):
+        """QCryptoBlockCreateOptions with format=qcow."""
+        qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockCreateOptionsBase.qapi_nullable | QCryptoBlockOptionsQCow.qapi_nullable
+
+        format: Literal[QCryptoBlockFormat.QCOW] = QCryptoBlockFormat.QCOW
+
+
+    class QCryptoBlockCreateOptions_luks(QCryptoBlockCreateOptionsBase, QCryptoBlockCreateOptionsLUKS):
+        """QCryptoBlockCreateOptions with format=luks."""
+        qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockCreateOptionsBase.qapi_nullable | QCryptoBlockCreateOptionsLUKS.qapi_nullable
+
+        format: Literal[QCryptoBlockFormat.LUKS] = QCryptoBlockFormat.LUKS
 
 
     class BlockdevCreateOptionsQcow2(QapiModel):
@@ -903,6 +1272,7 @@ if TYPE_CHECKING:
         version: BlockdevQcow2Version | None = None
         backing_file: str | None = Field(default=None, alias="backing-file")
         backing_fmt: BlockdevDriver | None = Field(default=None, alias="backing-fmt")
+        encrypt: QCryptoBlockCreateOptions | None = None
         cluster_size: int | None = Field(default=None, alias="cluster-size")
         preallocation: PreallocMode | None = None
         lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")
@@ -930,6 +1300,34 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2
 
 
+    class BlockdevCreateOptions_blkdebug(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=blkdebug."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG
+
+
+    class BlockdevCreateOptions_compress(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=compress."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS
+
+
+    class BlockdevCreateOptions_copy_on_read(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=copy-on-read."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ
+
+
+    class BlockdevCreateOptions_error(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=error."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR
+
+
     class BlockdevCreateOptions_null_aio(BlockdevCreateOptionsBase):
         """BlockdevCreateOptions with driver=null-aio."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
@@ -944,11 +1342,25 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO
 
 
+    class BlockdevCreateOptions_preallocate(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=preallocate."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE
+
+
     class BlockdevCreateOptions_raw(BlockdevCreateOptionsBase):
         """BlockdevCreateOptions with driver=raw."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
 
         driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
+
+
+    class BlockdevCreateOptions_throttle(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=throttle."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE
 
 
     class JobInfo(QapiModel):
@@ -1003,6 +1415,7 @@ if TYPE_CHECKING:
         node_name: str = Field(alias="node-name")
         writable: bool | None = None
         writethrough: bool | None = None
+        allow_inactive: bool | None = Field(default=None, alias="allow-inactive")
 
 
     class BlockExportOptions_nbd(BlockExportOptionsBase, BlockExportOptionsNbd):
@@ -1389,6 +1802,24 @@ if TYPE_CHECKING:
         type: str
 
 
+    class ObjectPropertyInfo(QapiModel):
+        """One property of an object or object type."""
+        qapi_nullable: ClassVar[frozenset[str]] = frozenset(['default_value'])
+
+        name: str
+        type: str
+        description: str | None = None
+        default_value: Any | None = Field(default=None, alias="default-value")
+
+
+    class ObjectTypeInfo(QapiModel):
+        """One object type."""
+
+        name: str
+        abstract: bool | None = None
+        parent: str | None = None
+
+
     class EventLoopBaseProperties(QapiModel):
         """Properties common to event loop objects."""
 
@@ -1405,6 +1836,92 @@ if TYPE_CHECKING:
         poll_shrink: int | None = Field(default=None, alias="poll-shrink")
 
 
+    class ThrottleLimits(QapiModel):
+        """I/O limits of a throttle group; 0 means unlimited."""
+
+        iops_total: int | None = Field(default=None, alias="iops-total")
+        iops_total_max: int | None = Field(default=None, alias="iops-total-max")
+        iops_total_max_length: int | None = Field(default=None, alias="iops-total-max-length")
+        iops_read: int | None = Field(default=None, alias="iops-read")
+        iops_read_max: int | None = Field(default=None, alias="iops-read-max")
+        iops_read_max_length: int | None = Field(default=None, alias="iops-read-max-length")
+        iops_write: int | None = Field(default=None, alias="iops-write")
+        iops_write_max: int | None = Field(default=None, alias="iops-write-max")
+        iops_write_max_length: int | None = Field(default=None, alias="iops-write-max-length")
+        bps_total: int | None = Field(default=None, alias="bps-total")
+        bps_total_max: int | None = Field(default=None, alias="bps-total-max")
+        bps_total_max_length: int | None = Field(default=None, alias="bps-total-max-length")
+        bps_read: int | None = Field(default=None, alias="bps-read")
+        bps_read_max: int | None = Field(default=None, alias="bps-read-max")
+        bps_read_max_length: int | None = Field(default=None, alias="bps-read-max-length")
+        bps_write: int | None = Field(default=None, alias="bps-write")
+        bps_write_max: int | None = Field(default=None, alias="bps-write-max")
+        bps_write_max_length: int | None = Field(default=None, alias="bps-write-max-length")
+        iops_size: int | None = Field(default=None, alias="iops-size")
+
+
+    class ThrottleGroupProperties(QapiModel):
+        """Properties of a throttle-group object."""
+
+        limits: ThrottleLimits | None = None
+        x_iops_total: int | None = Field(default=None, alias="x-iops-total")
+        x_iops_total_max: int | None = Field(default=None, alias="x-iops-total-max")
+        x_iops_total_max_length: int | None = Field(default=None, alias="x-iops-total-max-length")
+        x_iops_read: int | None = Field(default=None, alias="x-iops-read")
+        x_iops_read_max: int | None = Field(default=None, alias="x-iops-read-max")
+        x_iops_read_max_length: int | None = Field(default=None, alias="x-iops-read-max-length")
+        x_iops_write: int | None = Field(default=None, alias="x-iops-write")
+        x_iops_write_max: int | None = Field(default=None, alias="x-iops-write-max")
+        x_iops_write_max_length: int | None = Field(default=None, alias="x-iops-write-max-length")
+        x_bps_total: int | None = Field(default=None, alias="x-bps-total")
+        x_bps_total_max: int | None = Field(default=None, alias="x-bps-total-max")
+        x_bps_total_max_length: int | None = Field(default=None, alias="x-bps-total-max-length")
+        x_bps_read: int | None = Field(default=None, alias="x-bps-read")
+        x_bps_read_max: int | None = Field(default=None, alias="x-bps-read-max")
+        x_bps_read_max_length: int | None = Field(default=None, alias="x-bps-read-max-length")
+        x_bps_write: int | None = Field(default=None, alias="x-bps-write")
+        x_bps_write_max: int | None = Field(default=None, alias="x-bps-write-max")
+        x_bps_write_max_length: int | None = Field(default=None, alias="x-bps-write-max-length")
+        x_iops_size: int | None = Field(default=None, alias="x-iops-size")
+
+
+    class SecretCommonProperties(QapiModel):
+        """Properties common to secret objects."""
+
+        loaded: bool | None = None
+        format: QCryptoSecretFormat | None = None
+        keyid: str | None = None
+        iv: str | None = None
+
+
+    class SecretProperties(SecretCommonProperties):
+        """Properties of a secret object; exactly one of @data and @file is needed."""
+
+        data: str | None = None
+        file: str | None = None
+
+
+    class QAuthZListRule(QapiModel):
+        """One rule of an access list."""
+
+        match: str
+        policy: QAuthZListPolicy
+        format: QAuthZListFormat | None = None
+
+
+    class AuthZListProperties(QapiModel):
+        """Properties of an authz-list object."""
+
+        policy: QAuthZListPolicy | None = None
+        rules: list[QAuthZListRule] | None = None
+
+
+    class AuthZSimpleProperties(QapiModel):
+        """Properties of an authz-simple object."""
+
+        identity: str
+
+
     class ObjectOptionsBase(QapiModel):
         """Members of ObjectOptionsBase."""
 
@@ -1412,11 +1929,39 @@ if TYPE_CHECKING:
         id: str
 
 
+    class ObjectOptions_authz_list(ObjectOptionsBase, AuthZListProperties):
+        """ObjectOptions with qom-type=authz-list."""
+        qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZListProperties.qapi_nullable
+
+        qom_type: Literal[ObjectType.AUTHZ_LIST] = Field(default=ObjectType.AUTHZ_LIST, alias="qom-type")
+
+
+    class ObjectOptions_authz_simple(ObjectOptionsBase, AuthZSimpleProperties):
+        """ObjectOptions with qom-type=authz-simple."""
+        qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZSimpleProperties.qapi_nullable
+
+        qom_type: Literal[ObjectType.AUTHZ_SIMPLE] = Field(default=ObjectType.AUTHZ_SIMPLE, alias="qom-type")
+
+
     class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):
         """ObjectOptions with qom-type=iothread."""
         qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | IothreadProperties.qapi_nullable
 
         qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")
+
+
+    class ObjectOptions_secret(ObjectOptionsBase, SecretProperties):
+        """ObjectOptions with qom-type=secret."""
+        qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | SecretProperties.qapi_nullable
+
+        qom_type: Literal[ObjectType.SECRET] = Field(default=ObjectType.SECRET, alias="qom-type")
+
+
+    class ObjectOptions_throttle_group(ObjectOptionsBase, ThrottleGroupProperties):
+        """ObjectOptions with qom-type=throttle-group."""
+        qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | ThrottleGroupProperties.qapi_nullable
+
+        qom_type: Literal[ObjectType.THROTTLE_GROUP] = Field(default=ObjectType.THROTTLE_GROUP, alias="qom-type")
 
 
     class QueryBlockstatsArgs(QapiModel):
@@ -1433,10 +1978,64 @@ if TYPE_CHECKING:
         size: int
 
 
+    class BlockdevSnapshotArgs(QapiModel):
+        """Members of BlockdevSnapshotArgs."""
+
+        node: str
+        overlay: str
+
+
+    class ChangeBackingFileArgs(QapiModel):
+        """Members of ChangeBackingFileArgs."""
+
+        device: str
+        image_node_name: str = Field(alias="image-node-name")
+        backing_file: str = Field(alias="backing-file")
+
+
+    class BlockCommitArgs(QapiModel):
+        """Members of BlockCommitArgs."""
+
+        job_id: str | None = Field(default=None, alias="job-id")
+        device: str
+        base_node: str | None = Field(default=None, alias="base-node")
+        base: str | None = None
+        top_node: str | None = Field(default=None, alias="top-node")
+        top: str | None = None
+        backing_file: str | None = Field(default=None, alias="backing-file")
+        speed: int | None = None
+        on_error: BlockdevOnError | None = Field(default=None, alias="on-error")
+        filter_node_name: str | None = Field(default=None, alias="filter-node-name")
+        auto_finalize: bool | None = Field(default=None, alias="auto-finalize")
+        auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")
+
+
     class QueryNamedBlockNodesArgs(QapiModel):
         """Members of QueryNamedBlockNodesArgs."""
 
         flat: bool | None = None
+
+
+    class XQueryBlockNodeArgs(QapiModel):
+        """Members of XQueryBlockNodeArgs."""
+
+        node_name: str = Field(alias="node-name")
+
+
+    class BlockStreamArgs(QapiModel):
+        """Members of BlockStreamArgs."""
+
+        job_id: str | None = Field(default=None, alias="job-id")
+        device: str
+        base: str | None = None
+        base_node: str | None = Field(default=None, alias="base-node")
+        backing_file: str | None = Field(default=None, alias="backing-file")
+        bottom: str | None = None
+        speed: int | None = None
+        on_error: BlockdevOnError | None = Field(default=None, alias="on-error")
+        filter_node_name: str | None = Field(default=None, alias="filter-node-name")
+        auto_finalize: bool | None = Field(default=None, alias="auto-finalize")
+        auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")
 
 
     class BlockJobSetSpeedArgs(QapiModel):
@@ -1489,6 +2088,13 @@ if TYPE_CHECKING:
         node_name: str = Field(alias="node-name")
 
 
+    class BlockdevSetActiveArgs(QapiModel):
+        """Members of BlockdevSetActiveArgs."""
+
+        node_name: str | None = Field(default=None, alias="node-name")
+        active: bool
+
+
     class BlockdevCreateArgs(QapiModel):
         """Members of BlockdevCreateArgs."""
 
@@ -1505,6 +2111,14 @@ if TYPE_CHECKING:
         offset: int | None = None
         size: int | None = None
         fatal: bool
+
+
+    class BlockNodeReplacedEvent(QapiModel):
+        """Members of BlockNodeReplacedEvent."""
+
+        node_name: str = Field(alias="node-name")
+        new_node_name: str = Field(alias="new-node-name")
+        reason: str
 
 
     class BlockIoErrorEvent(QapiModel):
@@ -1717,6 +2331,40 @@ if TYPE_CHECKING:
         enable: list[QMPCapability] | None = None
 
 
+    class QomListArgs(QapiModel):
+        """Members of QomListArgs."""
+
+        path: str
+
+
+    class QomGetArgs(QapiModel):
+        """Members of QomGetArgs."""
+
+        path: str
+        property: str
+
+
+    class QomSetArgs(QapiModel):
+        """Members of QomSetArgs."""
+
+        path: str
+        property: str
+        value: Any
+
+
+    class QomListTypesArgs(QapiModel):
+        """Members of QomListTypesArgs."""
+
+        implements: str | None = None
+        abstract: bool | None = None
+
+
+    class QomListPropertiesArgs(QapiModel):
+        """Members of QomListPropertiesArgs."""
+
+        typename: str
+
+
     class ObjectDelArgs(QapiModel):
         """Members of ObjectDelArgs."""
 
@@ -1732,16 +2380,19 @@ if TYPE_CHECKING:
     ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2
 
 
-    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw], Field(discriminator="driver")]
+    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_blkdebug, BlockStatsSpecific_compress, BlockStatsSpecific_copy_on_read, BlockStatsSpecific_error, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_preallocate, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw, BlockStatsSpecific_throttle], Field(discriminator="driver")]
 
 
     BlockdevQcow2Encryption: TypeAlias = Annotated[Union[BlockdevQcow2Encryption_aes, BlockdevQcow2Encryption_luks], Field(discriminator="format")]
 
 
-    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_qcow2, BlockdevOptions_raw], Field(discriminator="driver")]
+    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_throttle], Field(discriminator="driver")]
 
 
-    BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_raw], Field(discriminator="driver")]
+    QCryptoBlockCreateOptions: TypeAlias = Annotated[Union[QCryptoBlockCreateOptions_qcow, QCryptoBlockCreateOptions_luks], Field(discriminator="format")]
+
+
+    BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]
 
 
     BlockExportOptions: TypeAlias = BlockExportOptions_nbd
@@ -1756,7 +2407,7 @@ if TYPE_CHECKING:
     SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]
 
 
-    ObjectOptions: TypeAlias = ObjectOptions_iothread
+    ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]
 
 
     BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
@@ -1784,14 +2435,22 @@ else:
         'BlockDeviceIoStatus': ((), 'class BlockDeviceIoStatus(enum.StrEnum):\n    """State of a device after I/O errors, when errors stop the device."""\n\n    OK = "ok"\n    FAILED = "failed"\n    NOSPACE = "nospace"\n'),
         'XDbgBlockGraphNodeType': ((), 'class XDbgBlockGraphNodeType(enum.StrEnum):\n    """Kinds of vertex in the block graph dump."""\n\n    BLOCK_BACKEND = "block-backend"\n    BLOCK_JOB = "block-job"\n    BLOCK_DRIVER = "block-driver"\n'),
         'BlockPermission': ((), 'class BlockPermission(enum.StrEnum):\n    """Operations a parent may need on a child node, or let other parents do."""\n\n    CONSISTENT_READ = "consistent-read"\n    WRITE = "write"\n    WRITE_UNCHANGED = "write-unchanged"\n    RESIZE = "resize"\n'),
-        'BlockdevDriver': ((), 'class BlockdevDriver(enum.StrEnum):\n    """Block drivers this daemon implements."""\n\n    FILE = "file"\n    NULL_AIO = "null-aio"\n    NULL_CO = "null-co"\n    QCOW2 = "qcow2"\n    RAW = "raw"\n'),
+        'BlockdevDriver': ((), 'class BlockdevDriver(enum.StrEnum):\n    """Block drivers this daemon implements."""\n\n    BLKDEBUG = "blkdebug"\n    COMPRESS = "compress"\n    COPY_ON_READ = "copy-on-read"\n    ERROR = "error"\n    FILE = "file"\n    NULL_AIO = "null-aio"\n    NULL_CO = "null-co"\n    PREALLOCATE = "preallocate"\n    QCOW2 = "qcow2"\n    RAW = "raw"\n    THROTTLE = "throttle"\n'),
         'BlockdevDiscardOptions': ((), 'class BlockdevDiscardOptions(enum.StrEnum):\n    """What to do with discard requests."""\n\n    IGNORE = "ignore"\n    UNMAP = "unmap"\n'),
         'BlockdevAioOptions': ((), 'class BlockdevAioOptions(enum.StrEnum):\n    """How asynchronous I/O is done on host files."""\n\n    THREADS = "threads"\n    NATIVE = "native"\n    IO_URING = "io_uring"\n'),
+        'BlockdevErrorErrno': ((), 'class BlockdevErrorErrno(enum.StrEnum):\n    """The error an \'error\' node answers every request with (errno names in lower case, as QAPI enum values are)."""\n\n    EIO = "eio"\n    ENOSPC = "enospc"\n    EPERM = "eperm"\n    EACCES = "eacces"\n    EROFS = "erofs"\n    ENOMEDIUM = "enomedium"\n    ENOTSUP = "enotsup"\n    EINVAL = "einval"\n    ESHUTDOWN = "eshutdown"\n'),
         'Qcow2OverlapCheckMode': ((), 'class Qcow2OverlapCheckMode(enum.StrEnum):\n    """Preset sets of qcow2 metadata overlap checks."""\n\n    NONE = "none"\n    CONSTANT = "constant"\n    CACHED = "cached"\n    ALL = "all"\n'),
         'BlockdevQcow2EncryptionFormat': ((), 'class BlockdevQcow2EncryptionFormat(enum.StrEnum):\n    """Encryption formats of qcow2 images."""\n\n    AES = "aes"\n    LUKS = "luks"\n'),
+        'BlkdebugEvent': ((), 'class BlkdebugEvent(enum.StrEnum):\n    """Events blkdebug rules react to; the format events come from a format driver sitting on a blkdebug node."""\n\n    L1_UPDATE = "l1_update"\n    L1_GROW_ALLOC_TABLE = "l1_grow_alloc_table"\n    L1_GROW_WRITE_TABLE = "l1_grow_write_table"\n    L1_GROW_ACTIVATE_TABLE = "l1_grow_activate_table"\n    L2_LOAD = "l2_load"\n    L2_UPDATE = "l2_update"\n    L2_UPDATE_COMPRESSED = "l2_update_compressed"\n    L2_ALLOC_COW_READ = "l2_alloc_cow_read"\n    L2_ALLOC_WRITE = "l2_alloc_write"\n    READ_AIO = "read_aio"\n    READ_BACKING_AIO = "read_backing_aio"\n    READ_COMPRESSED = "read_compressed"\n    WRITE_AIO = "write_aio"\n    WRITE_COMPRESSED = "write_compressed"\n    VMSTATE_LOAD = "vmstate_load"\n    VMSTATE_SAVE = "vmstate_save"\n    COW_READ = "cow_read"\n    COW_WRITE = "cow_write"\n    REFTABLE_LOAD = "reftable_load"\n    REFTABLE_GROW = "reftable_grow"\n    REFTABLE_UPDATE = "reftable_update"\n    REFBLOCK_LOAD = "refblock_load"\n    REFBLOCK_UPDATE = "refblock_update"\n    REFBLOCK_UPDATE_PART = "refblock_update_part"\n    REFBLOCK_ALLOC = "refblock_alloc"\n    REFBLOCK_ALLOC_HOOKUP = "refblock_alloc_hookup"\n    REFBLOCK_ALLOC_WRITE = "refblock_alloc_write"\n    REFBLOCK_ALLOC_WRITE_BLOCKS = "refblock_alloc_write_blocks"\n    REFBLOCK_ALLOC_WRITE_TABLE = "refblock_alloc_write_table"\n    REFBLOCK_ALLOC_SWITCH_TABLE = "refblock_alloc_switch_table"\n    CLUSTER_ALLOC = "cluster_alloc"\n    CLUSTER_ALLOC_BYTES = "cluster_alloc_bytes"\n    CLUSTER_FREE = "cluster_free"\n    FLUSH_TO_OS = "flush_to_os"\n    FLUSH_TO_DISK = "flush_to_disk"\n    PWRITEV_RMW_HEAD = "pwritev_rmw_head"\n    PWRITEV_RMW_AFTER_HEAD = "pwritev_rmw_after_head"\n    PWRITEV_RMW_TAIL = "pwritev_rmw_tail"\n    PWRITEV_RMW_AFTER_TAIL = "pwritev_rmw_after_tail"\n    PWRITEV = "pwritev"\n    PWRITEV_ZERO = "pwritev_zero"\n    PWRITEV_DONE = "pwritev_done"\n    EMPTY_IMAGE_PREPARE = "empty_image_prepare"\n    L1_SHRINK_WRITE_TABLE = "l1_shrink_write_table"\n    L1_SHRINK_FREE_L2_CLUSTERS = "l1_shrink_free_l2_clusters"\n    COR_WRITE = "cor_write"\n    CLUSTER_ALLOC_SPACE = "cluster_alloc_space"\n    NONE = "none"\n'),
+        'BlkdebugIOType': ((), 'class BlkdebugIOType(enum.StrEnum):\n    """Kinds of requests an inject-error rule applies to."""\n\n    READ = "read"\n    WRITE = "write"\n    WRITE_ZEROES = "write-zeroes"\n    DISCARD = "discard"\n    FLUSH = "flush"\n    BLOCK_STATUS = "block-status"\n'),
         'BlockdevOnError': ((), 'class BlockdevOnError(enum.StrEnum):\n    """What a block job does when one of its requests fails."""\n\n    REPORT = "report"\n    IGNORE = "ignore"\n    ENOSPC = "enospc"\n    STOP = "stop"\n    AUTO = "auto"\n'),
         'PreallocMode': ((), 'class PreallocMode(enum.StrEnum):\n    """How much of a new image\'s space is allocated up front."""\n\n    OFF = "off"\n    METADATA = "metadata"\n    FALLOC = "falloc"\n    FULL = "full"\n'),
         'BlockdevQcow2Version': ((), 'class BlockdevQcow2Version(enum.StrEnum):\n    """The qcow2 format version a new image gets."""\n\n    V2 = "v2"\n    V3 = "v3"\n'),
+        'QCryptoBlockFormat': ((), 'class QCryptoBlockFormat(enum.StrEnum):\n    """The encryption formats a new image can be created with."""\n\n    QCOW = "qcow"\n    LUKS = "luks"\n'),
+        'QCryptoCipherAlgorithm': ((), 'class QCryptoCipherAlgorithm(enum.StrEnum):\n    """Block cipher algorithms."""\n\n    AES_128 = "aes-128"\n    AES_192 = "aes-192"\n    AES_256 = "aes-256"\n    DES = "des"\n    V_3DES = "3des"\n    CAST5_128 = "cast5-128"\n    SERPENT_128 = "serpent-128"\n    SERPENT_192 = "serpent-192"\n    SERPENT_256 = "serpent-256"\n    TWOFISH_128 = "twofish-128"\n    TWOFISH_192 = "twofish-192"\n    TWOFISH_256 = "twofish-256"\n'),
+        'QCryptoCipherMode': ((), 'class QCryptoCipherMode(enum.StrEnum):\n    """Block cipher chaining modes."""\n\n    ECB = "ecb"\n    CBC = "cbc"\n    XTS = "xts"\n    CTR = "ctr"\n'),
+        'QCryptoIVGenAlgorithm': ((), 'class QCryptoIVGenAlgorithm(enum.StrEnum):\n    """How initialisation vectors are derived from the sector number."""\n\n    PLAIN = "plain"\n    PLAIN64 = "plain64"\n    ESSIV = "essiv"\n'),
+        'QCryptoHashAlgorithm': ((), 'class QCryptoHashAlgorithm(enum.StrEnum):\n    """Hash algorithms."""\n\n    MD5 = "md5"\n    SHA1 = "sha1"\n    SHA224 = "sha224"\n    SHA256 = "sha256"\n    SHA384 = "sha384"\n    SHA512 = "sha512"\n    RIPEMD160 = "ripemd160"\n'),
         'BlockErrorAction': ((), 'class BlockErrorAction(enum.StrEnum):\n    """What happened after an I/O error."""\n\n    IGNORE = "ignore"\n    REPORT = "report"\n    STOP = "stop"\n'),
         'QuorumOpType': ((), 'class QuorumOpType(enum.StrEnum):\n    """Kinds of quorum operation."""\n\n    READ = "read"\n    WRITE = "write"\n    FLUSH = "flush"\n'),
         'JobType': ((), 'class JobType(enum.StrEnum):\n    """Kinds of background job."""\n\n    COMMIT = "commit"\n    STREAM = "stream"\n    MIRROR = "mirror"\n    BACKUP = "backup"\n    CREATE = "create"\n    AMEND = "amend"\n    SNAPSHOT_LOAD = "snapshot-load"\n    SNAPSHOT_SAVE = "snapshot-save"\n    SNAPSHOT_DELETE = "snapshot-delete"\n'),
@@ -1804,7 +2463,10 @@ else:
         'MonitorMode': ((), 'class MonitorMode(enum.StrEnum):\n    """The protocol a monitor speaks."""\n\n    READLINE = "readline"\n    CONTROL = "control"\n'),
         'SchemaMetaType': ((), 'class SchemaMetaType(enum.StrEnum):\n    """Kinds of schema entity."""\n\n    BUILTIN = "builtin"\n    ENUM = "enum"\n    ARRAY = "array"\n    OBJECT = "object"\n    ALTERNATE = "alternate"\n    COMMAND = "command"\n    EVENT = "event"\n'),
         'JSONType': ((), 'class JSONType(enum.StrEnum):\n    """JSON value kinds."""\n\n    STRING = "string"\n    NUMBER = "number"\n    INT = "int"\n    BOOLEAN = "boolean"\n    NULL = "null"\n    OBJECT = "object"\n    ARRAY = "array"\n    VALUE = "value"\n'),
-        'ObjectType': ((), 'class ObjectType(enum.StrEnum):\n    """Object types that can be created with object-add or --object."""\n\n    IOTHREAD = "iothread"\n'),
+        'QCryptoSecretFormat': ((), 'class QCryptoSecretFormat(enum.StrEnum):\n    """How the data of a secret is encoded."""\n\n    RAW = "raw"\n    BASE64 = "base64"\n'),
+        'QAuthZListPolicy': ((), 'class QAuthZListPolicy(enum.StrEnum):\n    """Whether an authorization rule grants or refuses access."""\n\n    DENY = "deny"\n    ALLOW = "allow"\n'),
+        'QAuthZListFormat': ((), 'class QAuthZListFormat(enum.StrEnum):\n    """How a rule matches identities."""\n\n    EXACT = "exact"\n    GLOB = "glob"\n'),
+        'ObjectType': ((), 'class ObjectType(enum.StrEnum):\n    """Object types that can be created with object-add or --object."""\n\n    AUTHZ_LIST = "authz-list"\n    AUTHZ_SIMPLE = "authz-simple"\n    IOTHREAD = "iothread"\n    SECRET = "secret"\n    THROTTLE_GROUP = "throttle-group"\n'),
         'String': (('QapiModel',), 'class String(QapiModel):\n    """A single string wrapped in an object."""\n\n    str_: str = Field(alias="str")\n'),
         'InetSocketAddress': (('QapiModel',), 'class InetSocketAddress(QapiModel):\n    """A TCP endpoint: host name or address plus port or service name."""\n\n    host: str\n    port: str\n    numeric: bool | None = None\n    to: int | None = None\n    ipv4: bool | None = None\n    ipv6: bool | None = None\n    keep_alive: bool | None = Field(default=None, alias="keep-alive")\n    mptcp: bool | None = None\n'),
         'UnixSocketAddress': (('QapiModel',), 'class UnixSocketAddress(QapiModel):\n    """A Unix domain socket endpoint."""\n\n    path: str\n    abstract: bool | None = None\n    tight: bool | None = None\n'),
@@ -1832,7 +2494,7 @@ else:
         'ImageInfo': (('QapiModel',), 'class ImageInfo(QapiModel):\n    """What is known about an image and its backing chain."""\n\n    filename: str\n    format: str\n    dirty_flag: bool | None = Field(default=None, alias="dirty-flag")\n    actual_size: int | None = Field(default=None, alias="actual-size")\n    virtual_size: int = Field(alias="virtual-size")\n    cluster_size: int | None = Field(default=None, alias="cluster-size")\n    encrypted: bool | None = None\n    compressed: bool | None = None\n    backing_filename: str | None = Field(default=None, alias="backing-filename")\n    full_backing_filename: str | None = Field(default=None, alias="full-backing-filename")\n    backing_filename_format: str | None = Field(default=None, alias="backing-filename-format")\n    snapshots: list[SnapshotInfo] | None = None\n    backing_image: ImageInfo | None = Field(default=None, alias="backing-image")\n    format_specific: ImageInfoSpecific | None = Field(default=None, alias="format-specific")\n'),
         'BlockdevCacheInfo': (('QapiModel',), 'class BlockdevCacheInfo(QapiModel):\n    """The cache mode of a node, as reported by queries."""\n\n    writeback: bool\n    direct: bool\n    no_flush: bool = Field(alias="no-flush")\n'),
         'BlockDirtyInfo': (('QapiModel',), 'class BlockDirtyInfo(QapiModel):\n    """A dirty bitmap attached to a node."""\n\n    name: str | None = None\n    count: int\n    granularity: int\n    recording: bool\n    busy: bool\n    persistent: bool\n    inconsistent: bool | None = None\n'),
-        'BlockDeviceInfo': (('QapiModel',), 'class BlockDeviceInfo(QapiModel):\n    """Information about one block node."""\n\n    file: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    ro: bool\n    drv: str\n    backing_file: str | None = None\n    backing_file_depth: int\n    encrypted: bool\n    detect_zeroes: BlockdevDetectZeroesOptions\n    bps: int\n    bps_rd: int\n    bps_wr: int\n    iops: int\n    iops_rd: int\n    iops_wr: int\n    image: ImageInfo\n    bps_max: int | None = None\n    bps_rd_max: int | None = None\n    bps_wr_max: int | None = None\n    iops_max: int | None = None\n    iops_rd_max: int | None = None\n    iops_wr_max: int | None = None\n    bps_max_length: int | None = None\n    bps_rd_max_length: int | None = None\n    bps_wr_max_length: int | None = None\n    iops_max_length: int | None = None\n    iops_rd_max_length: int | None = None\n    iops_wr_max_length: int | None = None\n    iops_size: int | None = None\n    group: str | None = None\n    cache: BlockdevCacheInfo\n    write_threshold: int\n    dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias="dirty-bitmaps")\n'),
+        'BlockDeviceInfo': (('QapiModel',), 'class BlockDeviceInfo(QapiModel):\n    """Information about one block node."""\n\n    file: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    ro: bool\n    drv: str\n    backing_file: str | None = None\n    backing_file_depth: int\n    active: bool\n    encrypted: bool\n    detect_zeroes: BlockdevDetectZeroesOptions\n    bps: int\n    bps_rd: int\n    bps_wr: int\n    iops: int\n    iops_rd: int\n    iops_wr: int\n    image: ImageInfo\n    bps_max: int | None = None\n    bps_rd_max: int | None = None\n    bps_wr_max: int | None = None\n    iops_max: int | None = None\n    iops_rd_max: int | None = None\n    iops_wr_max: int | None = None\n    bps_max_length: int | None = None\n    bps_rd_max_length: int | None = None\n    bps_wr_max_length: int | None = None\n    iops_max_length: int | None = None\n    iops_rd_max_length: int | None = None\n    iops_wr_max_length: int | None = None\n    iops_size: int | None = None\n    group: str | None = None\n    cache: BlockdevCacheInfo\n    write_threshold: int\n    dirty_bitmaps: list[BlockDirtyInfo] | None = Field(default=None, alias="dirty-bitmaps")\n'),
         'BlockInfo': (('QapiModel',), 'class BlockInfo(QapiModel):\n    """A block backend attached to a guest device (the daemon has none)."""\n\n    device: str\n    qdev: str | None = None\n    type: str\n    removable: bool\n    locked: bool\n    inserted: BlockDeviceInfo | None = None\n    tray_open: bool | None = None\n    io_status: BlockDeviceIoStatus | None = Field(default=None, alias="io-status")\n'),
         'BlockDeviceTimedStats': (('QapiModel',), 'class BlockDeviceTimedStats(QapiModel):\n    """Latency and queue depth figures measured over one time window."""\n\n    interval_length: int\n    min_rd_latency_ns: int\n    max_rd_latency_ns: int\n    avg_rd_latency_ns: int\n    min_wr_latency_ns: int\n    max_wr_latency_ns: int\n    avg_wr_latency_ns: int\n    min_flush_latency_ns: int\n    max_flush_latency_ns: int\n    avg_flush_latency_ns: int\n    avg_rd_queue_depth: float\n    avg_wr_queue_depth: float\n'),
         'BlockLatencyHistogramInfo': (('QapiModel',), 'class BlockLatencyHistogramInfo(QapiModel):\n    """A latency histogram: N boundaries split the time axis into N+1 bins."""\n\n    boundaries: list[int]\n    bins: list[int]\n'),
@@ -1840,18 +2502,28 @@ else:
         'BlockStatsSpecificFile': (('QapiModel',), 'class BlockStatsSpecificFile(QapiModel):\n    """Statistics only the file driver keeps."""\n\n    discard_nb_ok: int = Field(alias="discard-nb-ok")\n    discard_nb_failed: int = Field(alias="discard-nb-failed")\n    discard_bytes_ok: int = Field(alias="discard-bytes-ok")\n'),
         'BlockStatsSpecificBase': (('QapiModel',), 'class BlockStatsSpecificBase(QapiModel):\n    """Members of BlockStatsSpecificBase."""\n\n    driver: BlockdevDriver\n'),
         'BlockStatsSpecific_file': (('BlockStatsSpecificBase', 'BlockStatsSpecificFile', 'BlockdevDriver'), 'class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):\n    """BlockStatsSpecific with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
+        'BlockStatsSpecific_blkdebug': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_blkdebug(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG\n'),
+        'BlockStatsSpecific_compress': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_compress(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS\n'),
+        'BlockStatsSpecific_copy_on_read': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_copy_on_read(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ\n'),
+        'BlockStatsSpecific_error': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_error(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR\n'),
         'BlockStatsSpecific_null_aio': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockStatsSpecific_null_co': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_co(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockStatsSpecific_preallocate': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_preallocate(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
         'BlockStatsSpecific_qcow2': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_qcow2(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
         'BlockStatsSpecific_raw': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_raw(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'BlockStatsSpecific_throttle': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_throttle(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
         'BlockStats': (('QapiModel',), 'class BlockStats(QapiModel):\n    """Statistics of a backend or node, with those of its file and backing children."""\n\n    device: str | None = None\n    qdev: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    stats: BlockDeviceStats\n    driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")\n    parent: BlockStats | None = None\n    backing: BlockStats | None = None\n'),
         'BlockJobInfo': (('QapiModel',), 'class BlockJobInfo(QapiModel):\n    """The state of a block job."""\n\n    type: str\n    device: str\n    len: int\n    offset: int\n    busy: bool\n    paused: bool\n    speed: int\n    io_status: BlockDeviceIoStatus = Field(alias="io-status")\n    ready: bool\n    status: JobStatus\n    auto_finalize: bool = Field(alias="auto-finalize")\n    auto_dismiss: bool = Field(alias="auto-dismiss")\n    error: str | None = None\n'),
         'XDbgBlockGraphNode': (('QapiModel',), 'class XDbgBlockGraphNode(QapiModel):\n    """A vertex of the block graph dump."""\n\n    id: int\n    type: XDbgBlockGraphNodeType\n    name: str\n'),
         'XDbgBlockGraphEdge': (('QapiModel',), 'class XDbgBlockGraphEdge(QapiModel):\n    """A parent-to-child edge of the block graph dump."""\n\n    parent: int\n    child: int\n    name: str\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
         'XDbgBlockGraph': (('QapiModel',), 'class XDbgBlockGraph(QapiModel):\n    """The whole block graph, for debugging."""\n\n    nodes: list[XDbgBlockGraphNode]\n    edges: list[XDbgBlockGraphEdge]\n'),
+        'XBlockNodePermissions': (('QapiModel',), 'class XBlockNodePermissions(QapiModel):\n    """What the users of a node hold together."""\n\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
+        'XBlockNodeParent': (('QapiModel',), 'class XBlockNodeParent(QapiModel):\n    """One user of a node."""\n\n    parent: str\n    child: str\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
+        'XBlockNodeInfo': (('QapiModel',), 'class XBlockNodeInfo(QapiModel):\n    """Everything about one node, structured (see x-query-block-node)."""\n\n    options: BlockdevOptions\n    permissions: XBlockNodePermissions\n    parents: list[XBlockNodeParent]\n    active: bool\n'),
         'BlockDirtyBitmap': (('QapiModel',), 'class BlockDirtyBitmap(QapiModel):\n    """Names a dirty bitmap: the node it belongs to and its own name."""\n\n    node: str\n    name: str\n'),
         'BlockdevCacheOptions': (('QapiModel',), 'class BlockdevCacheOptions(QapiModel):\n    """Cache mode of a node."""\n\n    direct: bool | None = None\n    no_flush: bool | None = Field(default=None, alias="no-flush")\n'),
         'BlockdevOptionsFile': (('QapiModel',), 'class BlockdevOptionsFile(QapiModel):\n    """Options of the \'file\' protocol driver."""\n\n    filename: str\n    pr_manager: str | None = Field(default=None, alias="pr-manager")\n    locking: OnOffAuto | None = None\n    aio: BlockdevAioOptions | None = None\n    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")\n    drop_cache: bool | None = Field(default=None, alias="drop-cache")\n    x_check_cache_dropped: bool | None = Field(default=None, alias="x-check-cache-dropped")\n'),
+        'BlockdevOptionsError': (('QapiModel',), 'class BlockdevOptionsError(QapiModel):\n    """Options of the \'error\' driver (our extension): a node of @size bytes that fails every request (read, write, zeroes, discard, flush, block status, resize) with @errno. It has no children and stores nothing."""\n\n    size: int\n    errno: BlockdevErrorErrno | None = None\n'),
         'BlockdevOptionsNull': (('QapiModel',), 'class BlockdevOptionsNull(QapiModel):\n    """Options of the null-co and null-aio drivers."""\n\n    size: int | None = None\n    latency_ns: int | None = Field(default=None, alias="latency-ns")\n    read_zeroes: bool | None = Field(default=None, alias="read-zeroes")\n'),
         'BlockdevOptionsGenericFormat': (('QapiModel',), 'class BlockdevOptionsGenericFormat(QapiModel):\n    """Options common to format drivers that sit on one protocol node."""\n\n    file: BlockdevRef\n'),
         'BlockdevOptionsRaw': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsRaw(BlockdevOptionsGenericFormat):\n    """Options of the raw format driver."""\n\n    offset: int | None = None\n    size: int | None = None\n'),
@@ -1863,26 +2535,48 @@ else:
         'BlockdevQcow2Encryption_aes': (('BlockdevQcow2EncryptionBase', 'QCryptoBlockOptionsQCow', 'BlockdevQcow2EncryptionFormat'), 'class BlockdevQcow2Encryption_aes(BlockdevQcow2EncryptionBase, QCryptoBlockOptionsQCow):\n    """BlockdevQcow2Encryption with format=aes."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevQcow2EncryptionBase.qapi_nullable | QCryptoBlockOptionsQCow.qapi_nullable\n\n    format: Literal[BlockdevQcow2EncryptionFormat.AES] = BlockdevQcow2EncryptionFormat.AES\n'),
         'BlockdevQcow2Encryption_luks': (('BlockdevQcow2EncryptionBase', 'QCryptoBlockOptionsLUKS', 'BlockdevQcow2EncryptionFormat'), 'class BlockdevQcow2Encryption_luks(BlockdevQcow2EncryptionBase, QCryptoBlockOptionsLUKS):\n    """BlockdevQcow2Encryption with format=luks."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevQcow2EncryptionBase.qapi_nullable | QCryptoBlockOptionsLUKS.qapi_nullable\n\n    format: Literal[BlockdevQcow2EncryptionFormat.LUKS] = BlockdevQcow2EncryptionFormat.LUKS\n'),
         'BlockdevOptionsQcow2': (('BlockdevOptionsGenericCOWFormat',), 'class BlockdevOptionsQcow2(BlockdevOptionsGenericCOWFormat):\n    """Options of the qcow2 format driver."""\n\n    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")\n    pass_discard_request: bool | None = Field(default=None, alias="pass-discard-request")\n    pass_discard_snapshot: bool | None = Field(default=None, alias="pass-discard-snapshot")\n    pass_discard_other: bool | None = Field(default=None, alias="pass-discard-other")\n    overlap_check: Qcow2OverlapChecks | None = Field(default=None, alias="overlap-check")\n    cache_size: int | None = Field(default=None, alias="cache-size")\n    l2_cache_size: int | None = Field(default=None, alias="l2-cache-size")\n    l2_cache_entry_size: int | None = Field(default=None, alias="l2-cache-entry-size")\n    refcount_cache_size: int | None = Field(default=None, alias="refcount-cache-size")\n    cache_clean_interval: int | None = Field(default=None, alias="cache-clean-interval")\n    encrypt: BlockdevQcow2Encryption | None = None\n    data_file: BlockdevRef | None = Field(default=None, alias="data-file")\n'),
-        'BlockdevOptionsBase': (('QapiModel',), 'class BlockdevOptionsBase(QapiModel):\n    """Members of BlockdevOptionsBase."""\n\n    driver: BlockdevDriver\n    node_name: str | None = Field(default=None, alias="node-name")\n    discard: BlockdevDiscardOptions | None = None\n    cache: BlockdevCacheOptions | None = None\n    read_only: bool | None = Field(default=None, alias="read-only")\n    auto_read_only: bool | None = Field(default=None, alias="auto-read-only")\n    force_share: bool | None = Field(default=None, alias="force-share")\n    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")\n'),
+        'BlkdebugInjectErrorOptions': (('QapiModel',), 'class BlkdebugInjectErrorOptions(QapiModel):\n    """A rule making requests fail after an event."""\n\n    event: BlkdebugEvent\n    state: int | None = None\n    iotype: BlkdebugIOType | None = None\n    errno: int | None = None\n    sector: int | None = None\n    once: bool | None = None\n    immediately: bool | None = None\n'),
+        'BlkdebugSetStateOptions': (('QapiModel',), 'class BlkdebugSetStateOptions(QapiModel):\n    """A rule changing the node\'s state on an event."""\n\n    event: BlkdebugEvent\n    state: int | None = None\n    new_state: int\n'),
+        'BlockdevOptionsBlkdebug': (('QapiModel',), 'class BlockdevOptionsBlkdebug(QapiModel):\n    """Options of the blkdebug filter, which injects errors for testing."""\n\n    image: BlockdevRef\n    config: str | None = None\n    align: int | None = None\n    max_transfer: int | None = Field(default=None, alias="max-transfer")\n    opt_write_zero: int | None = Field(default=None, alias="opt-write-zero")\n    max_write_zero: int | None = Field(default=None, alias="max-write-zero")\n    opt_discard: int | None = Field(default=None, alias="opt-discard")\n    max_discard: int | None = Field(default=None, alias="max-discard")\n    inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias="inject-error")\n    set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias="set-state")\n    take_child_perms: list[BlockPermission] | None = Field(default=None, alias="take-child-perms")\n    unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias="unshare-child-perms")\n'),
+        'BlockdevOptionsCor': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsCor(BlockdevOptionsGenericFormat):\n    """Options of the copy-on-read filter."""\n\n    bottom: str | None = None\n'),
+        'BlockdevOptionsPreallocate': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsPreallocate(BlockdevOptionsGenericFormat):\n    """Options of the preallocate filter."""\n\n    prealloc_align: int | None = Field(default=None, alias="prealloc-align")\n    prealloc_size: int | None = Field(default=None, alias="prealloc-size")\n'),
+        'BlockdevOptionsThrottle': (('QapiModel',), 'class BlockdevOptionsThrottle(QapiModel):\n    """Options of the throttle filter."""\n\n    throttle_group: str = Field(alias="throttle-group")\n    file: BlockdevRef\n'),
+        'BlockdevOptionsBase': (('QapiModel',), 'class BlockdevOptionsBase(QapiModel):\n    """Members of BlockdevOptionsBase."""\n\n    driver: BlockdevDriver\n    node_name: str | None = Field(default=None, alias="node-name")\n    discard: BlockdevDiscardOptions | None = None\n    cache: BlockdevCacheOptions | None = None\n    active: bool | None = None\n    read_only: bool | None = Field(default=None, alias="read-only")\n    auto_read_only: bool | None = Field(default=None, alias="auto-read-only")\n    force_share: bool | None = Field(default=None, alias="force-share")\n    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")\n'),
+        'BlockdevOptions_blkdebug': (('BlockdevOptionsBase', 'BlockdevOptionsBlkdebug', 'BlockdevDriver'), 'class BlockdevOptions_blkdebug(BlockdevOptionsBase, BlockdevOptionsBlkdebug):\n    """BlockdevOptions with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsBlkdebug.qapi_nullable\n\n    driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG\n'),
+        'BlockdevOptions_compress': (('BlockdevOptionsBase', 'BlockdevOptionsGenericFormat', 'BlockdevDriver'), 'class BlockdevOptions_compress(BlockdevOptionsBase, BlockdevOptionsGenericFormat):\n    """BlockdevOptions with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsGenericFormat.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS\n'),
+        'BlockdevOptions_copy_on_read': (('BlockdevOptionsBase', 'BlockdevOptionsCor', 'BlockdevDriver'), 'class BlockdevOptions_copy_on_read(BlockdevOptionsBase, BlockdevOptionsCor):\n    """BlockdevOptions with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsCor.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ\n'),
+        'BlockdevOptions_error': (('BlockdevOptionsBase', 'BlockdevOptionsError', 'BlockdevDriver'), 'class BlockdevOptions_error(BlockdevOptionsBase, BlockdevOptionsError):\n    """BlockdevOptions with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsError.qapi_nullable\n\n    driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR\n'),
         'BlockdevOptions_file': (('BlockdevOptionsBase', 'BlockdevOptionsFile', 'BlockdevDriver'), 'class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):\n    """BlockdevOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
         'BlockdevOptions_null_aio': (('BlockdevOptionsBase', 'BlockdevOptionsNull', 'BlockdevDriver'), 'class BlockdevOptions_null_aio(BlockdevOptionsBase, BlockdevOptionsNull):\n    """BlockdevOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockdevOptions_null_co': (('BlockdevOptionsBase', 'BlockdevOptionsNull', 'BlockdevDriver'), 'class BlockdevOptions_null_co(BlockdevOptionsBase, BlockdevOptionsNull):\n    """BlockdevOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsNull.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockdevOptions_preallocate': (('BlockdevOptionsBase', 'BlockdevOptionsPreallocate', 'BlockdevDriver'), 'class BlockdevOptions_preallocate(BlockdevOptionsBase, BlockdevOptionsPreallocate):\n    """BlockdevOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsPreallocate.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
         'BlockdevOptions_qcow2': (('BlockdevOptionsBase', 'BlockdevOptionsQcow2', 'BlockdevDriver'), 'class BlockdevOptions_qcow2(BlockdevOptionsBase, BlockdevOptionsQcow2):\n    """BlockdevOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
         'BlockdevOptions_raw': (('BlockdevOptionsBase', 'BlockdevOptionsRaw', 'BlockdevDriver'), 'class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):\n    """BlockdevOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'BlockdevOptions_throttle': (('BlockdevOptionsBase', 'BlockdevOptionsThrottle', 'BlockdevDriver'), 'class BlockdevOptions_throttle(BlockdevOptionsBase, BlockdevOptionsThrottle):\n    """BlockdevOptions with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsThrottle.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
         'BlockdevCreateOptionsFile': (('QapiModel',), 'class BlockdevCreateOptionsFile(QapiModel):\n    """Options for creating a file on the host file system."""\n\n    filename: str\n    size: int\n    preallocation: PreallocMode | None = None\n    nocow: bool | None = None\n    extent_size_hint: int | None = Field(default=None, alias="extent-size-hint")\n'),
-        'BlockdevCreateOptionsQcow2': (('QapiModel',), 'class BlockdevCreateOptionsQcow2(QapiModel):\n    """Options for writing a new qcow2 image onto an existing node."""\n\n    file: BlockdevRef\n    data_file: BlockdevRef | None = Field(default=None, alias="data-file")\n    data_file_raw: bool | None = Field(default=None, alias="data-file-raw")\n    extended_l2: bool | None = Field(default=None, alias="extended-l2")\n    size: int\n    version: BlockdevQcow2Version | None = None\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    backing_fmt: BlockdevDriver | None = Field(default=None, alias="backing-fmt")\n    cluster_size: int | None = Field(default=None, alias="cluster-size")\n    preallocation: PreallocMode | None = None\n    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")\n    refcount_bits: int | None = Field(default=None, alias="refcount-bits")\n    compression_type: Qcow2CompressionType | None = Field(default=None, alias="compression-type")\n'),
+        'QCryptoBlockCreateOptionsLUKS': (('QapiModel',), 'class QCryptoBlockCreateOptionsLUKS(QapiModel):\n    """Parameters of a new LUKS header."""\n\n    key_secret: str | None = Field(default=None, alias="key-secret")\n    cipher_alg: QCryptoCipherAlgorithm | None = Field(default=None, alias="cipher-alg")\n    cipher_mode: QCryptoCipherMode | None = Field(default=None, alias="cipher-mode")\n    ivgen_alg: QCryptoIVGenAlgorithm | None = Field(default=None, alias="ivgen-alg")\n    ivgen_hash_alg: QCryptoHashAlgorithm | None = Field(default=None, alias="ivgen-hash-alg")\n    hash_alg: QCryptoHashAlgorithm | None = Field(default=None, alias="hash-alg")\n    iter_time: int | None = Field(default=None, alias="iter-time")\n'),
+        'QCryptoBlockCreateOptionsBase': (('QapiModel',), 'class QCryptoBlockCreateOptionsBase(QapiModel):\n    """Members of QCryptoBlockCreateOptionsBase."""\n\n    format: QCryptoBlockFormat\n'),
+        'QCryptoBlockCreateOptions_qcow': (('QCryptoBlockCreateOptionsBase', 'QCryptoBlockOptionsQCow', 'QCryptoBlockFormat'), 'class QCryptoBlockCreateOptions_qcow(QCryptoBlockCreateOptionsBase, QCryptoBlockOptionsQCow):\n    """QCryptoBlockCreateOptions with format=qcow."""\n    qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockCreateOptionsBase.qapi_nullable | QCryptoBlockOptionsQCow.qapi_nullable\n\n    format: Literal[QCryptoBlockFormat.QCOW] = QCryptoBlockFormat.QCOW\n'),
+        'QCryptoBlockCreateOptions_luks': (('QCryptoBlockCreateOptionsBase', 'QCryptoBlockCreateOptionsLUKS', 'QCryptoBlockFormat'), 'class QCryptoBlockCreateOptions_luks(QCryptoBlockCreateOptionsBase, QCryptoBlockCreateOptionsLUKS):\n    """QCryptoBlockCreateOptions with format=luks."""\n    qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockCreateOptionsBase.qapi_nullable | QCryptoBlockCreateOptionsLUKS.qapi_nullable\n\n    format: Literal[QCryptoBlockFormat.LUKS] = QCryptoBlockFormat.LUKS\n'),
+        'BlockdevCreateOptionsQcow2': (('QapiModel',), 'class BlockdevCreateOptionsQcow2(QapiModel):\n    """Options for writing a new qcow2 image onto an existing node."""\n\n    file: BlockdevRef\n    data_file: BlockdevRef | None = Field(default=None, alias="data-file")\n    data_file_raw: bool | None = Field(default=None, alias="data-file-raw")\n    extended_l2: bool | None = Field(default=None, alias="extended-l2")\n    size: int\n    version: BlockdevQcow2Version | None = None\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    backing_fmt: BlockdevDriver | None = Field(default=None, alias="backing-fmt")\n    encrypt: QCryptoBlockCreateOptions | None = None\n    cluster_size: int | None = Field(default=None, alias="cluster-size")\n    preallocation: PreallocMode | None = None\n    lazy_refcounts: bool | None = Field(default=None, alias="lazy-refcounts")\n    refcount_bits: int | None = Field(default=None, alias="refcount-bits")\n    compression_type: Qcow2CompressionType | None = Field(default=None, alias="compression-type")\n'),
         'BlockdevCreateOptionsBase': (('QapiModel',), 'class BlockdevCreateOptionsBase(QapiModel):\n    """Members of BlockdevCreateOptionsBase."""\n\n    driver: BlockdevDriver\n'),
         'BlockdevCreateOptions_file': (('BlockdevCreateOptionsBase', 'BlockdevCreateOptionsFile', 'BlockdevDriver'), 'class BlockdevCreateOptions_file(BlockdevCreateOptionsBase, BlockdevCreateOptionsFile):\n    """BlockdevCreateOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
         'BlockdevCreateOptions_qcow2': (('BlockdevCreateOptionsBase', 'BlockdevCreateOptionsQcow2', 'BlockdevDriver'), 'class BlockdevCreateOptions_qcow2(BlockdevCreateOptionsBase, BlockdevCreateOptionsQcow2):\n    """BlockdevCreateOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
+        'BlockdevCreateOptions_blkdebug': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_blkdebug(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG\n'),
+        'BlockdevCreateOptions_compress': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_compress(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS\n'),
+        'BlockdevCreateOptions_copy_on_read': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_copy_on_read(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ\n'),
+        'BlockdevCreateOptions_error': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_error(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR\n'),
         'BlockdevCreateOptions_null_aio': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_null_aio(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockdevCreateOptions_null_co': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_null_co(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
+        'BlockdevCreateOptions_preallocate': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_preallocate(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
         'BlockdevCreateOptions_raw': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_raw(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'BlockdevCreateOptions_throttle': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_throttle(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
         'JobInfo': (('QapiModel',), 'class JobInfo(QapiModel):\n    """The state of a job."""\n\n    id: str\n    type: JobType\n    status: JobStatus\n    current_progress: int = Field(alias="current-progress")\n    total_progress: int = Field(alias="total-progress")\n    error: str | None = None\n'),
         'NbdServerOptions': (('QapiModel',), 'class NbdServerOptions(QapiModel):\n    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""\n\n    addr: SocketAddress\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
         'BlockExportOptionsNbdBase': (('QapiModel',), 'class BlockExportOptionsNbdBase(QapiModel):\n    """Export options the deprecated nbd-server-add shares with NBD exports."""\n\n    name: str | None = None\n    description: str | None = None\n'),
         'BlockExportOptionsNbd': (('BlockExportOptionsNbdBase',), 'class BlockExportOptionsNbd(BlockExportOptionsNbdBase):\n    """Options of an NBD export."""\n\n    bitmaps: list[BlockDirtyBitmapOrStr] | None = None\n    allocation_depth: bool | None = Field(default=None, alias="allocation-depth")\n'),
         'NbdServerAddOptions': (('BlockExportOptionsNbdBase',), 'class NbdServerAddOptions(BlockExportOptionsNbdBase):\n    """Arguments of the deprecated nbd-server-add."""\n\n    device: str\n    writable: bool | None = None\n    bitmap: str | None = None\n'),
-        'BlockExportOptionsBase': (('QapiModel',), 'class BlockExportOptionsBase(QapiModel):\n    """Members of BlockExportOptionsBase."""\n\n    type: BlockExportType\n    id: str\n    fixed_iothread: bool | None = Field(default=None, alias="fixed-iothread")\n    iothread: str | None = None\n    node_name: str = Field(alias="node-name")\n    writable: bool | None = None\n    writethrough: bool | None = None\n'),
+        'BlockExportOptionsBase': (('QapiModel',), 'class BlockExportOptionsBase(QapiModel):\n    """Members of BlockExportOptionsBase."""\n\n    type: BlockExportType\n    id: str\n    fixed_iothread: bool | None = Field(default=None, alias="fixed-iothread")\n    iothread: str | None = None\n    node_name: str = Field(alias="node-name")\n    writable: bool | None = None\n    writethrough: bool | None = None\n    allow_inactive: bool | None = Field(default=None, alias="allow-inactive")\n'),
         'BlockExportOptions_nbd': (('BlockExportOptionsBase', 'BlockExportOptionsNbd', 'BlockExportType'), 'class BlockExportOptions_nbd(BlockExportOptionsBase, BlockExportOptionsNbd):\n    """BlockExportOptions with type=nbd."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockExportOptionsBase.qapi_nullable | BlockExportOptionsNbd.qapi_nullable\n\n    type: Literal[BlockExportType.NBD] = BlockExportType.NBD\n'),
         'BlockExportInfo': (('QapiModel',), 'class BlockExportInfo(QapiModel):\n    """An export, as listed by query-block-exports."""\n\n    id: str\n    type: BlockExportType\n    node_name: str = Field(alias="node-name")\n    shutting_down: bool = Field(alias="shutting-down")\n'),
         'ChardevCommon': (('QapiModel',), 'class ChardevCommon(QapiModel):\n    """Options every character device backend has."""\n\n    logfile: str | None = None\n    logappend: bool | None = None\n'),
@@ -1936,13 +2630,31 @@ else:
         'SchemaInfoObjectMember': (('QapiModel',), 'class SchemaInfoObjectMember(QapiModel):\n    """A member of an object type."""\n    qapi_nullable: ClassVar[frozenset[str]] = frozenset([\'default\'])\n\n    name: str\n    type: str\n    default: Any | None = None\n    features: list[str] | None = None\n'),
         'SchemaInfoObjectVariant': (('QapiModel',), 'class SchemaInfoObjectVariant(QapiModel):\n    """A branch of a union."""\n\n    case: str\n    type: str\n'),
         'SchemaInfoAlternateMember': (('QapiModel',), 'class SchemaInfoAlternateMember(QapiModel):\n    """A branch of an alternate."""\n\n    type: str\n'),
+        'ObjectPropertyInfo': (('QapiModel',), 'class ObjectPropertyInfo(QapiModel):\n    """One property of an object or object type."""\n    qapi_nullable: ClassVar[frozenset[str]] = frozenset([\'default_value\'])\n\n    name: str\n    type: str\n    description: str | None = None\n    default_value: Any | None = Field(default=None, alias="default-value")\n'),
+        'ObjectTypeInfo': (('QapiModel',), 'class ObjectTypeInfo(QapiModel):\n    """One object type."""\n\n    name: str\n    abstract: bool | None = None\n    parent: str | None = None\n'),
         'EventLoopBaseProperties': (('QapiModel',), 'class EventLoopBaseProperties(QapiModel):\n    """Properties common to event loop objects."""\n\n    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")\n    thread_pool_min: int | None = Field(default=None, alias="thread-pool-min")\n    thread_pool_max: int | None = Field(default=None, alias="thread-pool-max")\n'),
         'IothreadProperties': (('EventLoopBaseProperties',), 'class IothreadProperties(EventLoopBaseProperties):\n    """Properties of an iothread object."""\n\n    poll_max_ns: int | None = Field(default=None, alias="poll-max-ns")\n    poll_grow: int | None = Field(default=None, alias="poll-grow")\n    poll_shrink: int | None = Field(default=None, alias="poll-shrink")\n'),
+        'ThrottleLimits': (('QapiModel',), 'class ThrottleLimits(QapiModel):\n    """I/O limits of a throttle group; 0 means unlimited."""\n\n    iops_total: int | None = Field(default=None, alias="iops-total")\n    iops_total_max: int | None = Field(default=None, alias="iops-total-max")\n    iops_total_max_length: int | None = Field(default=None, alias="iops-total-max-length")\n    iops_read: int | None = Field(default=None, alias="iops-read")\n    iops_read_max: int | None = Field(default=None, alias="iops-read-max")\n    iops_read_max_length: int | None = Field(default=None, alias="iops-read-max-length")\n    iops_write: int | None = Field(default=None, alias="iops-write")\n    iops_write_max: int | None = Field(default=None, alias="iops-write-max")\n    iops_write_max_length: int | None = Field(default=None, alias="iops-write-max-length")\n    bps_total: int | None = Field(default=None, alias="bps-total")\n    bps_total_max: int | None = Field(default=None, alias="bps-total-max")\n    bps_total_max_length: int | None = Field(default=None, alias="bps-total-max-length")\n    bps_read: int | None = Field(default=None, alias="bps-read")\n    bps_read_max: int | None = Field(default=None, alias="bps-read-max")\n    bps_read_max_length: int | None = Field(default=None, alias="bps-read-max-length")\n    bps_write: int | None = Field(default=None, alias="bps-write")\n    bps_write_max: int | None = Field(default=None, alias="bps-write-max")\n    bps_write_max_length: int | None = Field(default=None, alias="bps-write-max-length")\n    iops_size: int | None = Field(default=None, alias="iops-size")\n'),
+        'ThrottleGroupProperties': (('QapiModel',), 'class ThrottleGroupProperties(QapiModel):\n    """Properties of a throttle-group object."""\n\n    limits: ThrottleLimits | None = None\n    x_iops_total: int | None = Field(default=None, alias="x-iops-total")\n    x_iops_total_max: int | None = Field(default=None, alias="x-iops-total-max")\n    x_iops_total_max_length: int | None = Field(default=None, alias="x-iops-total-max-length")\n    x_iops_read: int | None = Field(default=None, alias="x-iops-read")\n    x_iops_read_max: int | None = Field(default=None, alias="x-iops-read-max")\n    x_iops_read_max_length: int | None = Field(default=None, alias="x-iops-read-max-length")\n    x_iops_write: int | None = Field(default=None, alias="x-iops-write")\n    x_iops_write_max: int | None = Field(default=None, alias="x-iops-write-max")\n    x_iops_write_max_length: int | None = Field(default=None, alias="x-iops-write-max-length")\n    x_bps_total: int | None = Field(default=None, alias="x-bps-total")\n    x_bps_total_max: int | None = Field(default=None, alias="x-bps-total-max")\n    x_bps_total_max_length: int | None = Field(default=None, alias="x-bps-total-max-length")\n    x_bps_read: int | None = Field(default=None, alias="x-bps-read")\n    x_bps_read_max: int | None = Field(default=None, alias="x-bps-read-max")\n    x_bps_read_max_length: int | None = Field(default=None, alias="x-bps-read-max-length")\n    x_bps_write: int | None = Field(default=None, alias="x-bps-write")\n    x_bps_write_max: int | None = Field(default=None, alias="x-bps-write-max")\n    x_bps_write_max_length: int | None = Field(default=None, alias="x-bps-write-max-length")\n    x_iops_size: int | None = Field(default=None, alias="x-iops-size")\n'),
+        'SecretCommonProperties': (('QapiModel',), 'class SecretCommonProperties(QapiModel):\n    """Properties common to secret objects."""\n\n    loaded: bool | None = None\n    format: QCryptoSecretFormat | None = None\n    keyid: str | None = None\n    iv: str | None = None\n'),
+        'SecretProperties': (('SecretCommonProperties',), 'class SecretProperties(SecretCommonProperties):\n    """Properties of a secret object; exactly one of @data and @file is needed."""\n\n    data: str | None = None\n    file: str | None = None\n'),
+        'QAuthZListRule': (('QapiModel',), 'class QAuthZListRule(QapiModel):\n    """One rule of an access list."""\n\n    match: str\n    policy: QAuthZListPolicy\n    format: QAuthZListFormat | None = None\n'),
+        'AuthZListProperties': (('QapiModel',), 'class AuthZListProperties(QapiModel):\n    """Properties of an authz-list object."""\n\n    policy: QAuthZListPolicy | None = None\n    rules: list[QAuthZListRule] | None = None\n'),
+        'AuthZSimpleProperties': (('QapiModel',), 'class AuthZSimpleProperties(QapiModel):\n    """Properties of an authz-simple object."""\n\n    identity: str\n'),
         'ObjectOptionsBase': (('QapiModel',), 'class ObjectOptionsBase(QapiModel):\n    """Members of ObjectOptionsBase."""\n\n    qom_type: ObjectType = Field(alias="qom-type")\n    id: str\n'),
+        'ObjectOptions_authz_list': (('ObjectOptionsBase', 'AuthZListProperties', 'ObjectType'), 'class ObjectOptions_authz_list(ObjectOptionsBase, AuthZListProperties):\n    """ObjectOptions with qom-type=authz-list."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZListProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.AUTHZ_LIST] = Field(default=ObjectType.AUTHZ_LIST, alias="qom-type")\n'),
+        'ObjectOptions_authz_simple': (('ObjectOptionsBase', 'AuthZSimpleProperties', 'ObjectType'), 'class ObjectOptions_authz_simple(ObjectOptionsBase, AuthZSimpleProperties):\n    """ObjectOptions with qom-type=authz-simple."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZSimpleProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.AUTHZ_SIMPLE] = Field(default=ObjectType.AUTHZ_SIMPLE, alias="qom-type")\n'),
         'ObjectOptions_iothread': (('ObjectOptionsBase', 'IothreadProperties', 'ObjectType'), 'class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):\n    """ObjectOptions with qom-type=iothread."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | IothreadProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")\n'),
+        'ObjectOptions_secret': (('ObjectOptionsBase', 'SecretProperties', 'ObjectType'), 'class ObjectOptions_secret(ObjectOptionsBase, SecretProperties):\n    """ObjectOptions with qom-type=secret."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | SecretProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.SECRET] = Field(default=ObjectType.SECRET, alias="qom-type")\n'),
+        'ObjectOptions_throttle_group': (('ObjectOptionsBase', 'ThrottleGroupProperties', 'ObjectType'), 'class ObjectOptions_throttle_group(ObjectOptionsBase, ThrottleGroupProperties):\n    """ObjectOptions with qom-type=throttle-group."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | ThrottleGroupProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.THROTTLE_GROUP] = Field(default=ObjectType.THROTTLE_GROUP, alias="qom-type")\n'),
         'QueryBlockstatsArgs': (('QapiModel',), 'class QueryBlockstatsArgs(QapiModel):\n    """Members of QueryBlockstatsArgs."""\n\n    query_nodes: bool | None = Field(default=None, alias="query-nodes")\n'),
         'BlockResizeArgs': (('QapiModel',), 'class BlockResizeArgs(QapiModel):\n    """Members of BlockResizeArgs."""\n\n    device: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    size: int\n'),
+        'BlockdevSnapshotArgs': (('QapiModel',), 'class BlockdevSnapshotArgs(QapiModel):\n    """Members of BlockdevSnapshotArgs."""\n\n    node: str\n    overlay: str\n'),
+        'ChangeBackingFileArgs': (('QapiModel',), 'class ChangeBackingFileArgs(QapiModel):\n    """Members of ChangeBackingFileArgs."""\n\n    device: str\n    image_node_name: str = Field(alias="image-node-name")\n    backing_file: str = Field(alias="backing-file")\n'),
+        'BlockCommitArgs': (('QapiModel',), 'class BlockCommitArgs(QapiModel):\n    """Members of BlockCommitArgs."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    base_node: str | None = Field(default=None, alias="base-node")\n    base: str | None = None\n    top_node: str | None = Field(default=None, alias="top-node")\n    top: str | None = None\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    speed: int | None = None\n    on_error: BlockdevOnError | None = Field(default=None, alias="on-error")\n    filter_node_name: str | None = Field(default=None, alias="filter-node-name")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n'),
         'QueryNamedBlockNodesArgs': (('QapiModel',), 'class QueryNamedBlockNodesArgs(QapiModel):\n    """Members of QueryNamedBlockNodesArgs."""\n\n    flat: bool | None = None\n'),
+        'XQueryBlockNodeArgs': (('QapiModel',), 'class XQueryBlockNodeArgs(QapiModel):\n    """Members of XQueryBlockNodeArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
+        'BlockStreamArgs': (('QapiModel',), 'class BlockStreamArgs(QapiModel):\n    """Members of BlockStreamArgs."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    base: str | None = None\n    base_node: str | None = Field(default=None, alias="base-node")\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    bottom: str | None = None\n    speed: int | None = None\n    on_error: BlockdevOnError | None = Field(default=None, alias="on-error")\n    filter_node_name: str | None = Field(default=None, alias="filter-node-name")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n'),
         'BlockJobSetSpeedArgs': (('QapiModel',), 'class BlockJobSetSpeedArgs(QapiModel):\n    """Members of BlockJobSetSpeedArgs."""\n\n    device: str\n    speed: int\n'),
         'BlockJobCancelArgs': (('QapiModel',), 'class BlockJobCancelArgs(QapiModel):\n    """Members of BlockJobCancelArgs."""\n\n    device: str\n    force: bool | None = None\n'),
         'BlockJobPauseArgs': (('QapiModel',), 'class BlockJobPauseArgs(QapiModel):\n    """Members of BlockJobPauseArgs."""\n\n    device: str\n'),
@@ -1951,8 +2663,10 @@ else:
         'BlockJobDismissArgs': (('QapiModel',), 'class BlockJobDismissArgs(QapiModel):\n    """Members of BlockJobDismissArgs."""\n\n    id: str\n'),
         'BlockJobFinalizeArgs': (('QapiModel',), 'class BlockJobFinalizeArgs(QapiModel):\n    """Members of BlockJobFinalizeArgs."""\n\n    id: str\n'),
         'BlockdevDelArgs': (('QapiModel',), 'class BlockdevDelArgs(QapiModel):\n    """Members of BlockdevDelArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
+        'BlockdevSetActiveArgs': (('QapiModel',), 'class BlockdevSetActiveArgs(QapiModel):\n    """Members of BlockdevSetActiveArgs."""\n\n    node_name: str | None = Field(default=None, alias="node-name")\n    active: bool\n'),
         'BlockdevCreateArgs': (('QapiModel',), 'class BlockdevCreateArgs(QapiModel):\n    """Members of BlockdevCreateArgs."""\n\n    job_id: str = Field(alias="job-id")\n    options: BlockdevCreateOptions\n'),
         'BlockImageCorruptedEvent': (('QapiModel',), 'class BlockImageCorruptedEvent(QapiModel):\n    """Members of BlockImageCorruptedEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    msg: str\n    offset: int | None = None\n    size: int | None = None\n    fatal: bool\n'),
+        'BlockNodeReplacedEvent': (('QapiModel',), 'class BlockNodeReplacedEvent(QapiModel):\n    """Members of BlockNodeReplacedEvent."""\n\n    node_name: str = Field(alias="node-name")\n    new_node_name: str = Field(alias="new-node-name")\n    reason: str\n'),
         'BlockIoErrorEvent': (('QapiModel',), 'class BlockIoErrorEvent(QapiModel):\n    """Members of BlockIoErrorEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    operation: IoOperationType\n    action: BlockErrorAction\n    nospace: bool | None = None\n    reason: str\n'),
         'BlockJobCompletedEvent': (('QapiModel',), 'class BlockJobCompletedEvent(QapiModel):\n    """Members of BlockJobCompletedEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n    error: str | None = None\n'),
         'BlockJobCancelledEvent': (('QapiModel',), 'class BlockJobCancelledEvent(QapiModel):\n    """Members of BlockJobCancelledEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n'),
@@ -1981,19 +2695,25 @@ else:
         'ChardevSendBreakArgs': (('QapiModel',), 'class ChardevSendBreakArgs(QapiModel):\n    """Members of ChardevSendBreakArgs."""\n\n    id: str\n'),
         'VserportChangeEvent': (('QapiModel',), 'class VserportChangeEvent(QapiModel):\n    """Members of VserportChangeEvent."""\n\n    id: str\n    open: bool\n'),
         'QmpCapabilitiesArgs': (('QapiModel',), 'class QmpCapabilitiesArgs(QapiModel):\n    """Members of QmpCapabilitiesArgs."""\n\n    enable: list[QMPCapability] | None = None\n'),
+        'QomListArgs': (('QapiModel',), 'class QomListArgs(QapiModel):\n    """Members of QomListArgs."""\n\n    path: str\n'),
+        'QomGetArgs': (('QapiModel',), 'class QomGetArgs(QapiModel):\n    """Members of QomGetArgs."""\n\n    path: str\n    property: str\n'),
+        'QomSetArgs': (('QapiModel',), 'class QomSetArgs(QapiModel):\n    """Members of QomSetArgs."""\n\n    path: str\n    property: str\n    value: Any\n'),
+        'QomListTypesArgs': (('QapiModel',), 'class QomListTypesArgs(QapiModel):\n    """Members of QomListTypesArgs."""\n\n    implements: str | None = None\n    abstract: bool | None = None\n'),
+        'QomListPropertiesArgs': (('QapiModel',), 'class QomListPropertiesArgs(QapiModel):\n    """Members of QomListPropertiesArgs."""\n\n    typename: str\n'),
         'ObjectDelArgs': (('QapiModel',), 'class ObjectDelArgs(QapiModel):\n    """Members of ObjectDelArgs."""\n\n    id: str\n'),
         'SocketAddressLegacy': (('SocketAddressLegacy_inet', 'SocketAddressLegacy_unix', 'SocketAddressLegacy_vsock', 'SocketAddressLegacy_fd', 'QapiModel'), 'SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]\n'),
         'SocketAddress': (('SocketAddress_inet', 'SocketAddress_unix', 'SocketAddress_vsock', 'SocketAddress_fd', 'QapiModel'), 'SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]\n'),
         'ImageInfoSpecific': (('ImageInfoSpecific_qcow2', 'QapiModel'), 'ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2\n'),
-        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_qcow2', 'BlockStatsSpecific_raw', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw], Field(discriminator="driver")]\n'),
+        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_blkdebug', 'BlockStatsSpecific_compress', 'BlockStatsSpecific_copy_on_read', 'BlockStatsSpecific_error', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_preallocate', 'BlockStatsSpecific_qcow2', 'BlockStatsSpecific_raw', 'BlockStatsSpecific_throttle', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_blkdebug, BlockStatsSpecific_compress, BlockStatsSpecific_copy_on_read, BlockStatsSpecific_error, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_preallocate, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw, BlockStatsSpecific_throttle], Field(discriminator="driver")]\n'),
         'BlockdevQcow2Encryption': (('BlockdevQcow2Encryption_aes', 'BlockdevQcow2Encryption_luks', 'QapiModel'), 'BlockdevQcow2Encryption: TypeAlias = Annotated[Union[BlockdevQcow2Encryption_aes, BlockdevQcow2Encryption_luks], Field(discriminator="format")]\n'),
-        'BlockdevOptions': (('BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_qcow2', 'BlockdevOptions_raw', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_qcow2, BlockdevOptions_raw], Field(discriminator="driver")]\n'),
-        'BlockdevCreateOptions': (('BlockdevCreateOptions_file', 'BlockdevCreateOptions_qcow2', 'BlockdevCreateOptions_null_aio', 'BlockdevCreateOptions_null_co', 'BlockdevCreateOptions_raw', 'QapiModel'), 'BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_raw], Field(discriminator="driver")]\n'),
+        'BlockdevOptions': (('BlockdevOptions_blkdebug', 'BlockdevOptions_compress', 'BlockdevOptions_copy_on_read', 'BlockdevOptions_error', 'BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_preallocate', 'BlockdevOptions_qcow2', 'BlockdevOptions_raw', 'BlockdevOptions_throttle', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_throttle], Field(discriminator="driver")]\n'),
+        'QCryptoBlockCreateOptions': (('QCryptoBlockCreateOptions_qcow', 'QCryptoBlockCreateOptions_luks', 'QapiModel'), 'QCryptoBlockCreateOptions: TypeAlias = Annotated[Union[QCryptoBlockCreateOptions_qcow, QCryptoBlockCreateOptions_luks], Field(discriminator="format")]\n'),
+        'BlockdevCreateOptions': (('BlockdevCreateOptions_file', 'BlockdevCreateOptions_qcow2', 'BlockdevCreateOptions_blkdebug', 'BlockdevCreateOptions_compress', 'BlockdevCreateOptions_copy_on_read', 'BlockdevCreateOptions_error', 'BlockdevCreateOptions_null_aio', 'BlockdevCreateOptions_null_co', 'BlockdevCreateOptions_preallocate', 'BlockdevCreateOptions_raw', 'BlockdevCreateOptions_throttle', 'QapiModel'), 'BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]\n'),
         'BlockExportOptions': (('BlockExportOptions_nbd', 'QapiModel'), 'BlockExportOptions: TypeAlias = BlockExportOptions_nbd\n'),
         'ChardevBackend': (('ChardevBackend_file', 'ChardevBackend_socket', 'ChardevBackend_null', 'ChardevBackend_stdio', 'ChardevBackend_ringbuf', 'ChardevBackend_memory', 'QapiModel'), 'ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf, ChardevBackend_memory], Field(discriminator="type")]\n'),
         'ChardevOptions': (('ChardevOptions_file', 'ChardevOptions_socket', 'ChardevOptions_null', 'ChardevOptions_stdio', 'ChardevOptions_ringbuf', 'ChardevOptions_memory', 'QapiModel'), 'ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]\n'),
         'SchemaInfo': (('SchemaInfo_builtin', 'SchemaInfo_enum', 'SchemaInfo_array', 'SchemaInfo_object', 'SchemaInfo_alternate', 'SchemaInfo_command', 'SchemaInfo_event', 'QapiModel'), 'SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]\n'),
-        'ObjectOptions': (('ObjectOptions_iothread', 'QapiModel'), 'ObjectOptions: TypeAlias = ObjectOptions_iothread\n'),
+        'ObjectOptions': (('ObjectOptions_authz_list', 'ObjectOptions_authz_simple', 'ObjectOptions_iothread', 'ObjectOptions_secret', 'ObjectOptions_throttle_group', 'QapiModel'), 'ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]\n'),
         'BlockDirtyBitmapOrStr': (('BlockDirtyBitmap', 'QapiModel'), 'BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]\n'),
         'Qcow2OverlapChecks': (('Qcow2OverlapCheckFlags', 'Qcow2OverlapCheckMode', 'QapiModel'), 'Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]\n'),
         'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),

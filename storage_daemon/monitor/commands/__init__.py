@@ -1,5 +1,14 @@
 """QMP command handlers, one module per area; importing this package registers them all."""
 
-from storage_daemon.monitor.commands import block, chardev, control, exports, jobs, objects
+from storage_daemon.monitor.commands import (
+    block,
+    block_jobs,
+    chardev,
+    control,
+    exports,
+    jobs,
+    objects,
+    qom,
+)
 
-__all__ = ["block", "chardev", "control", "exports", "jobs", "objects"]
+__all__ = ["block", "block_jobs", "chardev", "control", "exports", "jobs", "objects", "qom"]

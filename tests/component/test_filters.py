@@ -1,0 +1,337 @@
+"""Filter drivers in process: throttle, blkdebug, copy-on-read, compress, preallocate."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import storage_daemon.monitor.commands  # noqa: F401  (handlers imported before any loop runs)
+from storage_daemon.blockdev import io
+from storage_daemon.blockdev.child import BdrvChild, ChildRole
+from storage_daemon.blockdev.perm import PERM_ALL, Perm
+from storage_daemon.daemon import Daemon
+from storage_daemon.errors import QmpError
+
+
+class User:
+    """A non-node parent, as an export attaches."""
+
+    def parent_description(self, child: BdrvChild) -> str:
+        return f"an unnamed block device (uses node '{child.node.name}' as 'root' child)"
+
+
+async def run(daemon: Daemon, name: str, args: dict[str, Any] | None = None) -> Any:
+    return await daemon.run_command(name, args)
+
+
+async def error(daemon: Daemon, name: str, args: dict[str, Any] | None = None) -> str:
+    with pytest.raises(QmpError) as info:
+        await daemon.run_command(name, args)
+    return info.value.desc
+
+
+def attach(
+    daemon: Daemon,
+    name: str,
+    perm: Perm = Perm.CONSISTENT_READ | Perm.WRITE,
+    shared: Perm = PERM_ALL,
+) -> BdrvChild:
+    node = daemon.graph.lookup(name)
+    return daemon.graph.attach(User(), node, "root", ChildRole.PRIMARY, perm, shared)
+
+
+async def node_info(daemon: Daemon, name: str) -> dict[str, Any]:
+    nodes = await run(daemon, "query-named-block-nodes", {"flat": True})
+    return next(n for n in nodes if n["node-name"] == name)
+
+
+# --- throttle -----------------------------------------------------------------------------
+
+
+async def test_throttle_group_reference_and_in_use() -> None:
+    daemon = Daemon()
+    add = {"driver": "throttle", "node-name": "th", "file": {"driver": "null-co"}}
+    assert await error(daemon, "blockdev-add", {**add, "throttle-group": "nosuch"}) == (
+        "Throttle group 'nosuch' does not exist"
+    )
+    await run(daemon, "object-add", {"qom-type": "iothread", "id": "io0"})
+    assert await error(daemon, "blockdev-add", {**add, "throttle-group": "io0"}) == (
+        "Throttle group 'io0' does not exist"
+    )
+    await run(daemon, "object-add", {"qom-type": "throttle-group", "id": "tg0"})
+    await run(daemon, "blockdev-add", {**add, "throttle-group": "tg0"})
+    assert await error(daemon, "object-del", {"id": "tg0"}) == (
+        "object 'tg0' is in use, can not be deleted"
+    )
+    info = await node_info(daemon, "th")
+    assert info["file"] == (
+        'json:{"throttle-group": "tg0", "driver": "throttle", "file": {"driver": "null-co"}}'
+    )
+    assert info["image"]["format"] == "throttle"
+    await run(daemon, "blockdev-del", {"node-name": "th"})
+    await run(daemon, "object-del", {"id": "tg0"})
+
+
+async def test_throttle_waits_without_blocking_and_qom_set_releases() -> None:
+    daemon = Daemon()
+    # 100 kB/s: the first 10 kB pass (a tenth of a second's worth), the next must wait ~1 s.
+    await run(
+        daemon,
+        "object-add",
+        {"qom-type": "throttle-group", "id": "tg0", "limits": {"bps-read": 100_000}},
+    )
+    await run(
+        daemon,
+        "blockdev-add",
+        {
+            "driver": "throttle",
+            "node-name": "th",
+            "throttle-group": "tg0",
+            "file": {"driver": "null-co", "read-zeroes": True},
+        },
+    )
+    edge = attach(daemon, "th")
+    await io.pread(edge, 0, 200_000)  # the next read waits ~1.9 s
+    await io.pwrite(edge, 0, bytes(100_000))  # writes are not limited by a read limit
+    blocked = asyncio.ensure_future(io.pread(edge, 0, 100_000))
+    ticks = 0
+    while ticks < 5:  # the loop keeps running while the read waits
+        await asyncio.sleep(0)
+        ticks += 1
+    assert not blocked.done()
+    await run(
+        daemon, "qom-set", {"path": "/objects/tg0", "property": "limits", "value": {"bps-read": 0}}
+    )
+    data = await asyncio.wait_for(blocked, 1.0)
+    assert len(data) == 100_000
+    daemon.graph.detach(edge)
+
+
+async def test_throttle_wait_is_cancellable() -> None:
+    daemon = Daemon()
+    await run(
+        daemon,
+        "object-add",
+        {"qom-type": "throttle-group", "id": "tg0", "limits": {"iops-total": 1}},
+    )
+    await run(
+        daemon,
+        "blockdev-add",
+        {
+            "driver": "throttle",
+            "node-name": "th",
+            "throttle-group": "tg0",
+            "file": {"driver": "null-co"},
+        },
+    )
+    edge = attach(daemon, "th")
+    await io.pread(edge, 0, 512)
+    waiting = asyncio.ensure_future(io.pread(edge, 0, 512))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    group = daemon.objects.throttle_group("tg0")
+    assert not group._queues[False]
+    daemon.graph.detach(edge)
+    await run(daemon, "blockdev-del", {"node-name": "th"})
+    await run(daemon, "object-del", {"id": "tg0"})
+
+
+# --- blkdebug ------------------------------------------------------------------------------
+
+
+async def test_blkdebug_inject_by_sector_iotype_and_once() -> None:
+    daemon = Daemon()
+    await run(
+        daemon,
+        "blockdev-add",
+        {
+            "driver": "blkdebug",
+            "node-name": "bd",
+            "image": {"driver": "null-co", "size": 1 << 20, "read-zeroes": True},
+            "inject-error": [
+                {"event": "read_aio", "sector": 8},
+                {"event": "write_aio", "errno": errno.ENOSPC, "once": True},
+            ],
+        },
+    )
+    edge = attach(daemon, "bd")
+    assert bytes(await io.pread(edge, 0, 512)) == bytes(512)
+    with pytest.raises(OSError) as info:
+        await io.pread(edge, 4096, 512)
+    assert info.value.errno == errno.EIO
+    with pytest.raises(OSError) as info:
+        await io.pread(edge, 0, 8192)  # covers sector 8
+    assert info.value.errno == errno.EIO
+    with pytest.raises(OSError) as info:
+        await io.pwrite(edge, 0, b"x" * 512)
+    assert info.value.errno == errno.ENOSPC
+    await io.pwrite(edge, 0, b"x" * 512)  # `once`: gone
+    await io.pwrite(edge, 8192, b"x" * 512)  # other sectors are fine
+    with pytest.raises(OSError):  # an armed rule without iotype applies to writes too (QEMU)
+        await io.pwrite(edge, 4096, b"x" * 512)
+    name = (await node_info(daemon, "bd"))["file"]
+    assert name.startswith("json:")
+    assert json.loads(name[5:]) == {
+        "driver": "blkdebug",
+        "image": {"driver": "null-co", "read-zeroes": True, "size": 1048576},
+        "inject-error.0.event": "read_aio",
+        "inject-error.0.sector": 8,
+        "inject-error.1.event": "write_aio",
+        "inject-error.1.errno": 28,
+        "inject-error.1.once": True,
+    }
+    daemon.graph.detach(edge)
+
+
+async def test_blkdebug_set_state_and_flush() -> None:
+    daemon = Daemon()
+    await run(
+        daemon,
+        "blockdev-add",
+        {
+            "driver": "blkdebug",
+            "node-name": "bd",
+            "image": {"driver": "null-co", "size": 65536},
+            "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}],
+            "inject-error": [
+                {"event": "read_aio", "state": 2, "iotype": "read"},
+                {"event": "flush_to_disk", "iotype": "flush", "errno": errno.EROFS},
+            ],
+        },
+    )
+    assert (await node_info(daemon, "bd"))["file"].startswith("json:{")
+    edge = attach(daemon, "bd")
+    await io.pread(edge, 0, 512)  # state 1: the read rule is not armed
+    await io.pwrite(edge, 0, b"y" * 512)  # -> state 2
+    with pytest.raises(OSError):
+        await io.pread(edge, 0, 512)
+    with pytest.raises(OSError) as info:
+        await io.flush(edge)
+    assert info.value.errno == errno.EROFS
+    daemon.graph.detach(edge)
+
+
+async def test_blkdebug_plain_filename_and_config_refused() -> None:
+    daemon = Daemon()
+    await run(
+        daemon,
+        "blockdev-add",
+        {"driver": "blkdebug", "node-name": "bd", "image": {"driver": "null-co"}},
+    )
+    assert (await node_info(daemon, "bd"))["file"] == "blkdebug::null-co://"
+    desc = await error(
+        daemon,
+        "blockdev-add",
+        {"driver": "blkdebug", "node-name": "b2", "config": "/x", "image": {"driver": "null-co"}},
+    )
+    assert "config" in desc
+
+
+# --- copy-on-read --------------------------------------------------------------------------
+
+
+async def qemu_img(*args: str) -> str:
+    # In a thread: a test must not block its event loop either.
+    done = await asyncio.to_thread(
+        subprocess.run, ["qemu-img", *args], check=True, capture_output=True, text=True
+    )
+    return done.stdout
+
+
+async def test_copy_on_read_copies_backing_data_into_top(scratch: Path) -> None:
+    base, top = scratch / "base.raw", scratch / "top.qcow2"
+    base.write_bytes(b"B" * 65536 + bytes(65536 * 3))
+    await qemu_img("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
+    daemon = Daemon()
+    await run(
+        daemon,
+        "blockdev-add",
+        {
+            "driver": "copy-on-read",
+            "node-name": "cor",
+            "file": {
+                "driver": "qcow2",
+                "node-name": "top",
+                "file": {"driver": "file", "filename": str(top)},
+            },
+        },
+    )
+    graph = await run(daemon, "x-debug-query-block-graph")
+    cor_edge = next(
+        e for e in graph["edges"] if e["name"] == "file" and graph["nodes"][0]["id"] == e["parent"]
+    )
+    assert cor_edge["perm"] == ["write-unchanged"]
+    edge = attach(daemon, "cor", Perm.CONSISTENT_READ)
+    top_edge = daemon.graph.lookup("top").parents[-1]
+    assert (await io.allocation_depth(top_edge, 0, 65536))[1] == 2
+    assert bytes(await io.pread(edge, 0, 4096)) == b"B" * 4096
+    assert (await io.allocation_depth(top_edge, 0, 4096))[1] == 1  # copied up
+    info = await node_info(daemon, "cor")
+    assert info["image"]["format"] == "copy-on-read"
+    assert info["image"]["cluster-size"] == 65536
+    daemon.graph.detach(edge)
+    await run(daemon, "blockdev-del", {"node-name": "cor"})
+    await daemon.shutdown()
+    mapped = await qemu_img("map", "--output=json", str(top))
+    # The first cluster now lives in the top image (depth 0), the rest still in the base.
+    assert mapped.startswith('[{ "start": 0, "length": 65536, "depth": 0')
+
+
+# --- compress, preallocate -----------------------------------------------------------------
+
+
+async def test_compress_refuses_non_compressing_child() -> None:
+    daemon = Daemon()
+    desc = await error(
+        daemon,
+        "blockdev-add",
+        {"driver": "compress", "node-name": "c", "file": {"driver": "null-co"}},
+    )
+    assert desc == "Compression is not supported for underlying format: null-co"
+    assert daemon.graph.find("c") is None and len(daemon.graph) == 0
+
+
+async def test_preallocate_grows_ahead_and_truncates_on_close(scratch: Path) -> None:
+    path = scratch / "img.qcow2"
+    await qemu_img("create", "-f", "qcow2", str(path), "16M")
+    before = await asyncio.to_thread(os.path.getsize, path)
+    daemon = Daemon()
+    await run(
+        daemon,
+        "blockdev-add",
+        {
+            "driver": "qcow2",
+            "node-name": "q",
+            "file": {
+                "driver": "preallocate",
+                "node-name": "pre",
+                "prealloc-align": 65536,
+                "prealloc-size": 1 << 20,
+                "file": {"driver": "file", "filename": str(path)},
+            },
+        },
+    )
+    graph = await run(daemon, "x-debug-query-block-graph")
+    ids = {n["name"]: n["id"] for n in graph["nodes"]}
+    pre_edge = next(e for e in graph["edges"] if e["parent"] == ids["pre"])
+    assert "resize" in pre_edge["perm"] and "write" in pre_edge["perm"]
+    edge = attach(daemon, "q")
+    await io.pwrite(edge, 0, b"z" * 65536)
+    await io.flush(edge)
+    grown = await asyncio.to_thread(os.path.getsize, path)
+    data_end = daemon.graph.lookup("pre").driver.getlength()
+    assert grown >= data_end + (1 << 20) - 65536 and grown % 65536 == 0
+    assert data_end > before
+    daemon.graph.detach(edge)
+    await run(daemon, "blockdev-del", {"node-name": "q"})
+    assert await asyncio.to_thread(os.path.getsize, path) == data_end
+    await qemu_img("check", str(path))
