@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
@@ -24,6 +24,7 @@ from storage_daemon.blockdev.perm import (
     PermUser,
     cumulative,
     find_conflict,
+    perm_names,
 )
 from storage_daemon.errors import QmpError
 
@@ -37,9 +38,20 @@ def wire(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
-def node_options(options: Any, inherited: NodeOptions | None) -> NodeOptions:
-    """The base BlockdevOptions members, with defaults inherited from a parent node."""
+def node_options(
+    options: Any, inherited: NodeOptions | None, *, inactive: bool = False
+) -> NodeOptions:
+    """The base BlockdevOptions members, with defaults inherited from a parent node.
+
+    `active` is not inherited (qsd 10.0: an inline file child of an inactive node stays
+    active); `inactive` is the default for backing files an inactive node opens itself.
+    """
     base = NodeOptions()
+    # --- activity (blockdev/activity.py) ---
+    base.active = not inactive
+    if getattr(options, "active", None) is not None:
+        base.active = bool(options.active)
+    # --- end activity ---
     if inherited is not None:
         # Children inherit read-only-ness and caching; lower layers may always discard.
         base.read_only = inherited.read_only
@@ -69,11 +81,33 @@ def node_options(options: Any, inherited: NodeOptions | None) -> NodeOptions:
 class BlockGraph:
     """The daemon's nodes, by name, in creation order."""
 
-    def __init__(self, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        rng: random.Random | None = None,
+        emit: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self._nodes: dict[str, BlockNode] = {}
         self._serial = 0
         self._auto_counter = 0
         self._rng = rng or random.Random()
+        # The daemon's event hook (EventBus.emit); drivers reach it through `node.graph`.
+        self.emit_hook = emit
+
+    # --- events and failures reported by nodes -----------------------------------------
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        """Send a QMP event from a node to the daemon's monitors (dropped without a hook)."""
+        if self.emit_hook is not None:
+            self.emit_hook(name, data)
+
+    async def fence(self, node: BlockNode, reason: str) -> BlockNode | None:
+        """`node` became unusable (fatal corruption): its users get an `error` node instead.
+
+        Returns the replacement, or None when the node is no longer in the graph.
+        """
+        from storage_daemon.blockdev.drivers.error import swap_in_error_node
+
+        return await swap_in_error_node(self, node, reason)
 
     # --- lookup -----------------------------------------------------------------------
 
@@ -119,10 +153,15 @@ class BlockGraph:
                 return name
 
     async def add(
-        self, options: Any, *, monitor_owned: bool, inherited: NodeOptions | None = None
+        self,
+        options: Any,
+        *,
+        monitor_owned: bool,
+        inherited: NodeOptions | None = None,
+        inactive: bool = False,
     ) -> BlockNode:
         """Open a node (and its inline children) from typed BlockdevOptions."""
-        opts = node_options(options, inherited)
+        opts = node_options(options, inherited, inactive=inactive)
         if opts.detect_zeroes == "unmap" and opts.discard != "unmap":
             raise QmpError(
                 "setting detect-zeroes to unmap is not allowed without setting discard "
@@ -147,6 +186,8 @@ class BlockGraph:
             serial=self._serial,
             implicit=implicit,
         )
+        node.graph = self
+        node.open_options = options
         node.driver = driver_cls(node)
         try:
             await node.driver.open(options, self._opener(opts))
@@ -212,7 +253,7 @@ class BlockGraph:
         edge = BdrvChild(parent=parent, node=node, name=name, role=role)
         parent_node = edge.parent_node
         if parent_node is not None:
-            perm, shared = parent_node.driver.child_perm(edge, parent_node.perm, parent_node.shared)
+            perm, shared = _child_perm(parent_node, edge)
         self._transaction({edge: (perm, shared)}, added=[edge])
         node.parents.insert(0, edge)
         if parent_node is not None:
@@ -235,6 +276,26 @@ class BlockGraph:
         """Change what a non-node parent (export, job) uses; all-or-nothing."""
         self._transaction({edge: (perm, shared)})
 
+    def replace_node(self, old: BlockNode, new: BlockNode) -> None:
+        """Point every edge using `old` at `new` (the corruption swap); all or nothing."""
+        edges = list(old.parents)
+        for edge in edges:
+            edge.node = new
+        new.parents[:0] = edges
+        old.parents.clear()
+        try:
+            self._transaction({}, touched=[new, old])
+        except BaseException:
+            for edge in edges:
+                edge.node = old
+            del new.parents[: len(edges)]
+            old.parents[:] = edges
+            raise
+
+    def refresh_perms(self, node: BlockNode) -> None:
+        """Recompute `node`'s permissions and its children's (after activity changed)."""
+        self._transaction({}, touched=[node])
+
     def _transaction(
         self,
         changes: dict[BdrvChild, tuple[Perm, Perm]],
@@ -244,6 +305,15 @@ class BlockGraph:
     ) -> None:
         """Check every node below the changed edges, then commit all or nothing."""
         added = added or []
+        # --- activity (blockdev/activity.py): an active node may not use an inactive one ---
+        for edge in added:
+            parent = edge.parent_node
+            if parent is not None and parent.options.active and not edge.node.options.active:
+                raise QmpError(
+                    f"Inactive '{edge.node.name}' can't be a {edge.name} child of "
+                    f"active '{parent.name}'"
+                )
+        # --- end activity ---
         proposed = dict(changes)
         queue: list[BlockNode] = [edge.node for edge in changes] + list(touched or [])
         new_perms: dict[BlockNode, tuple[Perm, Perm]] = {}
@@ -256,6 +326,15 @@ class BlockGraph:
                     PermUser(edge.describe(), *proposed.get(edge, (edge.perm, edge.shared)))
                     for edge in users
                 ]
+                # --- activity: an inactive node grants nothing but consistent-read ---
+                if not node.options.active:
+                    for user in perm_users:
+                        if user.perm & ~Perm.CONSISTENT_READ:
+                            raise QmpError(
+                                f"Permission '{', '.join(perm_names(user.perm))}' "
+                                "unavailable on inactive node"
+                            )
+                # --- end activity ---
                 conflict = find_conflict(node.name, perm_users)
                 if conflict is not None:
                     raise QmpError(conflict)
@@ -292,7 +371,14 @@ def _child_perm(
     )
     if edge.node.options.force_share:
         sharing = PERM_ALL
-    return wanted, sharing
+    return _inactive_mask(parent, wanted, sharing)
+
+
+def _inactive_mask(parent: BlockNode, wanted: Perm, sharing: Perm) -> tuple[Perm, Perm]:
+    """Activity: an inactive node only reads its children and lets others write them."""
+    if parent.options.active:
+        return wanted, sharing
+    return wanted & Perm.CONSISTENT_READ, sharing | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE
 
 
 class _Opener:
@@ -308,7 +394,15 @@ class _Opener:
         if isinstance(ref, str):
             child = self._graph.lookup(ref)
             return self._graph.attach(parent, child, name, role)
-        child = await self._graph.add(ref, monitor_owned=False, inherited=self._parent_opts)
+        # qsd 10.0: a backing file an inactive node opens comes up inactive, and so does
+        # everything below a node that was made inactive that way; an inline child of a node
+        # the user made inactive explicitly stays active.
+        given = parent.open_options
+        explicit = given is not None and "active" in getattr(given, "model_fields_set", ())
+        inactive = not self._parent_opts.active and (bool(role & ChildRole.COW) or not explicit)
+        child = await self._graph.add(
+            ref, monitor_owned=False, inherited=self._parent_opts, inactive=inactive
+        )
         try:
             return self._graph.attach(parent, child, name, role)
         except BaseException:

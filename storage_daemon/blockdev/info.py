@@ -60,6 +60,7 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
         "ro": opts.read_only,
         "drv": node.driver.name,
         "backing_file_depth": backing_depth(node),
+        "active": node.options.active,
         "encrypted": False,
         "detect_zeroes": opts.detect_zeroes,
         "bps": 0,

@@ -32,6 +32,8 @@ class NodeOptions:
     discard: str = "ignore"  # ignore | unmap
     cache_direct: bool = False
     cache_no_flush: bool = False
+    # QEMU 10.0 `active` (not inherited by inline children); flipped by blockdev/activity.py.
+    active: bool = True
 
 
 @dataclass(eq=False)
@@ -49,6 +51,11 @@ class BlockNode:
     stats: IoStats = field(default_factory=IoStats)
     # The generic I/O path's per-node state (request tracker, flush generation): io.py only.
     io_state: IoState = field(default_factory=IoState, repr=False)
+    # The graph holding the node (set by BlockGraph.add): drivers reach the daemon's event
+    # hook and the corruption swap through it. None for nodes outside any graph (tests).
+    graph: Any = field(default=None, repr=False)
+    # The typed BlockdevOptions the node was opened with (x-query-block-node reports them).
+    open_options: Any = field(default=None, repr=False)
 
     def __hash__(self) -> int:
         return id(self)

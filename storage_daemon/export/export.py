@@ -9,6 +9,8 @@ one reference until shutdown is requested, and each client holds one until its r
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.graph import BlockGraph
 from storage_daemon.blockdev.node import BlockNode
-from storage_daemon.blockdev.perm import PERM_ALL, Perm
+from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
 
 _ID = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
@@ -47,6 +49,12 @@ class BlockExport:
         self.shutting_down = False
         self.deleted = False
         self._on_delete: list[Callable[[BlockExport], None]] = []
+        # Inactive nodes (QEMU 10.0): with allow-inactive the export keeps working (reads
+        # only) while its node is inactive; its permissions are then "disabled" (the edge
+        # holds none) and taken back when the node is activated.
+        self.allow_inactive = False
+        self.perm_disabled = False
+        self._want: tuple[Perm, Perm] = (export_perm(writable), PERM_ALL)
 
     # --- the block graph sees the export as a parent ------------------------------------
 
@@ -55,14 +63,38 @@ class BlockExport:
 
     def attach(self, graph: BlockGraph) -> None:
         """Take the node, sharing everything (QmpError with qsd's conflict text)."""
-        self.edge = graph.attach(
-            self, self.node, "root", ChildRole.PRIMARY, export_perm(self.writable), PERM_ALL
-        )
+        self._want = (export_perm(self.writable), PERM_ALL)
+        perm, shared = self._want
+        if not self.node.options.active and self._can_inactivate():
+            self.perm_disabled = True
+            perm, shared = PERM_NONE, PERM_ALL
+        self.edge = graph.attach(self, self.node, "root", ChildRole.PRIMARY, perm, shared)
 
     def forbid_resize(self, graph: BlockGraph) -> None:
         """Stop sharing resize (QmpError naming the node that resizes)."""
         assert self.edge is not None
-        graph.set_edge_perm(self.edge, export_perm(self.writable), EXPORT_SHARED)
+        self._want = (export_perm(self.writable), EXPORT_SHARED)
+        if not self.perm_disabled:
+            graph.set_edge_perm(self.edge, *self._want)
+
+    # --- inactive nodes (blockdev/activity.py calls these) ------------------------------
+
+    def _can_inactivate(self) -> bool:
+        return self.allow_inactive or not self._want[0] & ~Perm.CONSISTENT_READ
+
+    def inactivate_edge(self, graph: BlockGraph, edge: BdrvChild) -> None:
+        if self.perm_disabled:
+            return
+        if not self._can_inactivate():
+            raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+        self.perm_disabled = True
+        graph.set_edge_perm(edge, PERM_NONE, PERM_ALL)
+
+    def activate_edge(self, graph: BlockGraph, edge: BdrvChild) -> None:
+        if not self.perm_disabled:
+            return
+        graph.set_edge_perm(edge, *self._want)
+        self.perm_disabled = False
 
     # --- lifetime ---------------------------------------------------------------------
 
@@ -160,7 +192,7 @@ class ExportRegistry:
             {
                 "id": e.id,
                 "type": e.type_name,
-                "node-name": e.node.name,
+                "node-name": (e.edge.node if e.edge is not None else e.node).name,
                 "shutting-down": e.shutting_down,
             }
             for e in reversed(list(self._exports.values()))

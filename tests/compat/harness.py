@@ -170,8 +170,20 @@ def canonical_block_graph(graph: Any) -> Any:
 
 
 #: Per-command reply canonicalisers applied to `return` (after name normalisation).
+def without_10_0_members(nodes: Any) -> Any:
+    """Drop BlockDeviceInfo's `active` (added in QEMU 10.0; we implement 10.0's inactive
+    nodes, qsd 7.2 predates them), so 7.2's answers compare with ours."""
+    if not isinstance(nodes, list):
+        return nodes
+    return [
+        {k: v for k, v in node.items() if k != "active"} if isinstance(node, dict) else node
+        for node in nodes
+    ]
+
+
 RETURN_CANONICALISERS: dict[str, Callable[[Any], Any]] = {
     "x-debug-query-block-graph": canonical_block_graph,
+    "query-named-block-nodes": without_10_0_members,
 }
 
 

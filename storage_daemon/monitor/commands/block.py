@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from storage_daemon.blockdev import io
+from storage_daemon.blockdev import activity, io
 from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import ChildRole
 from storage_daemon.blockdev.info import block_stats, debug_block_graph, named_block_nodes
+from storage_daemon.blockdev.node_query import query_block_node
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
 from storage_daemon.errors import QmpError
 from storage_daemon.monitor.dispatch import CommandContext, command
@@ -67,3 +68,13 @@ async def query_blockstats(ctx: CommandContext, args: Any) -> list[dict[str, Any
 async def query_block(ctx: CommandContext, args: Any) -> list[dict[str, Any]]:
     # Like qsd: there are no guest devices, so no BlockInfo entries.
     return []
+
+
+@command("blockdev-set-active")
+async def blockdev_set_active(ctx: CommandContext, args: Any) -> None:
+    await activity.set_active(ctx.daemon.graph, args.node_name, bool(args.active))
+
+
+@command("x-query-block-node")
+async def x_query_block_node(ctx: CommandContext, args: Any) -> dict[str, Any]:
+    return query_block_node(ctx.daemon.graph, args.node_name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage_daemon.blockdev import io
+from storage_daemon.blockdev import activity, io
 from storage_daemon.errors import QmpError
 from storage_daemon.export.nbd.handshake import ExportInfo
 from storage_daemon.export.nbd.listen import Endpoint
@@ -93,6 +93,7 @@ async def block_export_add(ctx: CommandContext, options: Any) -> None:
         description=options.description,
         bitmaps=list(options.bitmaps or []),
         allocation_depth=bool(options.allocation_depth),
+        allow_inactive=bool(getattr(options, "allow_inactive", None)),
     )
 
 
@@ -108,10 +109,18 @@ async def add_nbd_export(
     description: str | None,
     bitmaps: list[Any],
     allocation_depth: bool,
+    allow_inactive: bool = False,
 ) -> None:
     daemon = ctx.daemon
     daemon.exports.check_new_id(export_id)
     node = daemon.graph.lookup_node_name(node_name)
+    if not allow_inactive:
+        # QEMU 10.0: an export activates its node (errors ignored, as there; a node that
+        # stays inactive then refuses the export's permissions).
+        try:
+            await activity.activate(daemon.graph, node)
+        except QmpError:
+            pass
     if writable and node.read_only:
         raise QmpError("Cannot export read-only node as writable")
     if iothread is not None and daemon.objects.type_of(iothread) != "iothread":
@@ -124,6 +133,7 @@ async def add_nbd_export(
         writethrough=writethrough,
         server=server,  # type: ignore[arg-type]  # checked below, after the permissions
     )
+    export.allow_inactive = allow_inactive
     export.attach(daemon.graph)
     try:
         if server is None:
