@@ -1,0 +1,250 @@
+"""block-commit: merge the images from `top` down to just above `base` into `base`.
+
+Domain ring. Committing an intermediate image copies, then (in prepare) relinks the overlay of
+`top` onto `base` and rewrites its header. Committing the active layer copies, becomes READY,
+and on job-complete copies again until no write landed on the top meanwhile, then moves every
+other user of the top onto the base (qsd's pivot); a cancel in READY leaves the graph alone.
+Invariant: a read-only base is made writable for the job only and read-only again after it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from storage_daemon.blockdev import chain, io
+from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.jobs.block_job import BlockJob
+from storage_daemon.blockdev.jobs.stream import CHUNK, CopyError, allocated_above, copy_checked
+from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
+from storage_daemon.errors import QmpError
+
+if TYPE_CHECKING:
+    from storage_daemon.blockdev.node import BlockNode
+    from storage_daemon.daemon import Daemon
+
+FOREVER_NS = 3600 * 10**9
+INTERMEDIATE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
+BASE_PERM = Perm.CONSISTENT_READ | Perm.WRITE
+BASE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
+
+
+def wire(value: Any) -> Any:
+    return getattr(value, "value", value)
+
+
+def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode, bool]:
+    """(device, top, base, active) with qsd's checks and texts, in qsd's order."""
+    graph = daemon.graph
+    device = graph.find(args.device)
+    if device is None:
+        raise QmpError(f"Device '{args.device}' not found", error_class="DeviceNotFound")
+    if any(edge.parent_node is not None for edge in device.parents):
+        raise QmpError("Need a root block node")
+    top: BlockNode | None
+    if args.top_node is not None and args.top is not None:
+        raise QmpError("'top-node' and 'top' are mutually exclusive")
+    if args.top_node is not None:
+        top = graph.lookup_node_name(args.top_node)
+        if not chain.contains(device, top):
+            raise QmpError(f"'{args.top_node}' is not in this backing file chain")
+    elif args.top is not None:
+        top = device if device.filename() == args.top else chain.find_by_filename(device, args.top)
+        if top is None:
+            raise QmpError(f"Top image file {args.top} not found")
+    else:
+        top = device
+    base: BlockNode | None
+    if args.base_node is not None and args.base is not None:
+        raise QmpError("'base-node' and 'base' are mutually exclusive")
+    if args.base_node is not None:
+        base = graph.lookup_node_name(args.base_node)
+        if not chain.contains(top, base):
+            raise QmpError(f"'{args.base_node}' is not in this backing file chain")
+    elif args.base is not None:
+        base = chain.find_by_filename(top, args.base)
+        if base is None:
+            raise QmpError(f"Can't find '{args.base}' in the backing chain")
+    else:
+        base = chain.find_base(top)
+    if top is base:
+        raise QmpError("cannot commit an image into itself")
+    active = chain.skip_filters(top) is chain.skip_filters(device)
+    if active and args.backing_file is not None:
+        raise QmpError("'backing-file' specified, but 'top' is the active layer")
+    return device, top, base, active
+
+
+class CommitJob(BlockJob):
+    """Commit of an intermediate image (or, with `active`, of the active layer)."""
+
+    job_type = "commit"
+    can_complete = True
+
+    def __init__(self, daemon: Daemon, args: Any) -> None:
+        device, top, base, active = resolve(daemon, args)
+        self.device = device
+        self.top = top
+        self.base = base
+        self.active = active
+        self.backing_file: str | None = args.backing_file
+        self.on_error: str = wire(args.on_error) or "report"
+        self.layers: list[BdrvChild] = []
+        self.top_edge: BdrvChild | None = None
+        self.base_edge: BdrvChild | None = None
+        self.grant = chain.WritableGrant(daemon.graph, base)
+        self.completing = False
+        super().__init__(
+            daemon.jobs,
+            args.job_id,
+            daemon.graph,
+            device,
+            perm=PERM_NONE,
+            shared=PERM_ALL,
+            speed=args.speed or 0,
+            auto_finalize=args.auto_finalize is not False,
+            auto_dismiss=args.auto_dismiss is not False,
+        )
+
+    async def setup(self) -> None:
+        node: BlockNode | None = self.top
+        shared = PERM_ALL if self.active else INTERMEDIATE_SHARED
+        while node is not None and node is not self.base:
+            edge = self.add_node("intermediate node", node, PERM_NONE, shared)
+            if node is self.top:
+                self.top_edge = edge
+            if not chain.is_filter(node):
+                self.layers.append(edge)
+            node = chain.below(node)
+        self.grant.grant()
+        try:
+            self.base_edge = self.add_node("base", self.base, BASE_PERM, BASE_SHARED)
+        except BaseException:
+            self.grant.restore()
+            raise
+
+    async def _copy_pass(self) -> None:
+        """Copy every range some layer above the base holds into the base."""
+        top_edge, base_edge = self.top_edge, self.base_edge
+        assert top_edge is not None and base_edge is not None
+        length = io.length(top_edge)
+        offset = 0
+        while offset < length:
+            await self.ratelimit_sleep()
+            copy, n = await allocated_above(self.layers, offset, min(CHUNK, length - offset))
+            if copy:
+                try:
+                    await copy_checked(top_edge, base_edge, offset, n)
+                except CopyError as failure:
+                    action = self.error_action(
+                        self.on_error, failure.is_read, failure.err.errno or 5
+                    )
+                    if action == "report":
+                        raise failure.err from None
+                    if action == "stop":
+                        continue
+                self.ratelimit_processed(n)
+            offset += n
+            if not self.is_ready_phase and (copy or not self.active):
+                self.progress_update(n)
+
+    async def _allocated_bytes(self, length: int) -> int:
+        total = offset = 0
+        while offset < length:
+            copy, n = await allocated_above(self.layers, offset, min(CHUNK, length - offset))
+            total += n if copy else 0
+            offset += n
+        return total
+
+    is_ready_phase = False
+
+    async def run(self) -> None:
+        top_edge, base_edge = self.top_edge, self.base_edge
+        assert top_edge is not None and base_edge is not None
+        length = io.length(top_edge)
+        if io.length(base_edge) < length:
+            raise QmpError("Top image is larger than the base image")
+        if not self.active:
+            self.progress_set_remaining(length)
+            await self._copy_pass()
+            return
+        # Like qsd's mirror: the progress counts the bytes to copy, not the image.
+        self.progress_set_remaining(await self._allocated_bytes(length))
+        await self._copy_pass()
+        await io.flush(base_edge)
+        self.is_ready_phase = True
+        self.set_ready()
+        while not self.completing:
+            await self.sleep(FOREVER_NS)  # job-complete or a cancel wakes us
+        # Converge: until a pass saw no new write on the top, copy again.
+        while True:
+            gen = self.top.io_state.write_gen
+            await self._copy_pass()
+            if self.top.io_state.write_gen == gen:
+                break
+        await io.flush(base_edge)
+
+    def complete(self) -> None:
+        self.completing = True
+        self._enter(only_if=lambda: not self.paused)
+
+    def cancel_hook(self, force: bool) -> bool:
+        # A cancel in READY ends the job successfully in QEMU's mirror, but commit treats
+        # every cancel as forced (block-job-cancel's `force` only matters for mirror).
+        return True
+
+    async def prepare(self) -> None:
+        if self.active:
+            self._pivot()
+            return
+        overlay = chain.find_overlay(self.device, self.top)
+        self.remove_all_nodes()
+        if overlay is None:
+            return
+        name, fmt = chain.backing_name_for(self.base)
+        if self.backing_file is not None:
+            name = self.backing_file
+        try:
+            await chain.write_backing_name(overlay, name, fmt)
+        except OSError as err:
+            raise QmpError(f"Could not change the backing file: {err.strerror}") from err
+        await chain.set_backing(self.graph, overlay, self.base)
+
+    def _pivot(self) -> None:
+        """Move the top's users that are not nodes of its chain (exports, other jobs) to the
+        base, as qsd's bdrv_replace_node; the base then stays read-write. Edges move in
+        place, so whoever holds one (an NBD connection) goes on using it."""
+        top, base = self.top, self.base
+        for edge in list(top.parents):
+            if edge.parent is self or edge.parent_node is not None:
+                continue
+            top.parents.remove(edge)
+            edge.node = base
+            base.parents.insert(0, edge)
+            try:
+                self.graph.set_edge_perm(edge, edge.perm, edge.shared)
+            except QmpError:
+                base.parents.remove(edge)
+                edge.node = top
+                top.parents.insert(0, edge)
+                raise
+            parent: Any = edge.parent
+            if getattr(parent, "node", None) is top:
+                parent.node = base
+        if self.top_edge is not None:
+            # Recompute what the top's remaining users need (fewer users: cannot fail).
+            self.graph.set_edge_perm(self.top_edge, self.top_edge.perm, self.top_edge.shared)
+        self.grant.saved.clear()  # the base is the active image now: keep it writable
+
+    async def clean(self) -> None:
+        if self.base_edge is not None and self.grant.saved:
+            try:
+                await io.flush(self.base_edge)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        super().release()
+        if self.active:
+            # qsd leaves the base of an active commit read-write, completed or cancelled.
+            self.grant.saved.clear()
+        self.grant.restore()
