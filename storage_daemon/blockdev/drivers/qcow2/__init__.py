@@ -3,11 +3,12 @@
 `format.py` on-disk codecs and QEMU's open-time checks, `cache.py` the table cache,
 `alloc.py` metadata state, refcounts and crash-safe write-back, `mapping.py` guest->host
 lookups and reads, `writer.py` writes/zeroes/discards, `check.py` dirty-image repair,
-`driver.py` the BlockDriver. Invariant: the file is only touched through `io.*`.
+`driver.py` the BlockDriver, `layout.py`/`create.py` blockdev-create. Invariant: the file is only touched through `io.*`.
 """
 
 from __future__ import annotations
 
+from storage_daemon.blockdev.drivers.qcow2 import create  # registers blockdev-create
 from storage_daemon.blockdev.drivers.qcow2.driver import Qcow2Driver, set_event_sink
 
-__all__ = ["Qcow2Driver", "set_event_sink"]
+__all__ = ["Qcow2Driver", "create", "set_event_sink"]

@@ -487,7 +487,10 @@ class Qcow2Driver(BlockDriver):
                     "will be suppressed",
                     file=sys.stderr,
                 )
-            sink = EVENT_SINK
+            # The graph's hook (the daemon's event bus); the module-level sink, when set,
+            # still wins (tests that watch events without a daemon).
+            graph = self.node.graph
+            sink = EVENT_SINK if EVENT_SINK is not None or graph is None else graph.emit
             if sink is not None:
                 data: dict[str, Any] = {"device": "", "node-name": self.node.name, "msg": err.msg}
                 if err.offset >= 0:
@@ -496,7 +499,7 @@ class Qcow2Driver(BlockDriver):
                     data["size"] = err.size
                 data["fatal"] = fatal
                 sink("BLOCK_IMAGE_CORRUPTED", data)
-        if fatal:
+        if fatal and not self._fenced:
             self._fenced = True
             hdr = self.hdr
             if hdr is not None and hdr.version == 3 and self.meta is not None:
@@ -504,6 +507,9 @@ class Qcow2Driver(BlockDriver):
                     await self._set_incompat(hdr.incompatible | fmt.INCOMPAT_CORRUPT)
                 except OSError:
                     pass
+            # Users of the node get an EIO node in its place (drivers/error.py).
+            if self.node.graph is not None:
+                await self.node.graph.fence(self.node, "corrupt")
         return OSError(errno.EIO, os.strerror(errno.EIO))
 
     # --- data path ----------------------------------------------------------------------
@@ -560,7 +566,8 @@ class Qcow2Driver(BlockDriver):
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
         hdr = self.hdr
         assert hdr is not None
-        if hdr.version < 3:
+        if hdr.version < 3 and self.backing is not None:
+            # No zero flag in v2: deallocating would expose the backing file.
             raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
 
         async def op(writer: Writer) -> None:
@@ -589,7 +596,59 @@ class Qcow2Driver(BlockDriver):
             raise await self.signal_corruption(err) from err
 
     async def truncate(self, size: int) -> None:
-        raise QmpError("qcow2 resize is not supported yet")
+        from storage_daemon.blockdev.drivers.qcow2 import resize
+
+        resize.check_new_size(self, size)
+        if self.hdr is not None and size == self.hdr.size:
+            return
+
+        async def op(writer: Writer) -> None:
+            await resize.resize(self, size)
+
+        await self._run_write(op, False)
+
+    async def set_backing(self, name: str | None, backing_fmt: str | None) -> None:
+        """Rewrite the backing file name (and format extension) in the header, in place:
+        fixed fields, the other extensions unchanged, then the name (QEMU's layout)."""
+        hdr = self.hdr
+        file = self._file
+        assert hdr is not None and file is not None and self.meta is not None
+        name = name or None
+        if name is not None and len(name.encode()) > fmt.MAX_BACKING_NAME:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        cs = hdr.cluster_size
+        exts = [e for e in hdr.extensions if e.type != fmt.EXT_BACKING_FORMAT]
+        if name is not None and backing_fmt:
+            exts.insert(0, fmt.Extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode()))
+        body = bytearray()
+        for ext in exts:
+            body += ext.type.to_bytes(4, "big") + len(ext.data).to_bytes(4, "big") + ext.data
+            body += bytes(-len(ext.data) % 8)
+        body += bytes(8)  # end of extensions
+        raw_name = name.encode() if name is not None else b""
+        old_end = hdr.backing_file_offset + hdr.backing_file_size if hdr.backing_file_offset else 0
+        cluster0 = bytearray(await io.pread(file, 0, cs))
+        start = hdr.header_length
+        if start + len(body) + len(raw_name) > cs:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        old_offset, old_size = hdr.backing_file_offset, hdr.backing_file_size
+        hdr.backing_file_offset = start + len(body) if raw_name else 0
+        hdr.backing_file_size = len(raw_name)
+        fixed = fmt.header_field_bytes(hdr)
+        tail = bytes(body) + raw_name
+        end = max(start + len(tail), old_end)
+        cluster0[: len(fixed)] = fixed
+        cluster0[start:end] = tail + bytes(end - start - len(tail))
+        try:
+            await self.meta.write_header_field(0, bytes(cluster0[:end]))
+        except BaseException:
+            hdr.backing_file_offset, hdr.backing_file_size = old_offset, old_size
+            raise
+        hdr.extensions = exts
+        hdr.backing_file = name
+        hdr.backing_format = backing_fmt if name is not None else None
+        self._backing_filename = name
+        self._full_backing_filename = self._resolve(name) if name is not None else None
 
     def snapshot_table_offset(self) -> tuple[int, int]:
         hdr = self.hdr

@@ -235,15 +235,30 @@ class Writer:
             if stop == size and stop % unit:
                 unit_stop = -(-stop // unit) * unit  # the image's last partial unit
             if unit_start >= unit_stop:
-                await self.write(pos, memoryview(bytes(stop - pos)))
+                await self._zero_partial(pos, stop)
             else:
                 if pos < unit_start:
-                    await self.write(pos, memoryview(bytes(unit_start - pos)))
+                    await self._zero_partial(pos, unit_start)
                 await self._zero_units(unit_start, min(unit_stop, cluster_end), unmap)
                 tail = min(unit_stop, stop)
                 if tail < stop:
-                    await self.write(tail, memoryview(bytes(stop - tail)))
+                    await self._zero_partial(tail, stop)
             pos = stop
+
+    async def _zero_partial(self, start: int, stop: int) -> None:
+        """Zero part of a unit by writing zeroes, unless it reads as zeroes already (as qsd:
+        a partial zero write into an unallocated cluster allocates nothing)."""
+        pos = start
+        while pos < stop:
+            ext = await self.mapper.extent(pos, stop - pos)
+            kind = ext.kind
+            if not (
+                kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
+                or (kind == ClusterType.UNALLOCATED and self.mapper.backing is None)
+            ):
+                await self.write(start, memoryview(bytes(stop - start)))
+                return
+            pos += ext.length
 
     async def _zero_units(self, start: int, stop: int, unmap: bool) -> None:
         """Make whole units (clusters or subclusters) of one cluster read as zeroes."""
@@ -265,6 +280,13 @@ class Writer:
             if kind == ClusterType.ZERO_PLAIN or (kind == ClusterType.ZERO_ALLOC and not unmap):
                 return
             if kind == ClusterType.UNALLOCATED and no_backing:
+                return
+            if not self.v3:
+                # v2 has no zero flag; without a backing file an unallocated cluster reads
+                # as zeroes (the driver refuses zero writes of v2 images with a backing file).
+                self._free_old(entry, FREE_REQUEST if unmap else FREE_OTHER)
+                fmt.l2_set(table, idx, False, 0)
+                self.meta.l2_dirty(l2_offset, table)
                 return
             keep = (
                 kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC)
