@@ -3,9 +3,12 @@ OFD lock bytes its permissions leave in /proc/locks (two nodes of one daemon con
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import glob
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +16,7 @@ import pytest
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
-from storage_daemon.blockdev.drivers.file import FileDriver, syscalls
+from storage_daemon.blockdev.drivers.file import FileDriver, pool, posix, syscalls
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
 from storage_daemon.daemon import Daemon
@@ -480,3 +483,160 @@ def test_fallocate_reports_errno(scratch: Path) -> None:
         assert info.value.errno == errno.EBADF
     finally:
         os.close(fd)
+
+
+# --- fast paths: tmpfs inline I/O and the driver's thread pool ----------------------------
+
+
+def tmpfs_dir() -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        if syscalls.filesystem_type(fd) != syscalls.TMPFS_MAGIC:
+            pytest.skip("/dev/shm is not tmpfs")
+    finally:
+        os.close(fd)
+    return shm
+
+
+def read_file(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def shm_img() -> Iterator[Path]:
+    path = tmpfs_dir() / f"sd-test-{os.getpid()}-{id(object())}.img"
+    path.touch()
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def test_filesystem_type_tells_tmpfs_from_others(scratch: Path) -> None:
+    shm = tmpfs_dir()
+    fd = os.open(shm, os.O_RDONLY)
+    proc = os.open("/proc/self", os.O_RDONLY)
+    try:
+        assert syscalls.filesystem_type(fd) == syscalls.TMPFS_MAGIC
+        assert syscalls.filesystem_type(proc) == 0x9FA0  # PROC_SUPER_MAGIC
+    finally:
+        os.close(fd)
+        os.close(proc)
+
+
+async def test_tmpfs_small_io_runs_inline_large_io_on_the_pool(
+    shm_img: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs: list[str] = []
+    real_submit = pool.submit
+
+    def counting_submit(loop: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(getattr(func, "__name__", repr(func)))
+        return real_submit(loop, func, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "submit", counting_submit)
+    os.truncate(shm_img, 4 * MiB)
+    daemon = Daemon()
+    d = drv(await add(daemon, **{"node-name": "f", "filename": str(shm_img)}))
+    jobs.clear()
+    small = os.urandom(posix.INLINE_MAX)
+    await d.pwritev(4096, small, False)
+    await d.pwritev(MiB, small[:512], True)  # FUA (RWF_DSYNC) inline too
+    assert bytes(await d.preadv(4096, len(small))) == small
+    assert bytes(await d.preadv(MiB, 512)) == small[:512]
+    assert jobs == []  # never a thread hop
+    big = os.urandom(posix.INLINE_MAX + 4096)
+    await d.pwritev(2 * MiB, big, False)
+    assert bytes(await d.preadv(2 * MiB, len(big))) == big
+    assert jobs == ["write_full", "read_bytes"]
+    data = read_file(shm_img)
+    assert data[4096 : 4096 + len(small)] == small and data[2 * MiB : 2 * MiB + len(big)] == big
+    await d.pwritev(4 * MiB, b"t" * 100, False)  # growing the file inline
+    assert d.getlength() == 4 * MiB + 100 == os.stat(shm_img).st_size
+    os.truncate(shm_img, 8192)  # shrunk behind our back: the rest reads as zeroes
+    assert bytes(await d.preadv(4096, 8192)) == small[:4096] + bytes(4096)
+    assert bytes(await d.preadv(8192, 4096)) == bytes(4096)
+
+
+async def test_non_tmpfs_writes_use_the_pool(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    img = sparse(scratch)
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        if syscalls.filesystem_type(fd) == syscalls.TMPFS_MAGIC:
+            pytest.skip("the scratch directory is on tmpfs")
+    finally:
+        os.close(fd)
+    jobs: list[str] = []
+    real_submit = pool.submit
+
+    def counting_submit(loop: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(getattr(func, "__name__", repr(func)))
+        return real_submit(loop, func, *args, **kwargs)
+
+    monkeypatch.setattr(pool, "submit", counting_submit)
+    daemon = Daemon()
+    d = drv(await add(daemon, **{"node-name": "f", "filename": str(img)}))
+    await d.pwritev(0, b"w" * 4096, False)
+    assert jobs == ["write_full"]  # a buffered write may wait for the disk: never inline
+
+
+async def test_pool_results_errors_and_cancelled_waiters() -> None:
+    loop = asyncio.get_running_loop()
+    assert await asyncio.gather(*(pool.submit(loop, pow, i, 2) for i in range(32))) == [
+        i * i for i in range(32)
+    ]
+    with pytest.raises(OSError) as info:
+        await pool.submit(loop, os.fstat, -1)
+    assert info.value.errno == errno.EBADF
+
+    gate = threading.Event()
+    ended = asyncio.Event()
+    done_calls: list[bool] = []
+
+    def on_done() -> None:
+        done_calls.append(gate.is_set())
+        ended.set()
+
+    future = pool.submit(loop, gate.wait, 10.0, on_done=on_done)
+    waiter = asyncio.ensure_future(future)
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert future.cancelled() and done_calls == []  # the syscall still runs
+    gate.set()
+    await asyncio.wait_for(ended.wait(), 10)
+    assert done_calls == [True]  # once, after the job really ended
+
+
+async def test_close_waits_for_a_cancelled_request_still_in_the_pool(scratch: Path) -> None:
+    img = sparse(scratch)
+    daemon = Daemon()
+    node = await add(daemon, **{"node-name": "f", "filename": str(img)})
+    d = drv(node)
+    gate = threading.Event()
+    started = threading.Event()
+
+    def slow_job(fd: int) -> int:
+        started.set()
+        gate.wait(10.0)
+        return os.fstat(fd).st_size  # the fd must still be open here
+
+    fd = d.fd
+    request = asyncio.ensure_future(d._run(slow_job))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10.0)
+    request.cancel()
+    closing = asyncio.ensure_future(d.close())
+    await asyncio.sleep(0.05)
+    assert not closing.done()  # waits for the syscall, which still has its fd
+    assert os.fstat(fd).st_size == 4 * MiB
+    gate.set()
+    await asyncio.wait_for(closing, 10)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed once the job ended

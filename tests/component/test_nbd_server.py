@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -266,3 +267,66 @@ async def test_writethrough_and_multi_conn_flags(daemon: Daemon, scratch: Path) 
     c.send(WRITE, 0, 512, 1, b"z" * 512)
     assert (await c.reply())[:2] == (1, 0)
     await c.close()
+
+
+def shm_image(size: int) -> Path:
+    """A zero-filled file of `size` bytes on /dev/shm (tmpfs), for the caller to delete."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    img = shm / f"sd-nbd-test-{os.getpid()}.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    return img
+
+
+async def test_pipelined_requests_on_a_tmpfs_image(daemon: Daemon, scratch: Path) -> None:
+    """Requests that complete at once (tmpfs I/O runs on the loop) and ones that wait (the
+    pool, a fast zero write holding a context variable across its wait) mixed in one burst,
+    beyond MAX_RUNNING and the eager budget: each answered once, with the right data."""
+    img = shm_image(4 * MiB)
+    try:
+        sock = await start(daemon, scratch)
+        await daemon.run_command(
+            "blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)}
+        )
+        await daemon.run_command(
+            "block-export-add", {"type": "nbd", "id": "e", "node-name": "f", "writable": True}
+        )
+        c = await Client.connect(sock)
+        await c.go("f")
+        blocks = {i: bytes([i + 1]) * 4096 for i in range(48)}
+        for i, data in blocks.items():
+            c.send(WRITE, i * 4096, 4096, i, data)
+        big = bytes(range(256)) * 1024  # 256 KiB: past the eager budget with the rest
+        c.send(WRITE, MiB, len(big), 100, big)
+        c.send(WRITE, 2 * MiB, len(big) * 2, 101, big + big)  # beyond INLINE_MAX: the pool
+        c.send(ZEROES, 3 * MiB, 65536, 102)
+        c.w.write(struct.pack(">IHHQQI", 0x25609513, 1 << 4, ZEROES, 103, 0, 4096))  # FAST_ZERO
+        await c.w.drain()
+        writes = {(await c.reply())[:2] for _ in range(len(blocks) + 4)}
+        assert writes == {(cookie, 0) for cookie in [*blocks, 100, 101, 102, 103]}
+        for i in range(48):
+            c.send(READ, i * 4096, 4096, 1000 + i)
+        c.send(READ, MiB, len(big), 2000)
+        c.send(READ, 2 * MiB, 2 * len(big), 2001)
+        got: dict[int, bytes] = {}
+        for _ in range(50):
+            cookie, error, chunks = await c.reply()
+            assert error == 0 and cookie not in got
+            got[cookie] = b"".join(body[8:] for kind, body in chunks if kind == 1)
+            if not got[cookie]:  # a hole chunk: zeroes
+                assert [kind for kind, _ in chunks] == [2]
+                length = struct.unpack(">QI", chunks[0][1])[1]
+                got[cookie] = bytes(length)
+        assert got[1000] == bytes(4096)  # zeroed by the fast zero write
+        assert all(got[1000 + i] == blocks[i] for i in range(1, 48))
+        assert got[2000] == big and got[2001] == big + big
+        fd = os.open(img, os.O_RDONLY)
+        try:
+            assert os.pread(fd, 65536, 3 * MiB) == bytes(65536)  # zeroed in the file
+        finally:
+            os.close(fd)
+        await c.close()
+    finally:
+        img.unlink(missing_ok=True)

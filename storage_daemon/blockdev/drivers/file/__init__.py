@@ -1,7 +1,8 @@
 """The `file` protocol driver package (edge ring): `posix.py` the driver, `locking.py` QEMU's
-OFD lock bytes, `syscalls.py` the blocking calls the driver runs on the thread pool.
+OFD lock bytes, `syscalls.py` the blocking calls, `pool.py` the threads that run them.
 
-Invariant: nothing in this package blocks the event loop except non-waiting lock calls.
+Invariant: nothing in this package blocks the event loop except non-waiting lock calls and
+small I/O that cannot wait for a device (tmpfs pages, RWF_NOWAIT page-cache reads).
 """
 
 from __future__ import annotations

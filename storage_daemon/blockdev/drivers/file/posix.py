@@ -1,8 +1,9 @@
 """The `file` protocol driver: a regular file on the host, QEMU's file-posix (edge ring).
 
-Every blocking syscall runs on the loop's default executor; only small reads of cached data
-are tried on the loop first with RWF_NOWAIT, which never blocks (a cached 4 KiB read measured
-~4 us instead of ~100-160 us through the pool). Permissions are mirrored as OFD lock bytes (`locking.py`).
+Blocking syscalls run on the driver's own thread pool (`pool.py`). Two kinds of small I/O run
+on the loop instead, as they never wait for a device: any I/O on tmpfs (shmem pages are only
+ever memory; a 4 KiB read costs ~2 us, a pool hop ~9 us) and cached reads elsewhere, tried with
+RWF_NOWAIT. Permissions are mirrored as OFD lock bytes (`locking.py`).
 Invariant: an fd stays open while a pool thread may still use it (`_Handle` counts users).
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
-from storage_daemon.blockdev.drivers.file import syscalls
+from storage_daemon.blockdev.drivers.file import pool, syscalls
 from storage_daemon.blockdev.drivers.file.locking import ImageLocks, ofd_locks_work
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
@@ -26,6 +27,8 @@ T = TypeVar("T")
 # Reads up to this size try the page cache on the loop: a larger copy would hold the loop
 # longer than a thread hop costs (1 MiB took ~150 us, which the pool overlaps with other work).
 NOWAIT_MAX = 256 * 1024
+# tmpfs reads and writes up to this size run on the loop (256 KiB: ~40 us).
+INLINE_MAX = 256 * 1024
 _WRITERS = Perm.WRITE | Perm.RESIZE  # what makes auto-read-only switch to read-write
 
 
@@ -42,11 +45,14 @@ class _Handle:
         self.locks = ImageLocks(fd, filename)
         self.users = 0
         self.retired = False
+        self.idle: asyncio.Future[None] | None = None  # set by close(), done at users == 0
 
     def release(self) -> None:
         self.users -= 1
         if self.retired and self.users == 0:
             os.close(self.fd)  # no data of ours is pending: the close cannot block for long
+            if self.idle is not None and not self.idle.done():
+                self.idle.set_result(None)
 
     def retire(self) -> None:
         """Close once no pool job uses the fd any more (its locks go with it)."""
@@ -82,6 +88,7 @@ class FileDriver(BlockDriver):
         self._perm = PERM_NONE  # committed, as the lock bytes show it
         self._shared = PERM_ALL
         self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._inline = False  # tmpfs: small reads and writes never block, run them inline
         self._dsync = hasattr(os, "RWF_DSYNC")
         self._has_zero_range = True
         self._has_punch = True
@@ -141,6 +148,9 @@ class FileDriver(BlockDriver):
                 "specified."
             )
         self.length = syscalls.device_length(fd, st)
+        self._inline = stat.S_ISREG(st.st_mode) and (
+            syscalls.filesystem_type(fd) == syscalls.TMPFS_MAGIC
+        )
         if self.direct:
             align = syscalls.probe_request_alignment(fd, st)
             if not align:
@@ -165,6 +175,11 @@ class FileDriver(BlockDriver):
             handle.retired = True  # with pool jobs still running, the last one closes it
             if handle.users == 0:
                 await loop.run_in_executor(None, os.close, handle.fd)
+            else:
+                # The pool's threads do not hold the process open at exit: wait for the
+                # syscalls of cancelled requests here, so none is cut short.
+                handle.idle = loop.create_future()
+                await asyncio.shield(handle.idle)
 
     @property
     def fd(self) -> int:
@@ -268,28 +283,26 @@ class FileDriver(BlockDriver):
 
     # --- data path --------------------------------------------------------------------
 
-    async def _run(self, func: Callable[..., T], *args: Any) -> T:
-        """`func(fd, *args)` on the pool; the fd stays open until the job really ended."""
+    def _run(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`func(fd, *args)` on the pool; the fd stays open until the job really ended.
+
+        A cancelled caller stops waiting, but the syscall (and the fd) run to the end.
+        """
         handle = self._live()
         handle.users += 1
-        future = asyncio.get_running_loop().run_in_executor(None, func, handle.fd, *args)
+        return pool.submit(
+            asyncio.get_running_loop(), func, handle.fd, *args, on_done=handle.release
+        )
 
-        def done(fut: asyncio.Future[T]) -> None:
-            if not fut.cancelled():
-                fut.exception()  # retrieved: a cancelled waiter must not leave it unlogged
-            handle.release()
-
-        future.add_done_callback(done)
-        # Shielded: a cancelled caller stops waiting, but the syscall (and fd) run to the end.
-        return await asyncio.shield(future)
-
-    async def preadv(self, offset: int, length: int) -> memoryview | bytearray:
+    async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self.direct:
             return await self._read_direct(offset, length)
-        buf = bytearray(length)
-        view = memoryview(buf)
-        done = 0
+        if length <= INLINE_MAX and self._inline:
+            return syscalls.read_bytes(self._live().fd, length, offset)
         if self._nowait and length <= NOWAIT_MAX:
+            buf = bytearray(length)
+            view = memoryview(buf)
+            done = 0
             try:
                 done = syscalls.try_read_nowait(self._live().fd, view, offset)
             except OSError as err:
@@ -298,8 +311,10 @@ class FileDriver(BlockDriver):
                 self._nowait = False
             if done == length:
                 return buf
-        await self._run(syscalls.read_full, view[done:], offset + done, False)
-        return buf
+            if done:
+                await self._run(syscalls.read_full, view[done:], offset + done, False)
+                return buf
+        return await self._run(syscalls.read_bytes, length, offset)
 
     async def _read_direct(self, offset: int, length: int) -> memoryview:
         # The I/O path aligns the start; the end is aligned too unless it is EOF.
@@ -316,6 +331,9 @@ class FileDriver(BlockDriver):
         try:
             if self.direct:
                 end = await self._run(self._write_direct_job, view, offset, flags)
+            elif self._inline and len(view) <= INLINE_MAX:
+                syscalls.write_full(self._live().fd, view, offset, flags)
+                end = offset + len(view)
             else:
                 await self._run(syscalls.write_full, view, offset, flags)
                 end = offset + len(view)
@@ -325,7 +343,8 @@ class FileDriver(BlockDriver):
             self._dsync = False  # no pwritev2 RWF_DSYNC here: write, then fdatasync
             await self.pwritev(offset, data, fua)
             return
-        self.length = max(self.length, end)
+        if end > self.length:
+            self.length = end
         if fua and not flags:
             await self._run(os.fdatasync)
 

@@ -25,10 +25,15 @@ MAX_ALIGN = max(4096, PAGE_SIZE)
 # Errnos that say "this filesystem cannot do that operation", as opposed to a real failure.
 UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.ENOTTY})
 
+TMPFS_MAGIC = 0x01021994
+
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+_fstatfs = _libc.fstatfs
+_fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+_fstatfs.restype = ctypes.c_int
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -37,6 +42,19 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         err = ctypes.get_errno()
         if err != errno.EINTR:
             raise OSError(err, os.strerror(err))
+
+
+def filesystem_type(fd: int) -> int:
+    """fstatfs(2)'s f_type (e.g. TMPFS_MAGIC); 0 when it cannot be told.
+
+    Python's os.fstatvfs has no f_type. On Linux, f_type is the first member of struct statfs
+    and a machine word on every architecture but s390x, where a wrong value only means
+    "not recognised" (the caller then takes its safe path).
+    """
+    buf = ctypes.create_string_buffer(256)  # larger than struct statfs anywhere
+    if _fstatfs(fd, buf) != 0:
+        return 0
+    return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
 
 
 def aligned_buffer(length: int) -> mmap.mmap:
@@ -111,6 +129,27 @@ def read_full(fd: int, view: memoryview, offset: int, direct: bool) -> None:
             view[done:] = bytes(total - done)
             return
         done += got
+
+
+def read_bytes(fd: int, length: int, offset: int) -> bytes | bytearray:
+    """`length` bytes at `offset`, zeroes past the end of the file.
+
+    os.pread allocates its result without zero-filling it first (a bytearray would be
+    cleared, then overwritten): the cheaper way for the common full read.
+    """
+    while True:
+        try:
+            data = os.pread(fd, length, offset)
+            break
+        except InterruptedError:
+            continue
+    if len(data) == length:
+        return data
+    buf = bytearray(length)
+    view = memoryview(buf)
+    view[: len(data)] = data
+    read_full(fd, view[len(data) :], offset + len(data), False)
+    return buf
 
 
 def try_read_nowait(fd: int, view: memoryview, offset: int) -> int:
