@@ -17,6 +17,7 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from storage_daemon.blockdev.drivers import DRIVERS
 from storage_daemon.blockdev.drivers.file.locking import ImageLocks
 from storage_daemon.blockdev.jobs.job import Job
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
@@ -68,6 +69,8 @@ class CreateJob(Job):
 
 
 def creator_for(driver: str) -> Creator:
+    if driver not in CREATORS and driver in DRIVERS:
+        DRIVERS[driver]  # importing a driver registers its creator, if it has one
     creator = CREATORS.get(driver)
     if creator is None:
         raise QmpError("Driver does not support blockdev-create")
