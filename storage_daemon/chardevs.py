@@ -29,6 +29,8 @@ from storage_daemon.monitor.chardev import (
     NullChardev,
     SocketChardev,
     StdioChardev,
+    pump_in,
+    pump_out,
 )
 from storage_daemon.qapi.runtime import TYPES, command_args, to_wire, visit_input
 
@@ -368,8 +370,8 @@ class FileChardev(Chardev):
         ours, theirs = socket.socketpair()
         in_fd, out_fd = self._fds
         self._pumps = [
-            threading.Thread(target=_file_to_socket, args=(in_fd, theirs), daemon=True),
-            threading.Thread(target=_socket_to_file, args=(theirs, out_fd), daemon=True),
+            threading.Thread(target=pump_in, args=(in_fd, theirs), daemon=True),
+            threading.Thread(target=pump_out, args=(theirs, out_fd), daemon=True),
         ]
         for pump in self._pumps:
             pump.start()
@@ -387,27 +389,6 @@ class FileChardev(Chardev):
 
 
 _PUMP_JOIN_TIMEOUT = 2.0
-
-
-def _file_to_socket(fd: int, sock: socket.socket) -> None:
-    try:
-        while data := os.read(fd, 65536):
-            sock.sendall(data)
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-
-
-def _socket_to_file(sock: socket.socket, fd: int) -> None:
-    try:
-        while data := sock.recv(65536):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-    except OSError:
-        pass
-    finally:
-        sock.close()
 
 
 class RingbufChardev(Chardev):

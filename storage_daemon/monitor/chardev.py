@@ -151,8 +151,8 @@ class StdioChardev(Chardev):
         socketpair with two threads, so the monitor still sees an ordinary stream."""
         ours, theirs = socket.socketpair()
         pumps = (
-            threading.Thread(target=_pump_in, args=(self._stdin_fd, theirs), daemon=True),
-            threading.Thread(target=_pump_out, args=(theirs, self._stdout_fd), daemon=True),
+            threading.Thread(target=pump_in, args=(self._stdin_fd, theirs), daemon=True),
+            threading.Thread(target=pump_out, args=(theirs, self._stdout_fd), daemon=True),
         )
         for pump in pumps:
             pump.start()
@@ -180,7 +180,8 @@ def _pollable(fd: int) -> bool:
     return True
 
 
-def _pump_in(fd: int, sock: socket.socket) -> None:
+def pump_in(fd: int, sock: socket.socket) -> None:
+    """Thread body: copy a file descriptor into a socket until EOF."""
     try:
         while data := os.read(fd, 65536):
             sock.sendall(data)
@@ -189,7 +190,8 @@ def _pump_in(fd: int, sock: socket.socket) -> None:
         pass
 
 
-def _pump_out(sock: socket.socket, fd: int) -> None:
+def pump_out(sock: socket.socket, fd: int) -> None:
+    """Thread body: copy a socket into a file descriptor until EOF."""
     try:
         while data := sock.recv(65536):
             view = memoryview(data)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from storage_daemon.blockdev import chain, io
 from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.jobs.block_job import BlockJob
-from storage_daemon.blockdev.jobs.stream import CHUNK, CopyError, allocated_above, copy_checked
+from storage_daemon.blockdev.jobs.stream import CHUNK, allocated_above, copy_with_policy
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
 
@@ -132,16 +132,8 @@ class CommitJob(BlockJob):
             await self.ratelimit_sleep()
             copy, n = await allocated_above(self.layers, offset, min(CHUNK, length - offset))
             if copy:
-                try:
-                    await copy_checked(top_edge, base_edge, offset, n)
-                except CopyError as failure:
-                    action = self.error_action(
-                        self.on_error, failure.is_read, failure.err.errno or 5
-                    )
-                    if action == "report":
-                        raise failure.err from None
-                    if action == "stop":
-                        continue
+                if not await copy_with_policy(self, self.on_error, top_edge, base_edge, offset, n):
+                    continue  # retried after the pause the policy asked for
                 self.ratelimit_processed(n)
             offset += n
             if not self.is_ready_phase and (copy or not self.active):

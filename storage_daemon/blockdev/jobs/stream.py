@@ -9,6 +9,7 @@ changes until the copy has finished without error.
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import chain, io
@@ -59,6 +60,22 @@ class CopyError(Exception):
         super().__init__(str(err))
         self.err = err
         self.is_read = is_read
+
+
+async def copy_with_policy(
+    job: BlockJob, on_error: Any, src: BdrvChild, dst: BdrvChild, offset: int, length: int
+) -> bool:
+    """Copy one chunk under the job's error policy: an error is reported (raised), ignored
+    (True, as if copied) or stops the job (False: the caller retries the chunk)."""
+    try:
+        await copy_checked(src, dst, offset, length)
+    except CopyError as failure:
+        action = job.error_action(on_error, failure.is_read, failure.err.errno or errno.EIO)
+        if action == "report":
+            raise failure.err from None
+        if action == "stop":
+            return False
+    return True
 
 
 async def copy_checked(src: BdrvChild, dst: BdrvChild, offset: int, length: int) -> None:
@@ -180,17 +197,10 @@ class StreamJob(BlockJob):
                 copy, n = False, max(1, min(st.length, n))
             else:
                 copy, n = await allocated_above(layers, offset, n)
-            if copy:
-                try:
-                    await copy_checked(top_edge, top_edge, offset, n)
-                except CopyError as failure:
-                    action = self.error_action(
-                        self.on_error, failure.is_read, failure.err.errno or 5
-                    )
-                    if action == "report":
-                        raise failure.err from None
-                    if action == "stop":
-                        continue  # retried after the pause the policy asked for
+            if copy and not await copy_with_policy(
+                self, self.on_error, top_edge, top_edge, offset, n
+            ):
+                continue  # retried after the pause the policy asked for
             offset += n
             self.progress_update(n)
             if copy:
