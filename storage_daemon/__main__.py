@@ -49,6 +49,7 @@ async def serve(
     options: Sequence[CliOption], prog: str, pidfile: PidFile | None, ready: Callable[[], None]
 ) -> int:
     """Apply the options, then serve until asked to exit. Returns the exit status."""
+    from storage_daemon.blockdev.drivers import preload as preload_drivers
     from storage_daemon.daemon import Daemon
     from storage_daemon.startup import OptionFailed, apply_option
 
@@ -63,6 +64,8 @@ async def serve(
         stream.flush()
         await daemon.shutdown()
         return failure.status
+    # Import every driver before clients come: an import on the loop would stall it later.
+    await asyncio.to_thread(preload_drivers)
     if pidfile is not None:
         pidfile.write(os.getpid())
     ready()
