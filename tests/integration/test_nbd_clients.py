@@ -201,6 +201,7 @@ def test_fio_verify_two_connections(tmp_path: Path) -> None:
             "--iodepth=16",
             "--verify=crc32c",
             "--do_verify=1",
+            "--verify_state_save=0",  # no state files left in the working directory
             "--group_reporting",
             "--output-format=json",
             timeout=120,
