@@ -30,7 +30,6 @@ from storage_daemon.cli import (
 )
 from storage_daemon.daemon import Daemon
 from storage_daemon.errors import QmpError
-from storage_daemon.help import option_help
 from storage_daemon.keyval import KeyvalError, is_help_request
 from storage_daemon.monitor.chardev import Chardev, SocketChardev
 from storage_daemon.objects import check_id
@@ -47,6 +46,13 @@ _HELP_KEYS = {
     "--nbd-server": None,
     "--object": "qom-type",
 }
+
+
+def option_help(option: str, kind: str | None) -> str:
+    """The help text of an option (imported on demand: a serving daemon never needs it)."""
+    from storage_daemon.help import option_help as text
+
+    return text(option, kind)
 
 
 class OptionFailed(Exception):
