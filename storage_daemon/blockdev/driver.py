@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
-from storage_daemon.blockdev.perm import PERM_ALL, Perm
+from storage_daemon.blockdev.perm import Perm
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
@@ -134,7 +134,3 @@ class BlockDriver(ABC):
 
     async def truncate(self, size: int) -> None:
         raise QmpError("Image format driver does not support resize")
-
-
-def default_shared() -> Perm:
-    return PERM_ALL
