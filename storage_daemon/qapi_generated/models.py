@@ -11,8 +11,8 @@ if TYPE_CHECKING:
     class QapiModel(BaseModel):
         """Base of every generated model: wire names are aliases, unknown members are errors."""
 
-        # The visitor checks input and builds models with model_construct; validators are
-        # only built when first needed, which keeps start-up fast.
+        # For tests and tools: the daemon's visitor builds the plain classes (plain.py).
+        # Validators are only built when first needed, which keeps imports cheap.
         model_config = ConfigDict(
             extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True
         )
@@ -101,9 +101,11 @@ if TYPE_CHECKING:
 
         BLKDEBUG = "blkdebug"
         COMPRESS = "compress"
+        COPY_BEFORE_WRITE = "copy-before-write"
         COPY_ON_READ = "copy-on-read"
         ERROR = "error"
         FILE = "file"
+        SNAPSHOT_ACCESS = "snapshot-access"
         NULL_AIO = "null-aio"
         NULL_CO = "null-co"
         PREALLOCATE = "preallocate"
@@ -221,6 +223,13 @@ if TYPE_CHECKING:
         BLOCK_STATUS = "block-status"
 
 
+    class OnCbwError(enum.StrEnum):
+        """What the copy-before-write filter does when copying old data fails."""
+
+        BREAK_GUEST_WRITE = "break-guest-write"
+        BREAK_SNAPSHOT = "break-snapshot"
+
+
     class BlockdevOnError(enum.StrEnum):
         """What a block job does when one of its requests fails."""
 
@@ -229,6 +238,38 @@ if TYPE_CHECKING:
         ENOSPC = "enospc"
         STOP = "stop"
         AUTO = "auto"
+
+
+    class MirrorCopyMode(enum.StrEnum):
+        """How a mirror job treats what clients write to its source meanwhile."""
+
+        BACKGROUND = "background"
+        WRITE_BLOCKING = "write-blocking"
+
+
+    class MirrorSyncMode(enum.StrEnum):
+        """Which data a backup (or mirror) job copies."""
+
+        TOP = "top"
+        FULL = "full"
+        NONE = "none"
+        INCREMENTAL = "incremental"
+        BITMAP = "bitmap"
+
+
+    class BitmapSyncMode(enum.StrEnum):
+        """What a backup job does with its dirty bitmap when it ends."""
+
+        ON_SUCCESS = "on-success"
+        NEVER = "never"
+        ALWAYS = "always"
+
+
+    class NewImageMode(enum.StrEnum):
+        """Whether drive-backup creates its target image."""
+
+        EXISTING = "existing"
+        ABSOLUTE_PATHS = "absolute-paths"
 
 
     class PreallocMode(enum.StrEnum):
@@ -440,10 +481,28 @@ if TYPE_CHECKING:
         """Object types that can be created with object-add or --object."""
 
         AUTHZ_LIST = "authz-list"
+        AUTHZ_LISTFILE = "authz-listfile"
         AUTHZ_SIMPLE = "authz-simple"
         IOTHREAD = "iothread"
         SECRET = "secret"
         THROTTLE_GROUP = "throttle-group"
+
+
+    class ActionCompletionMode(enum.StrEnum):
+        """How the jobs started by one transaction finish."""
+
+        INDIVIDUAL = "individual"
+        GROUPED = "grouped"
+
+
+    class TransactionActionKind(enum.StrEnum):
+        """The actions a transaction can contain. qsd 7.2 also has the dirty bitmap actions and blockdev-snapshot-internal-sync; this daemon has no dirty bitmaps and cannot create internal snapshots yet, so it does not offer them (clients that read the schema see what works)."""
+
+        ABORT = "abort"
+        BLOCKDEV_BACKUP = "blockdev-backup"
+        BLOCKDEV_SNAPSHOT = "blockdev-snapshot"
+        BLOCKDEV_SNAPSHOT_SYNC = "blockdev-snapshot-sync"
+        DRIVE_BACKUP = "drive-backup"
 
 
     class String(QapiModel):
@@ -810,6 +869,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS
 
 
+    class BlockStatsSpecific_copy_before_write(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=copy-before-write."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = BlockdevDriver.COPY_BEFORE_WRITE
+
+
     class BlockStatsSpecific_copy_on_read(BlockStatsSpecificBase):
         """BlockStatsSpecific with driver=copy-on-read."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
@@ -822,6 +888,13 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
 
         driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR
+
+
+    class BlockStatsSpecific_snapshot_access(BlockStatsSpecificBase):
+        """BlockStatsSpecific with driver=snapshot-access."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = BlockdevDriver.SNAPSHOT_ACCESS
 
 
     class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):
@@ -894,6 +967,24 @@ if TYPE_CHECKING:
         auto_finalize: bool = Field(alias="auto-finalize")
         auto_dismiss: bool = Field(alias="auto-dismiss")
         error: str | None = None
+
+
+    class BlockdevSnapshotSync(QapiModel):
+        """Arguments of blockdev-snapshot-sync (and of its transaction action)."""
+
+        device: str | None = None
+        node_name: str | None = Field(default=None, alias="node-name")
+        snapshot_file: str = Field(alias="snapshot-file")
+        snapshot_node_name: str | None = Field(default=None, alias="snapshot-node-name")
+        format: str | None = None
+        mode: NewImageMode | None = None
+
+
+    class BlockdevSnapshot(QapiModel):
+        """Arguments of blockdev-snapshot (and of its transaction action)."""
+
+        node: str
+        overlay: str
 
 
     class XDbgBlockGraphNode(QapiModel):
@@ -1108,6 +1199,15 @@ if TYPE_CHECKING:
         unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias="unshare-child-perms")
 
 
+    class BlockdevOptionsCbw(BlockdevOptionsGenericFormat):
+        """Options of the copy-before-write filter."""
+
+        target: BlockdevRef
+        bitmap: BlockDirtyBitmap | None = None
+        on_cbw_error: OnCbwError | None = Field(default=None, alias="on-cbw-error")
+        cbw_timeout: int | None = Field(default=None, alias="cbw-timeout")
+
+
     class BlockdevOptionsCor(BlockdevOptionsGenericFormat):
         """Options of the copy-on-read filter."""
 
@@ -1154,6 +1254,13 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsGenericFormat.qapi_nullable
 
         driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS
+
+
+    class BlockdevOptions_copy_before_write(BlockdevOptionsBase, BlockdevOptionsCbw):
+        """BlockdevOptions with driver=copy-before-write."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsCbw.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = BlockdevDriver.COPY_BEFORE_WRITE
 
 
     class BlockdevOptions_copy_on_read(BlockdevOptionsBase, BlockdevOptionsCor):
@@ -1212,11 +1319,58 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW
 
 
+    class BlockdevOptions_snapshot_access(BlockdevOptionsBase, BlockdevOptionsGenericFormat):
+        """BlockdevOptions with driver=snapshot-access."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsGenericFormat.qapi_nullable
+
+        driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = BlockdevDriver.SNAPSHOT_ACCESS
+
+
     class BlockdevOptions_throttle(BlockdevOptionsBase, BlockdevOptionsThrottle):
         """BlockdevOptions with driver=throttle."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsThrottle.qapi_nullable
 
         driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE
+
+
+    class BackupPerf(QapiModel):
+        """Tuning of a backup job's copying (unstable)."""
+
+        use_copy_range: bool | None = Field(default=None, alias="use-copy-range")
+        max_workers: int | None = Field(default=None, alias="max-workers")
+        max_chunk: int | None = Field(default=None, alias="max-chunk")
+
+
+    class BackupCommon(QapiModel):
+        """Arguments shared by blockdev-backup and drive-backup."""
+
+        job_id: str | None = Field(default=None, alias="job-id")
+        device: str
+        sync: MirrorSyncMode
+        speed: int | None = None
+        bitmap: str | None = None
+        bitmap_mode: BitmapSyncMode | None = Field(default=None, alias="bitmap-mode")
+        compress: bool | None = None
+        on_source_error: BlockdevOnError | None = Field(default=None, alias="on-source-error")
+        on_target_error: BlockdevOnError | None = Field(default=None, alias="on-target-error")
+        auto_finalize: bool | None = Field(default=None, alias="auto-finalize")
+        auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")
+        filter_node_name: str | None = Field(default=None, alias="filter-node-name")
+        x_perf: BackupPerf | None = Field(default=None, alias="x-perf")
+
+
+    class BlockdevBackup(BackupCommon):
+        """Arguments of blockdev-backup (and of its transaction action)."""
+
+        target: str
+
+
+    class DriveBackup(BackupCommon):
+        """Arguments of drive-backup (and of its transaction action)."""
+
+        target: str
+        format: str | None = None
+        mode: NewImageMode | None = None
 
 
     class BlockdevCreateOptionsFile(QapiModel):
@@ -1314,6 +1468,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS
 
 
+    class BlockdevCreateOptions_copy_before_write(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=copy-before-write."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = BlockdevDriver.COPY_BEFORE_WRITE
+
+
     class BlockdevCreateOptions_copy_on_read(BlockdevCreateOptionsBase):
         """BlockdevCreateOptions with driver=copy-on-read."""
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
@@ -1326,6 +1487,13 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
 
         driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR
+
+
+    class BlockdevCreateOptions_snapshot_access(BlockdevCreateOptionsBase):
+        """BlockdevCreateOptions with driver=snapshot-access."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = BlockdevDriver.SNAPSHOT_ACCESS
 
 
     class BlockdevCreateOptions_null_aio(BlockdevCreateOptionsBase):
@@ -1916,6 +2084,13 @@ if TYPE_CHECKING:
         rules: list[QAuthZListRule] | None = None
 
 
+    class AuthZListFileProperties(QapiModel):
+        """Properties of an authz-listfile object (an access list read from a JSON file). qsd 7.2 accepts them, then fails to create the object: the QOM type is named authz-list-file, so every object-add ends in "invalid object type"."""
+
+        filename: str
+        refresh: bool | None = None
+
+
     class AuthZSimpleProperties(QapiModel):
         """Properties of an authz-simple object."""
 
@@ -1934,6 +2109,13 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZListProperties.qapi_nullable
 
         qom_type: Literal[ObjectType.AUTHZ_LIST] = Field(default=ObjectType.AUTHZ_LIST, alias="qom-type")
+
+
+    class ObjectOptions_authz_listfile(ObjectOptionsBase, AuthZListFileProperties):
+        """ObjectOptions with qom-type=authz-listfile."""
+        qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZListFileProperties.qapi_nullable
+
+        qom_type: Literal[ObjectType.AUTHZ_LISTFILE] = Field(default=ObjectType.AUTHZ_LISTFILE, alias="qom-type")
 
 
     class ObjectOptions_authz_simple(ObjectOptionsBase, AuthZSimpleProperties):
@@ -1964,6 +2146,87 @@ if TYPE_CHECKING:
         qom_type: Literal[ObjectType.THROTTLE_GROUP] = Field(default=ObjectType.THROTTLE_GROUP, alias="qom-type")
 
 
+    class Abort(QapiModel):
+        """The abort action: it always fails, so the whole transaction is rolled back (a way to test that every other action can be undone)."""
+
+
+    class AbortWrapper(QapiModel):
+        """Wrapper of the abort action's (empty) arguments."""
+
+        data: Abort
+
+
+    class BlockdevBackupWrapper(QapiModel):
+        """Wrapper of the blockdev-backup action's arguments."""
+
+        data: BlockdevBackup
+
+
+    class BlockdevSnapshotWrapper(QapiModel):
+        """Wrapper of the blockdev-snapshot action's arguments."""
+
+        data: BlockdevSnapshot
+
+
+    class BlockdevSnapshotSyncWrapper(QapiModel):
+        """Wrapper of the blockdev-snapshot-sync action's arguments."""
+
+        data: BlockdevSnapshotSync
+
+
+    class DriveBackupWrapper(QapiModel):
+        """Wrapper of the drive-backup action's arguments."""
+
+        data: DriveBackup
+
+
+    class TransactionActionBase(QapiModel):
+        """Members of TransactionActionBase."""
+
+        type: TransactionActionKind
+
+
+    class TransactionAction_abort(TransactionActionBase, AbortWrapper):
+        """TransactionAction with type=abort."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | AbortWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.ABORT] = TransactionActionKind.ABORT
+
+
+    class TransactionAction_blockdev_backup(TransactionActionBase, BlockdevBackupWrapper):
+        """TransactionAction with type=blockdev-backup."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevBackupWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = TransactionActionKind.BLOCKDEV_BACKUP
+
+
+    class TransactionAction_blockdev_snapshot(TransactionActionBase, BlockdevSnapshotWrapper):
+        """TransactionAction with type=blockdev-snapshot."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT] = TransactionActionKind.BLOCKDEV_SNAPSHOT
+
+
+    class TransactionAction_blockdev_snapshot_sync(TransactionActionBase, BlockdevSnapshotSyncWrapper):
+        """TransactionAction with type=blockdev-snapshot-sync."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotSyncWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC] = TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC
+
+
+    class TransactionAction_drive_backup(TransactionActionBase, DriveBackupWrapper):
+        """TransactionAction with type=drive-backup."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | DriveBackupWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.DRIVE_BACKUP] = TransactionActionKind.DRIVE_BACKUP
+
+
+    class TransactionProperties(QapiModel):
+        """Options of a whole transaction."""
+
+        completion_mode: ActionCompletionMode | None = Field(default=None, alias="completion-mode")
+
+
     class QueryBlockstatsArgs(QapiModel):
         """Members of QueryBlockstatsArgs."""
 
@@ -1976,13 +2239,6 @@ if TYPE_CHECKING:
         device: str | None = None
         node_name: str | None = Field(default=None, alias="node-name")
         size: int
-
-
-    class BlockdevSnapshotArgs(QapiModel):
-        """Members of BlockdevSnapshotArgs."""
-
-        node: str
-        overlay: str
 
 
     class ChangeBackingFileArgs(QapiModel):
@@ -2016,10 +2272,51 @@ if TYPE_CHECKING:
         flat: bool | None = None
 
 
+    class DriveMirrorArgs(QapiModel):
+        """Members of DriveMirrorArgs."""
+
+        job_id: str | None = Field(default=None, alias="job-id")
+        device: str
+        target: str
+        format: str | None = None
+        node_name: str | None = Field(default=None, alias="node-name")
+        replaces: str | None = None
+        sync: MirrorSyncMode
+        mode: NewImageMode | None = None
+        speed: int | None = None
+        granularity: int | None = None
+        buf_size: int | None = Field(default=None, alias="buf-size")
+        on_source_error: BlockdevOnError | None = Field(default=None, alias="on-source-error")
+        on_target_error: BlockdevOnError | None = Field(default=None, alias="on-target-error")
+        unmap: bool | None = None
+        copy_mode: MirrorCopyMode | None = Field(default=None, alias="copy-mode")
+        auto_finalize: bool | None = Field(default=None, alias="auto-finalize")
+        auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")
+
+
     class XQueryBlockNodeArgs(QapiModel):
         """Members of XQueryBlockNodeArgs."""
 
         node_name: str = Field(alias="node-name")
+
+
+    class BlockdevMirrorArgs(QapiModel):
+        """Members of BlockdevMirrorArgs."""
+
+        job_id: str | None = Field(default=None, alias="job-id")
+        device: str
+        target: str
+        replaces: str | None = None
+        sync: MirrorSyncMode
+        speed: int | None = None
+        granularity: int | None = None
+        buf_size: int | None = Field(default=None, alias="buf-size")
+        on_source_error: BlockdevOnError | None = Field(default=None, alias="on-source-error")
+        on_target_error: BlockdevOnError | None = Field(default=None, alias="on-target-error")
+        filter_node_name: str | None = Field(default=None, alias="filter-node-name")
+        copy_mode: MirrorCopyMode | None = Field(default=None, alias="copy-mode")
+        auto_finalize: bool | None = Field(default=None, alias="auto-finalize")
+        auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")
 
 
     class BlockStreamArgs(QapiModel):
@@ -2371,6 +2668,13 @@ if TYPE_CHECKING:
         id: str
 
 
+    class TransactionArgs(QapiModel):
+        """Members of TransactionArgs."""
+
+        actions: list[TransactionAction]
+        properties: TransactionProperties | None = None
+
+
     SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]
 
 
@@ -2380,19 +2684,19 @@ if TYPE_CHECKING:
     ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2
 
 
-    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_blkdebug, BlockStatsSpecific_compress, BlockStatsSpecific_copy_on_read, BlockStatsSpecific_error, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_preallocate, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw, BlockStatsSpecific_throttle], Field(discriminator="driver")]
+    BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_blkdebug, BlockStatsSpecific_compress, BlockStatsSpecific_copy_before_write, BlockStatsSpecific_copy_on_read, BlockStatsSpecific_error, BlockStatsSpecific_snapshot_access, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_preallocate, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw, BlockStatsSpecific_throttle], Field(discriminator="driver")]
 
 
     BlockdevQcow2Encryption: TypeAlias = Annotated[Union[BlockdevQcow2Encryption_aes, BlockdevQcow2Encryption_luks], Field(discriminator="format")]
 
 
-    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_throttle], Field(discriminator="driver")]
+    BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_before_write, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_snapshot_access, BlockdevOptions_throttle], Field(discriminator="driver")]
 
 
     QCryptoBlockCreateOptions: TypeAlias = Annotated[Union[QCryptoBlockCreateOptions_qcow, QCryptoBlockCreateOptions_luks], Field(discriminator="format")]
 
 
-    BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]
+    BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_before_write, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_snapshot_access, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]
 
 
     BlockExportOptions: TypeAlias = BlockExportOptions_nbd
@@ -2407,7 +2711,10 @@ if TYPE_CHECKING:
     SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]
 
 
-    ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]
+    ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_listfile, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]
+
+
+    TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]
 
 
     BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
@@ -2424,49 +2731,56 @@ if TYPE_CHECKING:
 else:
     # name -> (names its class statement needs first, source)
     _SOURCES: dict[str, tuple[tuple[str, ...], str]] = {
-        'QapiModel': ((), 'from pydantic import BaseModel, ConfigDict, Field\n\n\nclass QapiModel(BaseModel):\n    """Base of every generated model: wire names are aliases, unknown members are errors."""\n\n    # The visitor checks input and builds models with model_construct; validators are\n    # only built when first needed, which keeps start-up fast.\n    model_config = ConfigDict(\n        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True\n    )\n    qapi_nullable: ClassVar[frozenset[str]] = frozenset()\n'),
-        'OnOffAuto': ((), 'class OnOffAuto(enum.StrEnum):\n    """A three-way switch: force a feature on or off, or let the daemon decide."""\n\n    AUTO = "auto"\n    ON = "on"\n    OFF = "off"\n'),
-        'IoOperationType': ((), 'class IoOperationType(enum.StrEnum):\n    """The kind of I/O request that failed."""\n\n    READ = "read"\n    WRITE = "write"\n'),
-        'SocketAddressType': ((), 'class SocketAddressType(enum.StrEnum):\n    """The kinds of socket address."""\n\n    INET = "inet"\n    UNIX = "unix"\n    VSOCK = "vsock"\n    FD = "fd"\n'),
-        'Qcow2CompressionType': ((), 'class Qcow2CompressionType(enum.StrEnum):\n    """Compression method of qcow2 compressed clusters."""\n\n    ZLIB = "zlib"\n    ZSTD = "zstd"\n'),
-        'Qcow2BitmapInfoFlags': ((), 'class Qcow2BitmapInfoFlags(enum.StrEnum):\n    """Flags of a persistent dirty bitmap stored in a qcow2 image."""\n\n    IN_USE = "in-use"\n    AUTO = "auto"\n'),
-        'ImageInfoSpecificKind': ((), 'class ImageInfoSpecificKind(enum.StrEnum):\n    """Image formats that report format-specific details."""\n\n    QCOW2 = "qcow2"\n'),
-        'BlockdevDetectZeroesOptions': ((), 'class BlockdevDetectZeroesOptions(enum.StrEnum):\n    """Whether written zeroes are detected and turned into zero writes."""\n\n    OFF = "off"\n    ON = "on"\n    UNMAP = "unmap"\n'),
-        'BlockDeviceIoStatus': ((), 'class BlockDeviceIoStatus(enum.StrEnum):\n    """State of a device after I/O errors, when errors stop the device."""\n\n    OK = "ok"\n    FAILED = "failed"\n    NOSPACE = "nospace"\n'),
-        'XDbgBlockGraphNodeType': ((), 'class XDbgBlockGraphNodeType(enum.StrEnum):\n    """Kinds of vertex in the block graph dump."""\n\n    BLOCK_BACKEND = "block-backend"\n    BLOCK_JOB = "block-job"\n    BLOCK_DRIVER = "block-driver"\n'),
-        'BlockPermission': ((), 'class BlockPermission(enum.StrEnum):\n    """Operations a parent may need on a child node, or let other parents do."""\n\n    CONSISTENT_READ = "consistent-read"\n    WRITE = "write"\n    WRITE_UNCHANGED = "write-unchanged"\n    RESIZE = "resize"\n'),
-        'BlockdevDriver': ((), 'class BlockdevDriver(enum.StrEnum):\n    """Block drivers this daemon implements."""\n\n    BLKDEBUG = "blkdebug"\n    COMPRESS = "compress"\n    COPY_ON_READ = "copy-on-read"\n    ERROR = "error"\n    FILE = "file"\n    NULL_AIO = "null-aio"\n    NULL_CO = "null-co"\n    PREALLOCATE = "preallocate"\n    QCOW2 = "qcow2"\n    RAW = "raw"\n    THROTTLE = "throttle"\n'),
-        'BlockdevDiscardOptions': ((), 'class BlockdevDiscardOptions(enum.StrEnum):\n    """What to do with discard requests."""\n\n    IGNORE = "ignore"\n    UNMAP = "unmap"\n'),
-        'BlockdevAioOptions': ((), 'class BlockdevAioOptions(enum.StrEnum):\n    """How asynchronous I/O is done on host files."""\n\n    THREADS = "threads"\n    NATIVE = "native"\n    IO_URING = "io_uring"\n'),
-        'BlockdevErrorErrno': ((), 'class BlockdevErrorErrno(enum.StrEnum):\n    """The error an \'error\' node answers every request with (errno names in lower case, as QAPI enum values are)."""\n\n    EIO = "eio"\n    ENOSPC = "enospc"\n    EPERM = "eperm"\n    EACCES = "eacces"\n    EROFS = "erofs"\n    ENOMEDIUM = "enomedium"\n    ENOTSUP = "enotsup"\n    EINVAL = "einval"\n    ESHUTDOWN = "eshutdown"\n'),
-        'Qcow2OverlapCheckMode': ((), 'class Qcow2OverlapCheckMode(enum.StrEnum):\n    """Preset sets of qcow2 metadata overlap checks."""\n\n    NONE = "none"\n    CONSTANT = "constant"\n    CACHED = "cached"\n    ALL = "all"\n'),
-        'BlockdevQcow2EncryptionFormat': ((), 'class BlockdevQcow2EncryptionFormat(enum.StrEnum):\n    """Encryption formats of qcow2 images."""\n\n    AES = "aes"\n    LUKS = "luks"\n'),
-        'BlkdebugEvent': ((), 'class BlkdebugEvent(enum.StrEnum):\n    """Events blkdebug rules react to; the format events come from a format driver sitting on a blkdebug node."""\n\n    L1_UPDATE = "l1_update"\n    L1_GROW_ALLOC_TABLE = "l1_grow_alloc_table"\n    L1_GROW_WRITE_TABLE = "l1_grow_write_table"\n    L1_GROW_ACTIVATE_TABLE = "l1_grow_activate_table"\n    L2_LOAD = "l2_load"\n    L2_UPDATE = "l2_update"\n    L2_UPDATE_COMPRESSED = "l2_update_compressed"\n    L2_ALLOC_COW_READ = "l2_alloc_cow_read"\n    L2_ALLOC_WRITE = "l2_alloc_write"\n    READ_AIO = "read_aio"\n    READ_BACKING_AIO = "read_backing_aio"\n    READ_COMPRESSED = "read_compressed"\n    WRITE_AIO = "write_aio"\n    WRITE_COMPRESSED = "write_compressed"\n    VMSTATE_LOAD = "vmstate_load"\n    VMSTATE_SAVE = "vmstate_save"\n    COW_READ = "cow_read"\n    COW_WRITE = "cow_write"\n    REFTABLE_LOAD = "reftable_load"\n    REFTABLE_GROW = "reftable_grow"\n    REFTABLE_UPDATE = "reftable_update"\n    REFBLOCK_LOAD = "refblock_load"\n    REFBLOCK_UPDATE = "refblock_update"\n    REFBLOCK_UPDATE_PART = "refblock_update_part"\n    REFBLOCK_ALLOC = "refblock_alloc"\n    REFBLOCK_ALLOC_HOOKUP = "refblock_alloc_hookup"\n    REFBLOCK_ALLOC_WRITE = "refblock_alloc_write"\n    REFBLOCK_ALLOC_WRITE_BLOCKS = "refblock_alloc_write_blocks"\n    REFBLOCK_ALLOC_WRITE_TABLE = "refblock_alloc_write_table"\n    REFBLOCK_ALLOC_SWITCH_TABLE = "refblock_alloc_switch_table"\n    CLUSTER_ALLOC = "cluster_alloc"\n    CLUSTER_ALLOC_BYTES = "cluster_alloc_bytes"\n    CLUSTER_FREE = "cluster_free"\n    FLUSH_TO_OS = "flush_to_os"\n    FLUSH_TO_DISK = "flush_to_disk"\n    PWRITEV_RMW_HEAD = "pwritev_rmw_head"\n    PWRITEV_RMW_AFTER_HEAD = "pwritev_rmw_after_head"\n    PWRITEV_RMW_TAIL = "pwritev_rmw_tail"\n    PWRITEV_RMW_AFTER_TAIL = "pwritev_rmw_after_tail"\n    PWRITEV = "pwritev"\n    PWRITEV_ZERO = "pwritev_zero"\n    PWRITEV_DONE = "pwritev_done"\n    EMPTY_IMAGE_PREPARE = "empty_image_prepare"\n    L1_SHRINK_WRITE_TABLE = "l1_shrink_write_table"\n    L1_SHRINK_FREE_L2_CLUSTERS = "l1_shrink_free_l2_clusters"\n    COR_WRITE = "cor_write"\n    CLUSTER_ALLOC_SPACE = "cluster_alloc_space"\n    NONE = "none"\n'),
-        'BlkdebugIOType': ((), 'class BlkdebugIOType(enum.StrEnum):\n    """Kinds of requests an inject-error rule applies to."""\n\n    READ = "read"\n    WRITE = "write"\n    WRITE_ZEROES = "write-zeroes"\n    DISCARD = "discard"\n    FLUSH = "flush"\n    BLOCK_STATUS = "block-status"\n'),
-        'BlockdevOnError': ((), 'class BlockdevOnError(enum.StrEnum):\n    """What a block job does when one of its requests fails."""\n\n    REPORT = "report"\n    IGNORE = "ignore"\n    ENOSPC = "enospc"\n    STOP = "stop"\n    AUTO = "auto"\n'),
-        'PreallocMode': ((), 'class PreallocMode(enum.StrEnum):\n    """How much of a new image\'s space is allocated up front."""\n\n    OFF = "off"\n    METADATA = "metadata"\n    FALLOC = "falloc"\n    FULL = "full"\n'),
-        'BlockdevQcow2Version': ((), 'class BlockdevQcow2Version(enum.StrEnum):\n    """The qcow2 format version a new image gets."""\n\n    V2 = "v2"\n    V3 = "v3"\n'),
-        'QCryptoBlockFormat': ((), 'class QCryptoBlockFormat(enum.StrEnum):\n    """The encryption formats a new image can be created with."""\n\n    QCOW = "qcow"\n    LUKS = "luks"\n'),
-        'QCryptoCipherAlgorithm': ((), 'class QCryptoCipherAlgorithm(enum.StrEnum):\n    """Block cipher algorithms."""\n\n    AES_128 = "aes-128"\n    AES_192 = "aes-192"\n    AES_256 = "aes-256"\n    DES = "des"\n    V_3DES = "3des"\n    CAST5_128 = "cast5-128"\n    SERPENT_128 = "serpent-128"\n    SERPENT_192 = "serpent-192"\n    SERPENT_256 = "serpent-256"\n    TWOFISH_128 = "twofish-128"\n    TWOFISH_192 = "twofish-192"\n    TWOFISH_256 = "twofish-256"\n'),
-        'QCryptoCipherMode': ((), 'class QCryptoCipherMode(enum.StrEnum):\n    """Block cipher chaining modes."""\n\n    ECB = "ecb"\n    CBC = "cbc"\n    XTS = "xts"\n    CTR = "ctr"\n'),
-        'QCryptoIVGenAlgorithm': ((), 'class QCryptoIVGenAlgorithm(enum.StrEnum):\n    """How initialisation vectors are derived from the sector number."""\n\n    PLAIN = "plain"\n    PLAIN64 = "plain64"\n    ESSIV = "essiv"\n'),
-        'QCryptoHashAlgorithm': ((), 'class QCryptoHashAlgorithm(enum.StrEnum):\n    """Hash algorithms."""\n\n    MD5 = "md5"\n    SHA1 = "sha1"\n    SHA224 = "sha224"\n    SHA256 = "sha256"\n    SHA384 = "sha384"\n    SHA512 = "sha512"\n    RIPEMD160 = "ripemd160"\n'),
-        'BlockErrorAction': ((), 'class BlockErrorAction(enum.StrEnum):\n    """What happened after an I/O error."""\n\n    IGNORE = "ignore"\n    REPORT = "report"\n    STOP = "stop"\n'),
-        'QuorumOpType': ((), 'class QuorumOpType(enum.StrEnum):\n    """Kinds of quorum operation."""\n\n    READ = "read"\n    WRITE = "write"\n    FLUSH = "flush"\n'),
-        'JobType': ((), 'class JobType(enum.StrEnum):\n    """Kinds of background job."""\n\n    COMMIT = "commit"\n    STREAM = "stream"\n    MIRROR = "mirror"\n    BACKUP = "backup"\n    CREATE = "create"\n    AMEND = "amend"\n    SNAPSHOT_LOAD = "snapshot-load"\n    SNAPSHOT_SAVE = "snapshot-save"\n    SNAPSHOT_DELETE = "snapshot-delete"\n'),
-        'JobStatus': ((), 'class JobStatus(enum.StrEnum):\n    """States of a job\'s life cycle."""\n\n    UNDEFINED = "undefined"\n    CREATED = "created"\n    RUNNING = "running"\n    PAUSED = "paused"\n    READY = "ready"\n    STANDBY = "standby"\n    WAITING = "waiting"\n    PENDING = "pending"\n    ABORTING = "aborting"\n    CONCLUDED = "concluded"\n    NULL = "null"\n'),
-        'BlockExportRemoveMode': ((), 'class BlockExportRemoveMode(enum.StrEnum):\n    """How to remove an export that still has clients."""\n\n    SAFE = "safe"\n    HARD = "hard"\n'),
-        'BlockExportType': ((), 'class BlockExportType(enum.StrEnum):\n    """Kinds of block export this daemon implements."""\n\n    NBD = "nbd"\n'),
-        'ChardevBackendKind': ((), 'class ChardevBackendKind(enum.StrEnum):\n    """Character device backends this daemon implements."""\n\n    FILE = "file"\n    SOCKET = "socket"\n    NULL = "null"\n    STDIO = "stdio"\n    RINGBUF = "ringbuf"\n    MEMORY = "memory"\n'),
-        'DataFormat': ((), 'class DataFormat(enum.StrEnum):\n    """How ring buffer data is encoded on the wire."""\n\n    UTF8 = "utf8"\n    BASE64 = "base64"\n'),
-        'QMPCapability': ((), 'class QMPCapability(enum.StrEnum):\n    """Optional QMP protocol capabilities."""\n\n    OOB = "oob"\n'),
-        'MonitorMode': ((), 'class MonitorMode(enum.StrEnum):\n    """The protocol a monitor speaks."""\n\n    READLINE = "readline"\n    CONTROL = "control"\n'),
-        'SchemaMetaType': ((), 'class SchemaMetaType(enum.StrEnum):\n    """Kinds of schema entity."""\n\n    BUILTIN = "builtin"\n    ENUM = "enum"\n    ARRAY = "array"\n    OBJECT = "object"\n    ALTERNATE = "alternate"\n    COMMAND = "command"\n    EVENT = "event"\n'),
-        'JSONType': ((), 'class JSONType(enum.StrEnum):\n    """JSON value kinds."""\n\n    STRING = "string"\n    NUMBER = "number"\n    INT = "int"\n    BOOLEAN = "boolean"\n    NULL = "null"\n    OBJECT = "object"\n    ARRAY = "array"\n    VALUE = "value"\n'),
-        'QCryptoSecretFormat': ((), 'class QCryptoSecretFormat(enum.StrEnum):\n    """How the data of a secret is encoded."""\n\n    RAW = "raw"\n    BASE64 = "base64"\n'),
-        'QAuthZListPolicy': ((), 'class QAuthZListPolicy(enum.StrEnum):\n    """Whether an authorization rule grants or refuses access."""\n\n    DENY = "deny"\n    ALLOW = "allow"\n'),
-        'QAuthZListFormat': ((), 'class QAuthZListFormat(enum.StrEnum):\n    """How a rule matches identities."""\n\n    EXACT = "exact"\n    GLOB = "glob"\n'),
-        'ObjectType': ((), 'class ObjectType(enum.StrEnum):\n    """Object types that can be created with object-add or --object."""\n\n    AUTHZ_LIST = "authz-list"\n    AUTHZ_SIMPLE = "authz-simple"\n    IOTHREAD = "iothread"\n    SECRET = "secret"\n    THROTTLE_GROUP = "throttle-group"\n'),
+        'QapiModel': ((), 'from pydantic import BaseModel, ConfigDict, Field\n\n\nclass QapiModel(BaseModel):\n    """Base of every generated model: wire names are aliases, unknown members are errors."""\n\n    # For tests and tools: the daemon\'s visitor builds the plain classes (plain.py).\n    # Validators are only built when first needed, which keeps imports cheap.\n    model_config = ConfigDict(\n        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True\n    )\n    qapi_nullable: ClassVar[frozenset[str]] = frozenset()\n'),
+        'OnOffAuto': ((), 'from storage_daemon.qapi_generated.plain import OnOffAuto\n'),
+        'IoOperationType': ((), 'from storage_daemon.qapi_generated.plain import IoOperationType\n'),
+        'SocketAddressType': ((), 'from storage_daemon.qapi_generated.plain import SocketAddressType\n'),
+        'Qcow2CompressionType': ((), 'from storage_daemon.qapi_generated.plain import Qcow2CompressionType\n'),
+        'Qcow2BitmapInfoFlags': ((), 'from storage_daemon.qapi_generated.plain import Qcow2BitmapInfoFlags\n'),
+        'ImageInfoSpecificKind': ((), 'from storage_daemon.qapi_generated.plain import ImageInfoSpecificKind\n'),
+        'BlockdevDetectZeroesOptions': ((), 'from storage_daemon.qapi_generated.plain import BlockdevDetectZeroesOptions\n'),
+        'BlockDeviceIoStatus': ((), 'from storage_daemon.qapi_generated.plain import BlockDeviceIoStatus\n'),
+        'XDbgBlockGraphNodeType': ((), 'from storage_daemon.qapi_generated.plain import XDbgBlockGraphNodeType\n'),
+        'BlockPermission': ((), 'from storage_daemon.qapi_generated.plain import BlockPermission\n'),
+        'BlockdevDriver': ((), 'from storage_daemon.qapi_generated.plain import BlockdevDriver\n'),
+        'BlockdevDiscardOptions': ((), 'from storage_daemon.qapi_generated.plain import BlockdevDiscardOptions\n'),
+        'BlockdevAioOptions': ((), 'from storage_daemon.qapi_generated.plain import BlockdevAioOptions\n'),
+        'BlockdevErrorErrno': ((), 'from storage_daemon.qapi_generated.plain import BlockdevErrorErrno\n'),
+        'Qcow2OverlapCheckMode': ((), 'from storage_daemon.qapi_generated.plain import Qcow2OverlapCheckMode\n'),
+        'BlockdevQcow2EncryptionFormat': ((), 'from storage_daemon.qapi_generated.plain import BlockdevQcow2EncryptionFormat\n'),
+        'BlkdebugEvent': ((), 'from storage_daemon.qapi_generated.plain import BlkdebugEvent\n'),
+        'BlkdebugIOType': ((), 'from storage_daemon.qapi_generated.plain import BlkdebugIOType\n'),
+        'OnCbwError': ((), 'from storage_daemon.qapi_generated.plain import OnCbwError\n'),
+        'BlockdevOnError': ((), 'from storage_daemon.qapi_generated.plain import BlockdevOnError\n'),
+        'MirrorCopyMode': ((), 'from storage_daemon.qapi_generated.plain import MirrorCopyMode\n'),
+        'MirrorSyncMode': ((), 'from storage_daemon.qapi_generated.plain import MirrorSyncMode\n'),
+        'BitmapSyncMode': ((), 'from storage_daemon.qapi_generated.plain import BitmapSyncMode\n'),
+        'NewImageMode': ((), 'from storage_daemon.qapi_generated.plain import NewImageMode\n'),
+        'PreallocMode': ((), 'from storage_daemon.qapi_generated.plain import PreallocMode\n'),
+        'BlockdevQcow2Version': ((), 'from storage_daemon.qapi_generated.plain import BlockdevQcow2Version\n'),
+        'QCryptoBlockFormat': ((), 'from storage_daemon.qapi_generated.plain import QCryptoBlockFormat\n'),
+        'QCryptoCipherAlgorithm': ((), 'from storage_daemon.qapi_generated.plain import QCryptoCipherAlgorithm\n'),
+        'QCryptoCipherMode': ((), 'from storage_daemon.qapi_generated.plain import QCryptoCipherMode\n'),
+        'QCryptoIVGenAlgorithm': ((), 'from storage_daemon.qapi_generated.plain import QCryptoIVGenAlgorithm\n'),
+        'QCryptoHashAlgorithm': ((), 'from storage_daemon.qapi_generated.plain import QCryptoHashAlgorithm\n'),
+        'BlockErrorAction': ((), 'from storage_daemon.qapi_generated.plain import BlockErrorAction\n'),
+        'QuorumOpType': ((), 'from storage_daemon.qapi_generated.plain import QuorumOpType\n'),
+        'JobType': ((), 'from storage_daemon.qapi_generated.plain import JobType\n'),
+        'JobStatus': ((), 'from storage_daemon.qapi_generated.plain import JobStatus\n'),
+        'BlockExportRemoveMode': ((), 'from storage_daemon.qapi_generated.plain import BlockExportRemoveMode\n'),
+        'BlockExportType': ((), 'from storage_daemon.qapi_generated.plain import BlockExportType\n'),
+        'ChardevBackendKind': ((), 'from storage_daemon.qapi_generated.plain import ChardevBackendKind\n'),
+        'DataFormat': ((), 'from storage_daemon.qapi_generated.plain import DataFormat\n'),
+        'QMPCapability': ((), 'from storage_daemon.qapi_generated.plain import QMPCapability\n'),
+        'MonitorMode': ((), 'from storage_daemon.qapi_generated.plain import MonitorMode\n'),
+        'SchemaMetaType': ((), 'from storage_daemon.qapi_generated.plain import SchemaMetaType\n'),
+        'JSONType': ((), 'from storage_daemon.qapi_generated.plain import JSONType\n'),
+        'QCryptoSecretFormat': ((), 'from storage_daemon.qapi_generated.plain import QCryptoSecretFormat\n'),
+        'QAuthZListPolicy': ((), 'from storage_daemon.qapi_generated.plain import QAuthZListPolicy\n'),
+        'QAuthZListFormat': ((), 'from storage_daemon.qapi_generated.plain import QAuthZListFormat\n'),
+        'ObjectType': ((), 'from storage_daemon.qapi_generated.plain import ObjectType\n'),
+        'ActionCompletionMode': ((), 'from storage_daemon.qapi_generated.plain import ActionCompletionMode\n'),
+        'TransactionActionKind': ((), 'from storage_daemon.qapi_generated.plain import TransactionActionKind\n'),
         'String': (('QapiModel',), 'class String(QapiModel):\n    """A single string wrapped in an object."""\n\n    str_: str = Field(alias="str")\n'),
         'InetSocketAddress': (('QapiModel',), 'class InetSocketAddress(QapiModel):\n    """A TCP endpoint: host name or address plus port or service name."""\n\n    host: str\n    port: str\n    numeric: bool | None = None\n    to: int | None = None\n    ipv4: bool | None = None\n    ipv6: bool | None = None\n    keep_alive: bool | None = Field(default=None, alias="keep-alive")\n    mptcp: bool | None = None\n'),
         'UnixSocketAddress': (('QapiModel',), 'class UnixSocketAddress(QapiModel):\n    """A Unix domain socket endpoint."""\n\n    path: str\n    abstract: bool | None = None\n    tight: bool | None = None\n'),
@@ -2504,8 +2818,10 @@ else:
         'BlockStatsSpecific_file': (('BlockStatsSpecificBase', 'BlockStatsSpecificFile', 'BlockdevDriver'), 'class BlockStatsSpecific_file(BlockStatsSpecificBase, BlockStatsSpecificFile):\n    """BlockStatsSpecific with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable | BlockStatsSpecificFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
         'BlockStatsSpecific_blkdebug': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_blkdebug(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG\n'),
         'BlockStatsSpecific_compress': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_compress(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS\n'),
+        'BlockStatsSpecific_copy_before_write': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_copy_before_write(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=copy-before-write."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = BlockdevDriver.COPY_BEFORE_WRITE\n'),
         'BlockStatsSpecific_copy_on_read': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_copy_on_read(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ\n'),
         'BlockStatsSpecific_error': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_error(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR\n'),
+        'BlockStatsSpecific_snapshot_access': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_snapshot_access(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=snapshot-access."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = BlockdevDriver.SNAPSHOT_ACCESS\n'),
         'BlockStatsSpecific_null_aio': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_aio(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockStatsSpecific_null_co': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_null_co(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
         'BlockStatsSpecific_preallocate': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_preallocate(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
@@ -2514,6 +2830,8 @@ else:
         'BlockStatsSpecific_throttle': (('BlockStatsSpecificBase', 'BlockdevDriver'), 'class BlockStatsSpecific_throttle(BlockStatsSpecificBase):\n    """BlockStatsSpecific with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockStatsSpecificBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
         'BlockStats': (('QapiModel',), 'class BlockStats(QapiModel):\n    """Statistics of a backend or node, with those of its file and backing children."""\n\n    device: str | None = None\n    qdev: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    stats: BlockDeviceStats\n    driver_specific: BlockStatsSpecific | None = Field(default=None, alias="driver-specific")\n    parent: BlockStats | None = None\n    backing: BlockStats | None = None\n'),
         'BlockJobInfo': (('QapiModel',), 'class BlockJobInfo(QapiModel):\n    """The state of a block job."""\n\n    type: str\n    device: str\n    len: int\n    offset: int\n    busy: bool\n    paused: bool\n    speed: int\n    io_status: BlockDeviceIoStatus = Field(alias="io-status")\n    ready: bool\n    status: JobStatus\n    auto_finalize: bool = Field(alias="auto-finalize")\n    auto_dismiss: bool = Field(alias="auto-dismiss")\n    error: str | None = None\n'),
+        'BlockdevSnapshotSync': (('QapiModel',), 'class BlockdevSnapshotSync(QapiModel):\n    """Arguments of blockdev-snapshot-sync (and of its transaction action)."""\n\n    device: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    snapshot_file: str = Field(alias="snapshot-file")\n    snapshot_node_name: str | None = Field(default=None, alias="snapshot-node-name")\n    format: str | None = None\n    mode: NewImageMode | None = None\n'),
+        'BlockdevSnapshot': (('QapiModel',), 'class BlockdevSnapshot(QapiModel):\n    """Arguments of blockdev-snapshot (and of its transaction action)."""\n\n    node: str\n    overlay: str\n'),
         'XDbgBlockGraphNode': (('QapiModel',), 'class XDbgBlockGraphNode(QapiModel):\n    """A vertex of the block graph dump."""\n\n    id: int\n    type: XDbgBlockGraphNodeType\n    name: str\n'),
         'XDbgBlockGraphEdge': (('QapiModel',), 'class XDbgBlockGraphEdge(QapiModel):\n    """A parent-to-child edge of the block graph dump."""\n\n    parent: int\n    child: int\n    name: str\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
         'XDbgBlockGraph': (('QapiModel',), 'class XDbgBlockGraph(QapiModel):\n    """The whole block graph, for debugging."""\n\n    nodes: list[XDbgBlockGraphNode]\n    edges: list[XDbgBlockGraphEdge]\n'),
@@ -2538,12 +2856,14 @@ else:
         'BlkdebugInjectErrorOptions': (('QapiModel',), 'class BlkdebugInjectErrorOptions(QapiModel):\n    """A rule making requests fail after an event."""\n\n    event: BlkdebugEvent\n    state: int | None = None\n    iotype: BlkdebugIOType | None = None\n    errno: int | None = None\n    sector: int | None = None\n    once: bool | None = None\n    immediately: bool | None = None\n'),
         'BlkdebugSetStateOptions': (('QapiModel',), 'class BlkdebugSetStateOptions(QapiModel):\n    """A rule changing the node\'s state on an event."""\n\n    event: BlkdebugEvent\n    state: int | None = None\n    new_state: int\n'),
         'BlockdevOptionsBlkdebug': (('QapiModel',), 'class BlockdevOptionsBlkdebug(QapiModel):\n    """Options of the blkdebug filter, which injects errors for testing."""\n\n    image: BlockdevRef\n    config: str | None = None\n    align: int | None = None\n    max_transfer: int | None = Field(default=None, alias="max-transfer")\n    opt_write_zero: int | None = Field(default=None, alias="opt-write-zero")\n    max_write_zero: int | None = Field(default=None, alias="max-write-zero")\n    opt_discard: int | None = Field(default=None, alias="opt-discard")\n    max_discard: int | None = Field(default=None, alias="max-discard")\n    inject_error: list[BlkdebugInjectErrorOptions] | None = Field(default=None, alias="inject-error")\n    set_state: list[BlkdebugSetStateOptions] | None = Field(default=None, alias="set-state")\n    take_child_perms: list[BlockPermission] | None = Field(default=None, alias="take-child-perms")\n    unshare_child_perms: list[BlockPermission] | None = Field(default=None, alias="unshare-child-perms")\n'),
+        'BlockdevOptionsCbw': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsCbw(BlockdevOptionsGenericFormat):\n    """Options of the copy-before-write filter."""\n\n    target: BlockdevRef\n    bitmap: BlockDirtyBitmap | None = None\n    on_cbw_error: OnCbwError | None = Field(default=None, alias="on-cbw-error")\n    cbw_timeout: int | None = Field(default=None, alias="cbw-timeout")\n'),
         'BlockdevOptionsCor': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsCor(BlockdevOptionsGenericFormat):\n    """Options of the copy-on-read filter."""\n\n    bottom: str | None = None\n'),
         'BlockdevOptionsPreallocate': (('BlockdevOptionsGenericFormat',), 'class BlockdevOptionsPreallocate(BlockdevOptionsGenericFormat):\n    """Options of the preallocate filter."""\n\n    prealloc_align: int | None = Field(default=None, alias="prealloc-align")\n    prealloc_size: int | None = Field(default=None, alias="prealloc-size")\n'),
         'BlockdevOptionsThrottle': (('QapiModel',), 'class BlockdevOptionsThrottle(QapiModel):\n    """Options of the throttle filter."""\n\n    throttle_group: str = Field(alias="throttle-group")\n    file: BlockdevRef\n'),
         'BlockdevOptionsBase': (('QapiModel',), 'class BlockdevOptionsBase(QapiModel):\n    """Members of BlockdevOptionsBase."""\n\n    driver: BlockdevDriver\n    node_name: str | None = Field(default=None, alias="node-name")\n    discard: BlockdevDiscardOptions | None = None\n    cache: BlockdevCacheOptions | None = None\n    active: bool | None = None\n    read_only: bool | None = Field(default=None, alias="read-only")\n    auto_read_only: bool | None = Field(default=None, alias="auto-read-only")\n    force_share: bool | None = Field(default=None, alias="force-share")\n    detect_zeroes: BlockdevDetectZeroesOptions | None = Field(default=None, alias="detect-zeroes")\n'),
         'BlockdevOptions_blkdebug': (('BlockdevOptionsBase', 'BlockdevOptionsBlkdebug', 'BlockdevDriver'), 'class BlockdevOptions_blkdebug(BlockdevOptionsBase, BlockdevOptionsBlkdebug):\n    """BlockdevOptions with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsBlkdebug.qapi_nullable\n\n    driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG\n'),
         'BlockdevOptions_compress': (('BlockdevOptionsBase', 'BlockdevOptionsGenericFormat', 'BlockdevDriver'), 'class BlockdevOptions_compress(BlockdevOptionsBase, BlockdevOptionsGenericFormat):\n    """BlockdevOptions with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsGenericFormat.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS\n'),
+        'BlockdevOptions_copy_before_write': (('BlockdevOptionsBase', 'BlockdevOptionsCbw', 'BlockdevDriver'), 'class BlockdevOptions_copy_before_write(BlockdevOptionsBase, BlockdevOptionsCbw):\n    """BlockdevOptions with driver=copy-before-write."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsCbw.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = BlockdevDriver.COPY_BEFORE_WRITE\n'),
         'BlockdevOptions_copy_on_read': (('BlockdevOptionsBase', 'BlockdevOptionsCor', 'BlockdevDriver'), 'class BlockdevOptions_copy_on_read(BlockdevOptionsBase, BlockdevOptionsCor):\n    """BlockdevOptions with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsCor.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ\n'),
         'BlockdevOptions_error': (('BlockdevOptionsBase', 'BlockdevOptionsError', 'BlockdevDriver'), 'class BlockdevOptions_error(BlockdevOptionsBase, BlockdevOptionsError):\n    """BlockdevOptions with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsError.qapi_nullable\n\n    driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR\n'),
         'BlockdevOptions_file': (('BlockdevOptionsBase', 'BlockdevOptionsFile', 'BlockdevDriver'), 'class BlockdevOptions_file(BlockdevOptionsBase, BlockdevOptionsFile):\n    """BlockdevOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsFile.qapi_nullable\n\n    driver: Literal[BlockdevDriver.FILE] = BlockdevDriver.FILE\n'),
@@ -2552,7 +2872,12 @@ else:
         'BlockdevOptions_preallocate': (('BlockdevOptionsBase', 'BlockdevOptionsPreallocate', 'BlockdevDriver'), 'class BlockdevOptions_preallocate(BlockdevOptionsBase, BlockdevOptionsPreallocate):\n    """BlockdevOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsPreallocate.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
         'BlockdevOptions_qcow2': (('BlockdevOptionsBase', 'BlockdevOptionsQcow2', 'BlockdevDriver'), 'class BlockdevOptions_qcow2(BlockdevOptionsBase, BlockdevOptionsQcow2):\n    """BlockdevOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
         'BlockdevOptions_raw': (('BlockdevOptionsBase', 'BlockdevOptionsRaw', 'BlockdevDriver'), 'class BlockdevOptions_raw(BlockdevOptionsBase, BlockdevOptionsRaw):\n    """BlockdevOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsRaw.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
+        'BlockdevOptions_snapshot_access': (('BlockdevOptionsBase', 'BlockdevOptionsGenericFormat', 'BlockdevDriver'), 'class BlockdevOptions_snapshot_access(BlockdevOptionsBase, BlockdevOptionsGenericFormat):\n    """BlockdevOptions with driver=snapshot-access."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsGenericFormat.qapi_nullable\n\n    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = BlockdevDriver.SNAPSHOT_ACCESS\n'),
         'BlockdevOptions_throttle': (('BlockdevOptionsBase', 'BlockdevOptionsThrottle', 'BlockdevDriver'), 'class BlockdevOptions_throttle(BlockdevOptionsBase, BlockdevOptionsThrottle):\n    """BlockdevOptions with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevOptionsBase.qapi_nullable | BlockdevOptionsThrottle.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
+        'BackupPerf': (('QapiModel',), 'class BackupPerf(QapiModel):\n    """Tuning of a backup job\'s copying (unstable)."""\n\n    use_copy_range: bool | None = Field(default=None, alias="use-copy-range")\n    max_workers: int | None = Field(default=None, alias="max-workers")\n    max_chunk: int | None = Field(default=None, alias="max-chunk")\n'),
+        'BackupCommon': (('QapiModel',), 'class BackupCommon(QapiModel):\n    """Arguments shared by blockdev-backup and drive-backup."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    sync: MirrorSyncMode\n    speed: int | None = None\n    bitmap: str | None = None\n    bitmap_mode: BitmapSyncMode | None = Field(default=None, alias="bitmap-mode")\n    compress: bool | None = None\n    on_source_error: BlockdevOnError | None = Field(default=None, alias="on-source-error")\n    on_target_error: BlockdevOnError | None = Field(default=None, alias="on-target-error")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n    filter_node_name: str | None = Field(default=None, alias="filter-node-name")\n    x_perf: BackupPerf | None = Field(default=None, alias="x-perf")\n'),
+        'BlockdevBackup': (('BackupCommon',), 'class BlockdevBackup(BackupCommon):\n    """Arguments of blockdev-backup (and of its transaction action)."""\n\n    target: str\n'),
+        'DriveBackup': (('BackupCommon',), 'class DriveBackup(BackupCommon):\n    """Arguments of drive-backup (and of its transaction action)."""\n\n    target: str\n    format: str | None = None\n    mode: NewImageMode | None = None\n'),
         'BlockdevCreateOptionsFile': (('QapiModel',), 'class BlockdevCreateOptionsFile(QapiModel):\n    """Options for creating a file on the host file system."""\n\n    filename: str\n    size: int\n    preallocation: PreallocMode | None = None\n    nocow: bool | None = None\n    extent_size_hint: int | None = Field(default=None, alias="extent-size-hint")\n'),
         'QCryptoBlockCreateOptionsLUKS': (('QapiModel',), 'class QCryptoBlockCreateOptionsLUKS(QapiModel):\n    """Parameters of a new LUKS header."""\n\n    key_secret: str | None = Field(default=None, alias="key-secret")\n    cipher_alg: QCryptoCipherAlgorithm | None = Field(default=None, alias="cipher-alg")\n    cipher_mode: QCryptoCipherMode | None = Field(default=None, alias="cipher-mode")\n    ivgen_alg: QCryptoIVGenAlgorithm | None = Field(default=None, alias="ivgen-alg")\n    ivgen_hash_alg: QCryptoHashAlgorithm | None = Field(default=None, alias="ivgen-hash-alg")\n    hash_alg: QCryptoHashAlgorithm | None = Field(default=None, alias="hash-alg")\n    iter_time: int | None = Field(default=None, alias="iter-time")\n'),
         'QCryptoBlockCreateOptionsBase': (('QapiModel',), 'class QCryptoBlockCreateOptionsBase(QapiModel):\n    """Members of QCryptoBlockCreateOptionsBase."""\n\n    format: QCryptoBlockFormat\n'),
@@ -2564,8 +2889,10 @@ else:
         'BlockdevCreateOptions_qcow2': (('BlockdevCreateOptionsBase', 'BlockdevCreateOptionsQcow2', 'BlockdevDriver'), 'class BlockdevCreateOptions_qcow2(BlockdevCreateOptionsBase, BlockdevCreateOptionsQcow2):\n    """BlockdevCreateOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable | BlockdevCreateOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevDriver.QCOW2] = BlockdevDriver.QCOW2\n'),
         'BlockdevCreateOptions_blkdebug': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_blkdebug(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.BLKDEBUG] = BlockdevDriver.BLKDEBUG\n'),
         'BlockdevCreateOptions_compress': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_compress(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COMPRESS] = BlockdevDriver.COMPRESS\n'),
+        'BlockdevCreateOptions_copy_before_write': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_copy_before_write(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=copy-before-write."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_BEFORE_WRITE] = BlockdevDriver.COPY_BEFORE_WRITE\n'),
         'BlockdevCreateOptions_copy_on_read': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_copy_on_read(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.COPY_ON_READ] = BlockdevDriver.COPY_ON_READ\n'),
         'BlockdevCreateOptions_error': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_error(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.ERROR] = BlockdevDriver.ERROR\n'),
+        'BlockdevCreateOptions_snapshot_access': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_snapshot_access(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=snapshot-access."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.SNAPSHOT_ACCESS] = BlockdevDriver.SNAPSHOT_ACCESS\n'),
         'BlockdevCreateOptions_null_aio': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_null_aio(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_AIO] = BlockdevDriver.NULL_AIO\n'),
         'BlockdevCreateOptions_null_co': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_null_co(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.NULL_CO] = BlockdevDriver.NULL_CO\n'),
         'BlockdevCreateOptions_preallocate': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_preallocate(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
@@ -2640,20 +2967,36 @@ else:
         'SecretProperties': (('SecretCommonProperties',), 'class SecretProperties(SecretCommonProperties):\n    """Properties of a secret object; exactly one of @data and @file is needed."""\n\n    data: str | None = None\n    file: str | None = None\n'),
         'QAuthZListRule': (('QapiModel',), 'class QAuthZListRule(QapiModel):\n    """One rule of an access list."""\n\n    match: str\n    policy: QAuthZListPolicy\n    format: QAuthZListFormat | None = None\n'),
         'AuthZListProperties': (('QapiModel',), 'class AuthZListProperties(QapiModel):\n    """Properties of an authz-list object."""\n\n    policy: QAuthZListPolicy | None = None\n    rules: list[QAuthZListRule] | None = None\n'),
+        'AuthZListFileProperties': (('QapiModel',), 'class AuthZListFileProperties(QapiModel):\n    """Properties of an authz-listfile object (an access list read from a JSON file). qsd 7.2 accepts them, then fails to create the object: the QOM type is named authz-list-file, so every object-add ends in "invalid object type"."""\n\n    filename: str\n    refresh: bool | None = None\n'),
         'AuthZSimpleProperties': (('QapiModel',), 'class AuthZSimpleProperties(QapiModel):\n    """Properties of an authz-simple object."""\n\n    identity: str\n'),
         'ObjectOptionsBase': (('QapiModel',), 'class ObjectOptionsBase(QapiModel):\n    """Members of ObjectOptionsBase."""\n\n    qom_type: ObjectType = Field(alias="qom-type")\n    id: str\n'),
         'ObjectOptions_authz_list': (('ObjectOptionsBase', 'AuthZListProperties', 'ObjectType'), 'class ObjectOptions_authz_list(ObjectOptionsBase, AuthZListProperties):\n    """ObjectOptions with qom-type=authz-list."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZListProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.AUTHZ_LIST] = Field(default=ObjectType.AUTHZ_LIST, alias="qom-type")\n'),
+        'ObjectOptions_authz_listfile': (('ObjectOptionsBase', 'AuthZListFileProperties', 'ObjectType'), 'class ObjectOptions_authz_listfile(ObjectOptionsBase, AuthZListFileProperties):\n    """ObjectOptions with qom-type=authz-listfile."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZListFileProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.AUTHZ_LISTFILE] = Field(default=ObjectType.AUTHZ_LISTFILE, alias="qom-type")\n'),
         'ObjectOptions_authz_simple': (('ObjectOptionsBase', 'AuthZSimpleProperties', 'ObjectType'), 'class ObjectOptions_authz_simple(ObjectOptionsBase, AuthZSimpleProperties):\n    """ObjectOptions with qom-type=authz-simple."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | AuthZSimpleProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.AUTHZ_SIMPLE] = Field(default=ObjectType.AUTHZ_SIMPLE, alias="qom-type")\n'),
         'ObjectOptions_iothread': (('ObjectOptionsBase', 'IothreadProperties', 'ObjectType'), 'class ObjectOptions_iothread(ObjectOptionsBase, IothreadProperties):\n    """ObjectOptions with qom-type=iothread."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | IothreadProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.IOTHREAD] = Field(default=ObjectType.IOTHREAD, alias="qom-type")\n'),
         'ObjectOptions_secret': (('ObjectOptionsBase', 'SecretProperties', 'ObjectType'), 'class ObjectOptions_secret(ObjectOptionsBase, SecretProperties):\n    """ObjectOptions with qom-type=secret."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | SecretProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.SECRET] = Field(default=ObjectType.SECRET, alias="qom-type")\n'),
         'ObjectOptions_throttle_group': (('ObjectOptionsBase', 'ThrottleGroupProperties', 'ObjectType'), 'class ObjectOptions_throttle_group(ObjectOptionsBase, ThrottleGroupProperties):\n    """ObjectOptions with qom-type=throttle-group."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | ThrottleGroupProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.THROTTLE_GROUP] = Field(default=ObjectType.THROTTLE_GROUP, alias="qom-type")\n'),
+        'Abort': (('QapiModel',), 'class Abort(QapiModel):\n    """The abort action: it always fails, so the whole transaction is rolled back (a way to test that every other action can be undone)."""\n'),
+        'AbortWrapper': (('QapiModel',), 'class AbortWrapper(QapiModel):\n    """Wrapper of the abort action\'s (empty) arguments."""\n\n    data: Abort\n'),
+        'BlockdevBackupWrapper': (('QapiModel',), 'class BlockdevBackupWrapper(QapiModel):\n    """Wrapper of the blockdev-backup action\'s arguments."""\n\n    data: BlockdevBackup\n'),
+        'BlockdevSnapshotWrapper': (('QapiModel',), 'class BlockdevSnapshotWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot action\'s arguments."""\n\n    data: BlockdevSnapshot\n'),
+        'BlockdevSnapshotSyncWrapper': (('QapiModel',), 'class BlockdevSnapshotSyncWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot-sync action\'s arguments."""\n\n    data: BlockdevSnapshotSync\n'),
+        'DriveBackupWrapper': (('QapiModel',), 'class DriveBackupWrapper(QapiModel):\n    """Wrapper of the drive-backup action\'s arguments."""\n\n    data: DriveBackup\n'),
+        'TransactionActionBase': (('QapiModel',), 'class TransactionActionBase(QapiModel):\n    """Members of TransactionActionBase."""\n\n    type: TransactionActionKind\n'),
+        'TransactionAction_abort': (('TransactionActionBase', 'AbortWrapper', 'TransactionActionKind'), 'class TransactionAction_abort(TransactionActionBase, AbortWrapper):\n    """TransactionAction with type=abort."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | AbortWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.ABORT] = TransactionActionKind.ABORT\n'),
+        'TransactionAction_blockdev_backup': (('TransactionActionBase', 'BlockdevBackupWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_backup(TransactionActionBase, BlockdevBackupWrapper):\n    """TransactionAction with type=blockdev-backup."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevBackupWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = TransactionActionKind.BLOCKDEV_BACKUP\n'),
+        'TransactionAction_blockdev_snapshot': (('TransactionActionBase', 'BlockdevSnapshotWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot(TransactionActionBase, BlockdevSnapshotWrapper):\n    """TransactionAction with type=blockdev-snapshot."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT] = TransactionActionKind.BLOCKDEV_SNAPSHOT\n'),
+        'TransactionAction_blockdev_snapshot_sync': (('TransactionActionBase', 'BlockdevSnapshotSyncWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot_sync(TransactionActionBase, BlockdevSnapshotSyncWrapper):\n    """TransactionAction with type=blockdev-snapshot-sync."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotSyncWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC] = TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC\n'),
+        'TransactionAction_drive_backup': (('TransactionActionBase', 'DriveBackupWrapper', 'TransactionActionKind'), 'class TransactionAction_drive_backup(TransactionActionBase, DriveBackupWrapper):\n    """TransactionAction with type=drive-backup."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | DriveBackupWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.DRIVE_BACKUP] = TransactionActionKind.DRIVE_BACKUP\n'),
+        'TransactionProperties': (('QapiModel',), 'class TransactionProperties(QapiModel):\n    """Options of a whole transaction."""\n\n    completion_mode: ActionCompletionMode | None = Field(default=None, alias="completion-mode")\n'),
         'QueryBlockstatsArgs': (('QapiModel',), 'class QueryBlockstatsArgs(QapiModel):\n    """Members of QueryBlockstatsArgs."""\n\n    query_nodes: bool | None = Field(default=None, alias="query-nodes")\n'),
         'BlockResizeArgs': (('QapiModel',), 'class BlockResizeArgs(QapiModel):\n    """Members of BlockResizeArgs."""\n\n    device: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    size: int\n'),
-        'BlockdevSnapshotArgs': (('QapiModel',), 'class BlockdevSnapshotArgs(QapiModel):\n    """Members of BlockdevSnapshotArgs."""\n\n    node: str\n    overlay: str\n'),
         'ChangeBackingFileArgs': (('QapiModel',), 'class ChangeBackingFileArgs(QapiModel):\n    """Members of ChangeBackingFileArgs."""\n\n    device: str\n    image_node_name: str = Field(alias="image-node-name")\n    backing_file: str = Field(alias="backing-file")\n'),
         'BlockCommitArgs': (('QapiModel',), 'class BlockCommitArgs(QapiModel):\n    """Members of BlockCommitArgs."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    base_node: str | None = Field(default=None, alias="base-node")\n    base: str | None = None\n    top_node: str | None = Field(default=None, alias="top-node")\n    top: str | None = None\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    speed: int | None = None\n    on_error: BlockdevOnError | None = Field(default=None, alias="on-error")\n    filter_node_name: str | None = Field(default=None, alias="filter-node-name")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n'),
         'QueryNamedBlockNodesArgs': (('QapiModel',), 'class QueryNamedBlockNodesArgs(QapiModel):\n    """Members of QueryNamedBlockNodesArgs."""\n\n    flat: bool | None = None\n'),
+        'DriveMirrorArgs': (('QapiModel',), 'class DriveMirrorArgs(QapiModel):\n    """Members of DriveMirrorArgs."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    target: str\n    format: str | None = None\n    node_name: str | None = Field(default=None, alias="node-name")\n    replaces: str | None = None\n    sync: MirrorSyncMode\n    mode: NewImageMode | None = None\n    speed: int | None = None\n    granularity: int | None = None\n    buf_size: int | None = Field(default=None, alias="buf-size")\n    on_source_error: BlockdevOnError | None = Field(default=None, alias="on-source-error")\n    on_target_error: BlockdevOnError | None = Field(default=None, alias="on-target-error")\n    unmap: bool | None = None\n    copy_mode: MirrorCopyMode | None = Field(default=None, alias="copy-mode")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n'),
         'XQueryBlockNodeArgs': (('QapiModel',), 'class XQueryBlockNodeArgs(QapiModel):\n    """Members of XQueryBlockNodeArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
+        'BlockdevMirrorArgs': (('QapiModel',), 'class BlockdevMirrorArgs(QapiModel):\n    """Members of BlockdevMirrorArgs."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    target: str\n    replaces: str | None = None\n    sync: MirrorSyncMode\n    speed: int | None = None\n    granularity: int | None = None\n    buf_size: int | None = Field(default=None, alias="buf-size")\n    on_source_error: BlockdevOnError | None = Field(default=None, alias="on-source-error")\n    on_target_error: BlockdevOnError | None = Field(default=None, alias="on-target-error")\n    filter_node_name: str | None = Field(default=None, alias="filter-node-name")\n    copy_mode: MirrorCopyMode | None = Field(default=None, alias="copy-mode")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n'),
         'BlockStreamArgs': (('QapiModel',), 'class BlockStreamArgs(QapiModel):\n    """Members of BlockStreamArgs."""\n\n    job_id: str | None = Field(default=None, alias="job-id")\n    device: str\n    base: str | None = None\n    base_node: str | None = Field(default=None, alias="base-node")\n    backing_file: str | None = Field(default=None, alias="backing-file")\n    bottom: str | None = None\n    speed: int | None = None\n    on_error: BlockdevOnError | None = Field(default=None, alias="on-error")\n    filter_node_name: str | None = Field(default=None, alias="filter-node-name")\n    auto_finalize: bool | None = Field(default=None, alias="auto-finalize")\n    auto_dismiss: bool | None = Field(default=None, alias="auto-dismiss")\n'),
         'BlockJobSetSpeedArgs': (('QapiModel',), 'class BlockJobSetSpeedArgs(QapiModel):\n    """Members of BlockJobSetSpeedArgs."""\n\n    device: str\n    speed: int\n'),
         'BlockJobCancelArgs': (('QapiModel',), 'class BlockJobCancelArgs(QapiModel):\n    """Members of BlockJobCancelArgs."""\n\n    device: str\n    force: bool | None = None\n'),
@@ -2701,19 +3044,21 @@ else:
         'QomListTypesArgs': (('QapiModel',), 'class QomListTypesArgs(QapiModel):\n    """Members of QomListTypesArgs."""\n\n    implements: str | None = None\n    abstract: bool | None = None\n'),
         'QomListPropertiesArgs': (('QapiModel',), 'class QomListPropertiesArgs(QapiModel):\n    """Members of QomListPropertiesArgs."""\n\n    typename: str\n'),
         'ObjectDelArgs': (('QapiModel',), 'class ObjectDelArgs(QapiModel):\n    """Members of ObjectDelArgs."""\n\n    id: str\n'),
+        'TransactionArgs': (('QapiModel',), 'class TransactionArgs(QapiModel):\n    """Members of TransactionArgs."""\n\n    actions: list[TransactionAction]\n    properties: TransactionProperties | None = None\n'),
         'SocketAddressLegacy': (('SocketAddressLegacy_inet', 'SocketAddressLegacy_unix', 'SocketAddressLegacy_vsock', 'SocketAddressLegacy_fd', 'QapiModel'), 'SocketAddressLegacy: TypeAlias = Annotated[Union[SocketAddressLegacy_inet, SocketAddressLegacy_unix, SocketAddressLegacy_vsock, SocketAddressLegacy_fd], Field(discriminator="type")]\n'),
         'SocketAddress': (('SocketAddress_inet', 'SocketAddress_unix', 'SocketAddress_vsock', 'SocketAddress_fd', 'QapiModel'), 'SocketAddress: TypeAlias = Annotated[Union[SocketAddress_inet, SocketAddress_unix, SocketAddress_vsock, SocketAddress_fd], Field(discriminator="type")]\n'),
         'ImageInfoSpecific': (('ImageInfoSpecific_qcow2', 'QapiModel'), 'ImageInfoSpecific: TypeAlias = ImageInfoSpecific_qcow2\n'),
-        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_blkdebug', 'BlockStatsSpecific_compress', 'BlockStatsSpecific_copy_on_read', 'BlockStatsSpecific_error', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_preallocate', 'BlockStatsSpecific_qcow2', 'BlockStatsSpecific_raw', 'BlockStatsSpecific_throttle', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_blkdebug, BlockStatsSpecific_compress, BlockStatsSpecific_copy_on_read, BlockStatsSpecific_error, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_preallocate, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw, BlockStatsSpecific_throttle], Field(discriminator="driver")]\n'),
+        'BlockStatsSpecific': (('BlockStatsSpecific_file', 'BlockStatsSpecific_blkdebug', 'BlockStatsSpecific_compress', 'BlockStatsSpecific_copy_before_write', 'BlockStatsSpecific_copy_on_read', 'BlockStatsSpecific_error', 'BlockStatsSpecific_snapshot_access', 'BlockStatsSpecific_null_aio', 'BlockStatsSpecific_null_co', 'BlockStatsSpecific_preallocate', 'BlockStatsSpecific_qcow2', 'BlockStatsSpecific_raw', 'BlockStatsSpecific_throttle', 'QapiModel'), 'BlockStatsSpecific: TypeAlias = Annotated[Union[BlockStatsSpecific_file, BlockStatsSpecific_blkdebug, BlockStatsSpecific_compress, BlockStatsSpecific_copy_before_write, BlockStatsSpecific_copy_on_read, BlockStatsSpecific_error, BlockStatsSpecific_snapshot_access, BlockStatsSpecific_null_aio, BlockStatsSpecific_null_co, BlockStatsSpecific_preallocate, BlockStatsSpecific_qcow2, BlockStatsSpecific_raw, BlockStatsSpecific_throttle], Field(discriminator="driver")]\n'),
         'BlockdevQcow2Encryption': (('BlockdevQcow2Encryption_aes', 'BlockdevQcow2Encryption_luks', 'QapiModel'), 'BlockdevQcow2Encryption: TypeAlias = Annotated[Union[BlockdevQcow2Encryption_aes, BlockdevQcow2Encryption_luks], Field(discriminator="format")]\n'),
-        'BlockdevOptions': (('BlockdevOptions_blkdebug', 'BlockdevOptions_compress', 'BlockdevOptions_copy_on_read', 'BlockdevOptions_error', 'BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_preallocate', 'BlockdevOptions_qcow2', 'BlockdevOptions_raw', 'BlockdevOptions_throttle', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_throttle], Field(discriminator="driver")]\n'),
+        'BlockdevOptions': (('BlockdevOptions_blkdebug', 'BlockdevOptions_compress', 'BlockdevOptions_copy_before_write', 'BlockdevOptions_copy_on_read', 'BlockdevOptions_error', 'BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_preallocate', 'BlockdevOptions_qcow2', 'BlockdevOptions_raw', 'BlockdevOptions_snapshot_access', 'BlockdevOptions_throttle', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_before_write, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_snapshot_access, BlockdevOptions_throttle], Field(discriminator="driver")]\n'),
         'QCryptoBlockCreateOptions': (('QCryptoBlockCreateOptions_qcow', 'QCryptoBlockCreateOptions_luks', 'QapiModel'), 'QCryptoBlockCreateOptions: TypeAlias = Annotated[Union[QCryptoBlockCreateOptions_qcow, QCryptoBlockCreateOptions_luks], Field(discriminator="format")]\n'),
-        'BlockdevCreateOptions': (('BlockdevCreateOptions_file', 'BlockdevCreateOptions_qcow2', 'BlockdevCreateOptions_blkdebug', 'BlockdevCreateOptions_compress', 'BlockdevCreateOptions_copy_on_read', 'BlockdevCreateOptions_error', 'BlockdevCreateOptions_null_aio', 'BlockdevCreateOptions_null_co', 'BlockdevCreateOptions_preallocate', 'BlockdevCreateOptions_raw', 'BlockdevCreateOptions_throttle', 'QapiModel'), 'BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]\n'),
+        'BlockdevCreateOptions': (('BlockdevCreateOptions_file', 'BlockdevCreateOptions_qcow2', 'BlockdevCreateOptions_blkdebug', 'BlockdevCreateOptions_compress', 'BlockdevCreateOptions_copy_before_write', 'BlockdevCreateOptions_copy_on_read', 'BlockdevCreateOptions_error', 'BlockdevCreateOptions_snapshot_access', 'BlockdevCreateOptions_null_aio', 'BlockdevCreateOptions_null_co', 'BlockdevCreateOptions_preallocate', 'BlockdevCreateOptions_raw', 'BlockdevCreateOptions_throttle', 'QapiModel'), 'BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_before_write, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_snapshot_access, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]\n'),
         'BlockExportOptions': (('BlockExportOptions_nbd', 'QapiModel'), 'BlockExportOptions: TypeAlias = BlockExportOptions_nbd\n'),
         'ChardevBackend': (('ChardevBackend_file', 'ChardevBackend_socket', 'ChardevBackend_null', 'ChardevBackend_stdio', 'ChardevBackend_ringbuf', 'ChardevBackend_memory', 'QapiModel'), 'ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf, ChardevBackend_memory], Field(discriminator="type")]\n'),
         'ChardevOptions': (('ChardevOptions_file', 'ChardevOptions_socket', 'ChardevOptions_null', 'ChardevOptions_stdio', 'ChardevOptions_ringbuf', 'ChardevOptions_memory', 'QapiModel'), 'ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]\n'),
         'SchemaInfo': (('SchemaInfo_builtin', 'SchemaInfo_enum', 'SchemaInfo_array', 'SchemaInfo_object', 'SchemaInfo_alternate', 'SchemaInfo_command', 'SchemaInfo_event', 'QapiModel'), 'SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]\n'),
-        'ObjectOptions': (('ObjectOptions_authz_list', 'ObjectOptions_authz_simple', 'ObjectOptions_iothread', 'ObjectOptions_secret', 'ObjectOptions_throttle_group', 'QapiModel'), 'ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]\n'),
+        'ObjectOptions': (('ObjectOptions_authz_list', 'ObjectOptions_authz_listfile', 'ObjectOptions_authz_simple', 'ObjectOptions_iothread', 'ObjectOptions_secret', 'ObjectOptions_throttle_group', 'QapiModel'), 'ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_listfile, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]\n'),
+        'TransactionAction': (('TransactionAction_abort', 'TransactionAction_blockdev_backup', 'TransactionAction_blockdev_snapshot', 'TransactionAction_blockdev_snapshot_sync', 'TransactionAction_drive_backup', 'QapiModel'), 'TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]\n'),
         'BlockDirtyBitmapOrStr': (('BlockDirtyBitmap', 'QapiModel'), 'BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]\n'),
         'Qcow2OverlapChecks': (('Qcow2OverlapCheckFlags', 'Qcow2OverlapCheckMode', 'QapiModel'), 'Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]\n'),
         'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),
