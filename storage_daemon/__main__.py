@@ -3,9 +3,9 @@
 Edge ring. The pre-pass (help, version, pidfile, daemonize) runs before the event loop
 starts; then options are applied left to right, the pidfile is written once all succeeded,
 and the daemon serves until quit or a signal. Startup failures leave no socket or pidfile.
-Start-up speed: the cyclic collector is off until ready (start-up frees almost nothing); the
-block drivers are imported in a worker thread before ready, so none is ever imported on the
-event loop once clients are served.
+Start-up speed: the cyclic collector is off until ready (start-up frees almost nothing);
+start-up imports only the command modules the command line uses; the others and the block
+drivers are imported in a worker thread before ready, so none is imported on the event loop.
 """
 
 from __future__ import annotations
@@ -71,19 +71,28 @@ async def serve(
     return 0
 
 
-async def _preload() -> None:
-    """Import every block driver in a worker thread before reporting ready.
+def _load_everything() -> None:
+    from storage_daemon.blockdev.drivers import DRIVERS
+    from storage_daemon.monitor.dispatch import IMPORT_LOCK, load_handlers
 
-    An import on the loop would stall it later (the qcow2 package alone takes tens of ms),
-    and any command may need a driver (blockdev-add, blockdev-create)."""
+    load_handlers()  # first: a client may already be waiting for a command's module
+    for name in DRIVERS:
+        with IMPORT_LOCK:  # one at a time, as load_handlers() imports (see there)
+            DRIVERS[name]
+
+
+async def _preload() -> None:
+    """Import every command module and block driver in a worker thread before reporting ready.
+
+    Start-up imports only what the command line used; commands a client sends meanwhile
+    import their own module (in a thread too). An import on the loop would stall it later
+    (the qcow2 package alone takes tens of ms), and any command may need a driver."""
     import asyncio
 
-    from storage_daemon.blockdev.drivers import preload as preload_drivers
-
-    await asyncio.to_thread(preload_drivers)
+    await asyncio.to_thread(_load_everything)
     # Everything built so far lives as long as the daemon: keep it out of the collector's
-    # full passes, which would otherwise stall the event loop now and then.
-    gc.collect()
+    # full passes, which would otherwise stall the event loop now and then. No collection
+    # first: it would hold the loop for ~10 ms to free a hundred-odd objects.
     gc.freeze()
     gc.enable()
 
@@ -166,7 +175,7 @@ def run(argv: Sequence[str], argv0: str) -> int:
 
 def main() -> None:
     # Start-up allocates a lot and frees almost nothing: the collector's passes would only
-    # cost time. It is enabled again once the daemon is ready (`_after_ready`).
+    # cost time. It is enabled again once the daemon is ready (`_preload`).
     gc.disable()
     sys.exit(run(sys.argv[1:], sys.argv[0]))
 

@@ -75,7 +75,7 @@ class Daemon:
 
     async def call_handler(self, name: str, args: Any) -> Any:
         """Run a handler with already-typed arguments (command-line options)."""
-        handler = self.dispatcher.handlers[name]
+        handler = await self.dispatcher.handler(name)
         return await handler(CommandContext(self), args)
 
     def add_monitor(self, chardev: Chardev, *, pretty: bool, monitor_id: str | None) -> None:
@@ -92,6 +92,7 @@ class Daemon:
             export.request_shutdown()
         # qsd force-cancels every job (their events still reach the monitors) before closing.
         await self.jobs.shutdown()
+        await self.graph.settle()  # nodes freed when their last export went away are closed
         await self.monitor_server.close()
         for chardev in reversed(list(self.chardevs.values())):
             await chardev.close()

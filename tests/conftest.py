@@ -63,15 +63,17 @@ def no_slow_callbacks() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def built_models() -> None:
-    """Build the lazily created schema models once, before any test's event loop runs.
+    """Build the lazily created schema classes once, before any test's event loop runs.
 
-    The daemon builds a model class on first use (start-up stays fast); inside a test that
-    one-off cost would count against the slow-callback limit of whichever test came first.
+    The daemon builds a plain class on first use (start-up stays fast), and tests also use
+    the pydantic models; inside a test that one-off cost would count against the
+    slow-callback limit of whichever test came first.
     """
     import gc
 
-    from storage_daemon.qapi_generated import models
+    from storage_daemon.qapi_generated import models, plain
 
+    plain.build_all()
     models.build_all()
     # Like the daemon after start-up: long-lived objects leave the collector's view, so a
     # full collection in the middle of a test does not stall its event loop.

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from storage_daemon.qapi.gen_models import HEADER, generate_models, generate_types
+from storage_daemon.qapi.gen_plain import generate_plain
 from storage_daemon.qapi.introspect import introspection
 from storage_daemon.qapi.parser import QAPIError, Reader, parse_schema
 from storage_daemon.qapi.schema import Schema
@@ -72,6 +73,7 @@ def generate(schema: Schema) -> dict[str, str]:
     """Every generated file, by path relative to the repository root."""
     return {
         f"{OUT_DIR}/models.py": generate_models(schema),
+        f"{OUT_DIR}/plain.py": generate_plain(schema),
         f"{OUT_DIR}/types.py": generate_types(schema),
         f"{OUT_DIR}/commands.py": generate_commands(schema),
         f"{OUT_DIR}/events.py": generate_events(schema),

@@ -2,7 +2,9 @@
 
 Pure core (schema toolchain): takes a `Schema`, returns source text. Invariant: the Python name
 chosen for each type and member here is the one recorded in `types.py`, which the runtime
-visitor uses to build instances, so both files must come from the same `Schema`.
+visitor uses to build instances, so both files must come from the same `Schema`. The models'
+enum classes are those of `plain.py` (one class per enum); their other classes are distinct
+from the plain ones: a plain object is never an instance of, nor equal to, a model.
 """
 
 from __future__ import annotations
@@ -197,8 +199,8 @@ class _ModelWriter:
             "class QapiModel(BaseModel):",
             '    """Base of every generated model: wire names are aliases, unknown members are errors."""',
             "",
-            "    # The visitor checks input and builds models with model_construct; validators are",
-            "    # only built when first needed, which keeps start-up fast.",
+            "    # For tests and tools: the daemon's visitor builds the plain classes (plain.py).",
+            "    # Validators are only built when first needed, which keeps imports cheap.",
             "    model_config = ConfigDict(",
             '        extra="forbid", populate_by_name=True, protected_namespaces=(), defer_build=True',
             "    )",
@@ -244,8 +246,8 @@ _PYDANTIC_IMPORT = "from pydantic import BaseModel, ConfigDict, Field"
 def _lazy_module(text: str) -> str:
     """Wrap the model definitions so each class is built on first use.
 
-    Building ~200 pydantic classes costs about 100 ms at import; the daemon needs a handful
-    at start-up. Type checkers read the definitions under TYPE_CHECKING; at run time a module
+    Building ~200 pydantic classes costs about 100 ms at import; a tool or test often needs a
+    handful (the daemon itself uses the plain classes and never imports this). Type checkers read the definitions under TYPE_CHECKING; at run time a module
     `__getattr__` executes a class's source (after the classes its body needs) when asked.
     """
     starts = [m.start() for m in _BLOCK_START.finditer(text)]
@@ -286,6 +288,9 @@ def _lazy_module(text: str) -> str:
                 deps.append("QapiModel")
             elif not _source.startswith("class "):
                 deps.append("QapiModel")  # aliases use pydantic's Field
+    for name, (deps, source) in blocks.items():
+        if "(enum." in source:  # one class per enum, shared with the plain classes
+            blocks[name] = (deps, f"from storage_daemon.qapi_generated.plain import {name}\n")
     table = "".join(
         f"        {name!r}: ({tuple(deps)!r}, {src!r}),\n" for name, (deps, src) in blocks.items()
     )
@@ -336,16 +341,43 @@ def generate_types(schema: Schema) -> str:
         "",
         "from __future__ import annotations",
         "",
+        "from collections.abc import Callable, Iterator, Mapping",
+        "",
         "from storage_daemon.qapi.spec import MemberSpec, TypeSpec, VariantSpec",
         "",
-        "TYPES: dict[str, TypeSpec] = {",
+        "",
+        "class _Table(Mapping[str, TypeSpec]):",
+        '    """Schema name -> TypeSpec, each built when first asked for: building all of them',
+        '    costs every daemon start some milliseconds, and a start visits a handful."""',
+        "",
+        "    def __init__(self, makers: dict[str, Callable[[], TypeSpec]]) -> None:",
+        "        self._makers = makers",
+        "        self._built: dict[str, TypeSpec] = {}",
+        "",
+        "    def __getitem__(self, name: str) -> TypeSpec:",
+        "        spec = self._built.get(name)",
+        "        if spec is None:",
+        "            spec = self._built.setdefault(name, self._makers[name]())",
+        "        return spec",
+        "",
+        "    def __contains__(self, name: object) -> bool:",
+        "        return name in self._makers",
+        "",
+        "    def __iter__(self) -> Iterator[str]:",
+        "        return iter(self._makers)",
+        "",
+        "    def __len__(self) -> int:",
+        "        return len(self._makers)",
+        "",
+        "",
+        "TYPES: Mapping[str, TypeSpec] = _Table({",
     ]
     for t in schema.types.values():
         if t is schema.the_empty_object:
-            out.append('    "q_empty": TypeSpec("q_empty", "object"),')
+            out.append('    "q_empty": lambda: TypeSpec("q_empty", "object"),')
             continue
         if isinstance(t, BuiltinType):
-            out.append(f"    {t.name!r}: TypeSpec({t.name!r}, 'builtin'),")
+            out.append(f"    {t.name!r}: lambda: TypeSpec({t.name!r}, 'builtin'),")
             continue
         fields = [repr(t.name)]
         if isinstance(t, EnumType):
@@ -374,6 +406,6 @@ def generate_types(schema: Schema) -> str:
                 fields.append(f"variants=({vs})")
         if t.features:
             fields.append(f"features={t.features!r}")
-        out.append(f"    {t.name!r}: TypeSpec({', '.join(fields)}),")
-    out.append("}")
+        out.append(f"    {t.name!r}: lambda: TypeSpec({', '.join(fields)}),")
+    out.append("})")
     return "\n".join(out) + "\n"

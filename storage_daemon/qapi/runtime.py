@@ -4,25 +4,24 @@ Pure core (schema toolchain). Walks a value against the generated `TYPES` table 
 QEMU's input visitor does and raises `QmpError` with qsd 7.2's texts. Invariants: members are
 visited in schema order (base, then the selected variant), unexpected members are reported only
 after every known member, the first error wins, and a value that passes is returned as an
-instance of the generated model (absent optional members left unset, see `model_fields_set`).
+instance of the generated plain class (qapi_generated/plain.py; absent optional members left
+unset, see `model_fields_set`). Nothing here imports pydantic: the daemon never loads it.
 """
 
 from __future__ import annotations
 
 import enum
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storage_daemon.errors import QmpError
+from storage_daemon.qapi.plain_model import PlainModel
 from storage_daemon.qapi.spec import CommandSpec, MemberSpec, TypeSpec
-from storage_daemon.qapi_generated import models
+from storage_daemon.qapi_generated import plain
 from storage_daemon.qapi_generated.commands import COMMANDS
 from storage_daemon.qapi_generated.events import EVENTS
 from storage_daemon.qapi_generated.types import TYPES
 from storage_daemon.qdict import ghash_order
-
-if TYPE_CHECKING:
-    from pydantic import BaseModel
 
 __all__ = [
     "COMMANDS",
@@ -249,7 +248,7 @@ class _Visitor:
         if text not in spec.values:
             raise QmpError(f"Parameter '{_bare(path)}' does not accept value '{text}'")
         assert spec.python is not None
-        return getattr(models, spec.python)(text)
+        return getattr(plain, spec.python)(text)
 
     # ---- alternates ------------------------------------------------------------------
 
@@ -304,7 +303,7 @@ class _Visitor:
             if key not in seen:
                 raise QmpError(f"Parameter '{self.full((*path, key))}' is unexpected")
         assert cls_name is not None
-        cls: type[BaseModel] = getattr(models, cls_name)
+        cls: type[PlainModel] = getattr(plain, cls_name)
         return cls.model_construct(**fields)
 
     def members(
@@ -368,7 +367,7 @@ def to_wire(value: Any) -> Any:
     Absent optional members are omitted; a member that is None is written as JSON null only
     when it was set explicitly and its type admits null (e.g. `backing: null`).
     """
-    # Any model is pydantic's; checking for its fields avoids importing pydantic at start-up.
+    # A plain object or a pydantic model (both have these members): no pydantic import.
     if hasattr(value, "model_fields_set"):
         out: dict[str, Any] = {}
         nullable: frozenset[str] = getattr(type(value), "qapi_nullable", frozenset())

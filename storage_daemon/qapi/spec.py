@@ -108,7 +108,7 @@ class TypeSpec(_Record):
     name: str
     kind: str
     doc: str
-    python: str | None  # model class (struct) or enum class in qapi_generated.models
+    python: str | None  # plain class (struct) or enum class in qapi_generated.plain
     members: tuple[MemberSpec, ...]  # object: all members, base first, schema order
     tag: str | None  # union discriminator member name
     variants: tuple[VariantSpec, ...]

@@ -2,7 +2,8 @@
 
 The expected texts below were read from qemu-storage-daemon 7.2 (QMP and command line);
 `test_*_match_reference` replays every case against /usr/bin/qemu-storage-daemon at test time,
-so the table cannot drift from the reference.
+so the table cannot drift from the reference. Results are the daemon's plain classes
+(qapi_generated/plain.py); test_qapi_plain.py checks they agree with the pydantic models.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from storage_daemon.errors import QmpError
 from storage_daemon.keyval import parse_keyval
 from storage_daemon.qapi.runtime import COMMANDS, TYPES, command_args, to_wire, visit_input
-from storage_daemon.qapi_generated import models as m
+from storage_daemon.qapi_generated import plain as p
 
 QSD = Path("/usr/bin/qemu-storage-daemon")
 needs_qsd = pytest.mark.skipif(not QSD.exists(), reason="reference qemu-storage-daemon absent")
@@ -264,15 +265,16 @@ def test_start_args_model() -> None:
         "nbd-server-start",
         {"addr": {"type": "unix", "data": {"path": "/s"}}, "max-connections": 4},
     )
-    assert isinstance(args, m.NbdServerStartArgs)
-    assert isinstance(args.addr, m.SocketAddressLegacy_unix)
+    assert type(args) is p.NbdServerStartArgs
+    assert type(args.addr) is p.SocketAddressLegacy_unix
+    assert type(args.addr.data) is p.UnixSocketAddress
     assert args.addr.data.path == "/s" and args.max_connections == 4
     assert args.tls_creds is None and args.tls_authz is None
     inet = command_args(
         "nbd-server-start",
         {"addr": {"type": "inet", "data": {"host": "::1", "port": "10809"}}, "tls-creds": "t"},
     )
-    assert isinstance(inet.addr, m.SocketAddressLegacy_inet)
+    assert type(inet.addr) is p.SocketAddressLegacy_inet
     assert (inet.addr.data.host, inet.addr.data.port, inet.tls_creds) == ("::1", "10809", "t")
     assert command_args("nbd-server-stop", {}) is None
 
@@ -283,8 +285,8 @@ def test_nbd_server_options_keyval() -> None:
         parse_keyval("addr.type=unix,addr.path=/s,max-connections=0x10,tls-authz=a", None),
         keyval=True,
     )
-    assert isinstance(opts, m.NbdServerOptions)
-    assert isinstance(opts.addr, m.SocketAddress_unix) and opts.addr.path == "/s"
+    assert type(opts) is p.NbdServerOptions
+    assert type(opts.addr) is p.SocketAddress_unix and opts.addr.path == "/s"
     assert opts.max_connections == 16 and opts.tls_authz == "a"
     assert to_wire(opts) == {
         "addr": {"type": "unix", "path": "/s"},
@@ -296,7 +298,7 @@ def test_nbd_server_options_keyval() -> None:
         parse_keyval("addr.type=inet,addr.host=localhost,addr.port=10809,addr.ipv6=off", None),
         keyval=True,
     )
-    assert isinstance(inet.addr, m.SocketAddress_inet) and inet.addr.ipv6 is False
+    assert type(inet.addr) is p.SocketAddress_inet and inet.addr.ipv6 is False
 
 
 def test_export_models() -> None:
@@ -304,10 +306,11 @@ def test_export_models() -> None:
         "block-export-add",
         {**EXP, "writable": True, "bitmaps": ["b0", {"node": "n1", "name": "b1"}], "name": "x"},
     )
-    assert isinstance(exp, m.BlockExportOptions_nbd) and isinstance(exp, m.BlockExportOptionsNbd)
-    assert exp.type is m.BlockExportType.NBD and exp.id == "e" and exp.node_name == "n0"
+    assert type(exp) is p.BlockExportOptions_nbd
+    assert exp.type is p.BlockExportType.NBD and exp.id == "e" and exp.node_name == "n0"
     assert exp.writable is True and exp.writethrough is None and exp.name == "x"
-    assert exp.bitmaps == ["b0", m.BlockDirtyBitmap(node="n1", name="b1")]
+    assert exp.bitmaps == ["b0", p.BlockDirtyBitmap(node="n1", name="b1")]
+    assert type(exp.bitmaps[1]) is p.BlockDirtyBitmap
     assert exp.allocation_depth is None and exp.fixed_iothread is None
     assert COMMANDS["block-export-add"].boxed
     kv = visit_input(
@@ -318,17 +321,17 @@ def test_export_models() -> None:
     assert kv.allocation_depth is True and kv.bitmaps == ["b0"]
 
     add = command_args("nbd-server-add", {"device": "n0", "bitmap": "b", "description": "d"})
-    assert isinstance(add, m.NbdServerAddOptions) and isinstance(add, m.BlockExportOptionsNbdBase)
+    assert type(add) is p.NbdServerAddOptions
     assert (add.device, add.bitmap, add.description, add.name) == ("n0", "b", "d", None)
     rem = command_args("nbd-server-remove", {"name": "x", "mode": "hard"})
-    assert isinstance(rem, m.NbdServerRemoveArgs) and rem.mode is m.BlockExportRemoveMode.HARD
+    assert type(rem) is p.NbdServerRemoveArgs and rem.mode is p.BlockExportRemoveMode.HARD
     dele = command_args("block-export-del", {"id": "e"})
-    assert isinstance(dele, m.BlockExportDelArgs) and dele.mode is None
+    assert type(dele) is p.BlockExportDelArgs and dele.mode is None
     assert COMMANDS["nbd-server-add"].features == ("deprecated",)
     assert COMMANDS["nbd-server-remove"].features == ("deprecated",)
 
-    info = m.BlockExportInfo(
-        id="e", type=m.BlockExportType.NBD, node_name="n0", shutting_down=False
+    info = p.BlockExportInfo(
+        id="e", type=p.BlockExportType.NBD, node_name="n0", shutting_down=False
     )
     assert to_wire([info]) == [
         {"id": "e", "type": "nbd", "node-name": "n0", "shutting-down": False}
@@ -338,12 +341,12 @@ def test_export_models() -> None:
 
 def test_block_core_models() -> None:
     rs = command_args("block_resize", {"node-name": "n0", "size": 1 << 20})
-    assert isinstance(rs, m.BlockResizeArgs)
+    assert type(rs) is p.BlockResizeArgs
     assert (rs.device, rs.node_name, rs.size) == (None, "n0", 1 << 20)
     assert COMMANDS["block_resize"].coroutine
     assert not COMMANDS["block-export-add"].coroutine
     qs = command_args("query-blockstats", {"query-nodes": True})
-    assert isinstance(qs, m.QueryBlockstatsArgs) and qs.query_nodes is True
+    assert type(qs) is p.QueryBlockstatsArgs and qs.query_nodes is True
     assert COMMANDS["query-blockstats"].ret_type == "BlockStatsList"
     assert COMMANDS["query-block"].ret_type == "BlockInfoList"
 
@@ -352,18 +355,18 @@ def test_block_core_models() -> None:
         0,
     )
     assert len(zero) == 23
-    stats = m.BlockDeviceStats(**zero, account_invalid=False, account_failed=False, timed_stats=[])
-    leaf = m.BlockStats(
+    stats = p.BlockDeviceStats(**zero, account_invalid=False, account_failed=False, timed_stats=[])
+    leaf = p.BlockStats(
         node_name="f0",
         stats=stats,
-        driver_specific=m.BlockStatsSpecific_file(
+        driver_specific=p.BlockStatsSpecific_file(
             discard_nb_ok=1, discard_nb_failed=0, discard_bytes_ok=512
         ),
     )
-    top = m.BlockStats(
+    top = p.BlockStats(
         node_name="r0",
         stats=stats,
-        driver_specific=m.BlockStatsSpecific_raw(),
+        driver_specific=p.BlockStatsSpecific_raw(),
         parent=leaf,
     )
     wire = to_wire(top)
@@ -396,14 +399,14 @@ def test_blockdev_file_and_raw_members() -> None:
             "x-check-cache-dropped": True,
         },
     )
-    assert isinstance(opts, m.BlockdevOptions_file)
+    assert type(opts) is p.BlockdevOptions_file
     assert (opts.pr_manager, opts.aio, opts.x_check_cache_dropped) == (
         "p",
-        m.BlockdevAioOptions.IO_URING,
+        p.BlockdevAioOptions.IO_URING,
         True,
     )
     raw = visit_input("BlockdevOptions", {"driver": "raw", "file": "f", "offset": 512, "size": 1})
-    assert isinstance(raw, m.BlockdevOptions_raw) and (raw.offset, raw.size) == (512, 1)
+    assert type(raw) is p.BlockdevOptions_raw and (raw.offset, raw.size) == (512, 1)
 
 
 names = st.text(alphabet="abcdefgh0123456789-", min_size=1, max_size=10)
