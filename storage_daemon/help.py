@@ -167,10 +167,22 @@ def kind_list(type_name: str) -> list[tuple[str, str]]:
     return [(v, d) for v, d in zip(enum.values, enum.value_docs, strict=True) if v in cases]
 
 
+# --object help speaks QOM type names; the one ObjectType value that differs from its QOM
+# type (qsd 7.2's schema says `authz-listfile`, the type is `authz-list-file`).
+_QOM_TYPE_NAMES = {"authz-listfile": "authz-list-file"}
+_OBJECT_KINDS = {qom: kind for kind, qom in _QOM_TYPE_NAMES.items()}
+
+
+def shown_kind(option: str, kind: str) -> str:
+    """The name help shows (and accepts) for union kind `kind` of `option`."""
+    return _QOM_TYPE_NAMES.get(kind, kind) if option == "--object" else kind
+
+
 def _kind_lines(type_name: str) -> str:
     out = ""
+    option = "--object" if type_name == OPTION_TYPES["--object"][0] else ""
     for value, doc in kind_list(type_name):
-        head, doc = f"  {value}", _REF_RE.sub(r"\1", doc)
+        head, doc = f"  {shown_kind(option, value)}", _REF_RE.sub(r"\1", doc)
         out += (f"{head.ljust(_NAME_COLUMN)} - {doc}" if doc else head) + "\n"
     return out
 
@@ -198,13 +210,16 @@ def option_help(option: str, kind: str | None) -> str:
         )
     if kind is None:
         return _KIND_HEADERS[option].format(opt=option) + _kind_lines(type_name)
+    shown = kind
+    if option == "--object":
+        kind = None if kind in _QOM_TYPE_NAMES else _OBJECT_KINDS.get(kind, kind)
     if kind not in {v.case for v in spec.variants}:
         if option == "--object":  # qsd lists the types for `--object nosuch,help`
             return option_help(option, None)
         raise QmpError(f"Parameter '{implied}' does not accept value '{kind}'")
     # --object TYPE,help lists the type's properties only (not id/qom-type), as qsd does.
     lines = option_lines(type_name, kind, base=option != "--object")
-    return f"{kind} options:\n" + "".join(line.render() + "\n" for line in lines)
+    return f"{shown} options:\n" + "".join(line.render() + "\n" for line in lines)
 
 
 def _legacy_type(kind: str) -> str:

@@ -29,11 +29,17 @@ def check_id(value: str) -> None:
 # qom-type (the schema's ObjectType value) -> the schema struct holding its properties.
 PROPERTY_TYPES = {
     "authz-list": "AuthZListProperties",
+    "authz-listfile": "AuthZListFileProperties",
     "authz-simple": "AuthZSimpleProperties",
     "iothread": "IothreadProperties",
     "secret": "SecretProperties",
     "throttle-group": "ThrottleGroupProperties",
 }
+
+
+# Schema values qsd 7.2 accepts but has no QOM class for: its file-backed access list is the
+# QOM type `authz-list-file`, which no ObjectType value names.
+_NO_CLASS = frozenset({"authz-listfile"})
 
 
 def _wire(value: Any) -> str:
@@ -76,7 +82,7 @@ class ObjectRegistry:
         if qom_type == "throttle-group":
             return ThrottleGroup(options.id, options, self.clock)
         if qom_type == "secret":
-            return Secret(options.id, options, self.secret)
+            return Secret(options.id, options, self.objects.get)
         classes: dict[str, type[UserObject]] = {
             "iothread": IoThread,
             "authz-simple": AuthzSimple,
@@ -85,14 +91,18 @@ class ObjectRegistry:
         return classes[qom_type](options.id, options)
 
     def add(self, options: Any) -> UserObject:
-        self.container_created = True
         check_id(options.id)
-        if options.id in self.objects:
-            raise QmpError(
-                f"attempt to add duplicate property '{options.id}' to object (type 'container')"
-            )
+        if _wire(options.qom_type) in _NO_CLASS:
+            raise QmpError(f"invalid object type: {_wire(options.qom_type)}")
+        # Property errors come first; qsd then creates /objects to insert the object into,
+        # and keeps it even when the insertion or `complete` fails.
         obj = self._create(options)
+        self.container_created = True
         try:
+            if options.id in self.objects:
+                raise QmpError(
+                    f"attempt to add duplicate property '{options.id}' to object (type 'container')"
+                )
             obj.complete()
         except BaseException:
             obj.close()

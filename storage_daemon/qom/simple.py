@@ -14,9 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 from storage_daemon.errors import QmpError
+from storage_daemon.qdict import qdict_order
 from storage_daemon.qom.base import UserObject
 
 _INT64_MAX = (1 << 63) - 1
+_INT_MAX = (1 << 31) - 1
 
 
 class IoThread(UserObject):
@@ -33,11 +35,30 @@ class IoThread(UserObject):
         }
     )
 
-    def complete(self) -> None:
-        for name in ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"):
-            value = self.values.get(name)
-            if value is not None and not 0 <= value <= _INT64_MAX:
+    def __init__(self, object_id: str, options: Any) -> None:
+        super().__init__(object_id, options)
+        # qsd's property setters check each value, in QDict order, before the object is
+        # inserted under /objects.
+        for name in qdict_order(self.values):
+            value = self.values[name]
+            if not 0 <= value <= _INT64_MAX:
                 raise QmpError(f"{name} value must be in range [0, {_INT64_MAX}]")
+
+    def complete(self) -> None:
+        self._check_pool()
+
+    def _check_pool(self) -> None:
+        low, high = self.read("thread-pool-min"), self.read("thread-pool-max")
+        if low > high or not high or high > _INT_MAX:
+            raise QmpError("bad thread-pool-min/thread-pool-max values")
+
+    def write(self, name: str, value: Any) -> None:
+        if not 0 <= value <= _INT64_MAX:
+            raise QmpError(f"{name} value must be in range [0, {_INT64_MAX}]")
+        # qsd stores the value, then fails to apply a bad pool size: the value stays.
+        super().write(name, value)
+        if name.startswith("thread-pool-"):
+            self._check_pool()
 
     def default(self, name: str) -> Any:
         # qsd's defaults: adaptive polling up to 32 us, a thread pool of 0..64 workers.
@@ -51,16 +72,22 @@ def _b64decode(text: bytes | str) -> bytes:
         raise QmpError("Base64 data contains invalid characters") from exc
 
 
+_AES_BLOCK = 16
+
+
 class Secret(UserObject):
-    """A password or key; `lookup` finds other secrets (the AES key of an encrypted one)."""
+    """A password or key; `lookup` finds other objects (the AES key of an encrypted one)."""
 
     qom_type = "secret"
     properties_struct = "SecretProperties"
-    writable = frozenset({"data", "file", "format", "keyid", "iv", "loaded"})
+    # qsd 7.2 registers `loaded` without a setter: setting it fails, even in object-add.
+    writable = frozenset({"data", "file", "format", "keyid", "iv"})
 
     def __init__(
-        self, object_id: str, options: Any, lookup: Callable[[str], Secret | None]
+        self, object_id: str, options: Any, lookup: Callable[[str], UserObject | None]
     ) -> None:
+        if getattr(options, "loaded", None) is not None:
+            raise QmpError("Property 'secret.loaded' is not writable")
         super().__init__(object_id, options)
         self._lookup = lookup
         self.value = b""
@@ -71,6 +98,12 @@ class Secret(UserObject):
         if name == "loaded":
             return True
         return super().default(name)
+
+    def set_property(self, name: str, value: Any) -> None:
+        if name == "loaded":
+            raise QmpError("Property 'secret.loaded' is not writable")
+        # qsd accepts the new text but keeps the value loaded at creation.
+        super().set_property(name, value)
 
     def complete(self) -> None:
         data, path = self.values.get("data"), self.values.get("file")
@@ -96,10 +129,17 @@ class Secret(UserObject):
             raw = _b64decode(raw)
         self.value = raw
 
-    def _decrypt(self, keyid: str, ciphertext: bytes) -> bytes:
+    def _decrypt(self, keyid: str, text: bytes) -> bytes:
+        """AES-256-CBC with the `keyid` secret as key; `format` says how `text` is encoded.
+
+        As qsd does it: the plaintext is never base64-decoded, and the padding check only
+        bounds the last byte (it is not full PKCS#7 validation).
+        """
         key_secret = self._lookup(keyid)
         if key_secret is None:
             raise QmpError(f"No secret with id '{keyid}'")
+        if not isinstance(key_secret, Secret):
+            raise QmpError(f"Object with id '{keyid}' is not a secret")
         key = key_secret.value
         if len(key) != 32:
             raise QmpError("Key should be 32 bytes in length")
@@ -107,32 +147,31 @@ class Secret(UserObject):
         if iv_text is None:
             raise QmpError("IV is required to decrypt secret")
         iv = _b64decode(iv_text)
-        if len(iv) != 16:
+        if len(iv) != _AES_BLOCK:
             raise QmpError(f"IV should be 16 bytes in length not {len(iv)}")
-        data = _b64decode(ciphertext)
-        try:
-            from cryptography.hazmat.primitives.ciphers import (  # type: ignore[import-not-found]
-                Cipher,
-                algorithms,
-                modes,
-            )
-        except ImportError as exc:
-            raise QmpError(
-                "Encrypted secrets (keyid) are not supported: the Python 'cryptography' "
-                "package is not installed"
-            ) from exc
-        decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
-        plain: bytes = decryptor.update(data) + decryptor.finalize()
-        if (
-            not plain
-            or not 1 <= plain[-1] <= 16
-            or plain[-plain[-1] :] != bytes([plain[-1]]) * plain[-1]
-        ):
-            raise QmpError("Incorrect number of padding bytes")
-        plain = plain[: -plain[-1]]
-        if self.values.get("format") == "base64":
-            plain = _b64decode(plain)
-        return plain
+        data = _b64decode(text) if self.values.get("format") == "base64" else text
+        if len(data) % _AES_BLOCK:
+            raise QmpError(f"Length {len(data)} must be a multiple of block size {_AES_BLOCK}")
+        if not data:
+            return b""
+        plain = _aes_cbc_decrypt(key, iv, data)
+        pad = plain[-1]
+        if pad > _AES_BLOCK or pad > len(plain):
+            raise QmpError(f"Incorrect number of padding bytes ({pad}) found on decrypted data")
+        return plain[: len(plain) - pad]
+
+
+def _aes_cbc_decrypt(key: bytes, iv: bytes, data: bytes) -> bytes:
+    # Imported here, at the first encrypted secret: never on the daemon's start-up path.
+    try:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    except ImportError as exc:
+        raise QmpError(
+            "Encrypted secrets (keyid) are not supported: the Python 'cryptography' "
+            "package is not installed"
+        ) from exc
+    decryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).decryptor()
+    return decryptor.update(data) + decryptor.finalize()
 
 
 class AuthzSimple(UserObject):

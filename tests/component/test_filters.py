@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
-import json
 import os
 import subprocess
 from pathlib import Path
@@ -143,97 +141,6 @@ async def test_throttle_wait_is_cancellable() -> None:
     daemon.graph.detach(edge)
     await run(daemon, "blockdev-del", {"node-name": "th"})
     await run(daemon, "object-del", {"id": "tg0"})
-
-
-# --- blkdebug ------------------------------------------------------------------------------
-
-
-async def test_blkdebug_inject_by_sector_iotype_and_once() -> None:
-    daemon = Daemon()
-    await run(
-        daemon,
-        "blockdev-add",
-        {
-            "driver": "blkdebug",
-            "node-name": "bd",
-            "image": {"driver": "null-co", "size": 1 << 20, "read-zeroes": True},
-            "inject-error": [
-                {"event": "read_aio", "sector": 8},
-                {"event": "write_aio", "errno": errno.ENOSPC, "once": True},
-            ],
-        },
-    )
-    edge = attach(daemon, "bd")
-    assert bytes(await io.pread(edge, 0, 512)) == bytes(512)
-    with pytest.raises(OSError) as info:
-        await io.pread(edge, 4096, 512)
-    assert info.value.errno == errno.EIO
-    with pytest.raises(OSError) as info:
-        await io.pread(edge, 0, 8192)  # covers sector 8
-    assert info.value.errno == errno.EIO
-    with pytest.raises(OSError) as info:
-        await io.pwrite(edge, 0, b"x" * 512)
-    assert info.value.errno == errno.ENOSPC
-    await io.pwrite(edge, 0, b"x" * 512)  # `once`: gone
-    await io.pwrite(edge, 8192, b"x" * 512)  # other sectors are fine
-    with pytest.raises(OSError):  # an armed rule without iotype applies to writes too (QEMU)
-        await io.pwrite(edge, 4096, b"x" * 512)
-    name = (await node_info(daemon, "bd"))["file"]
-    assert name.startswith("json:")
-    assert json.loads(name[5:]) == {
-        "driver": "blkdebug",
-        "image": {"driver": "null-co", "read-zeroes": True, "size": 1048576},
-        "inject-error.0.event": "read_aio",
-        "inject-error.0.sector": 8,
-        "inject-error.1.event": "write_aio",
-        "inject-error.1.errno": 28,
-        "inject-error.1.once": True,
-    }
-    daemon.graph.detach(edge)
-
-
-async def test_blkdebug_set_state_and_flush() -> None:
-    daemon = Daemon()
-    await run(
-        daemon,
-        "blockdev-add",
-        {
-            "driver": "blkdebug",
-            "node-name": "bd",
-            "image": {"driver": "null-co", "size": 65536},
-            "set-state": [{"event": "write_aio", "state": 1, "new_state": 2}],
-            "inject-error": [
-                {"event": "read_aio", "state": 2, "iotype": "read"},
-                {"event": "flush_to_disk", "iotype": "flush", "errno": errno.EROFS},
-            ],
-        },
-    )
-    assert (await node_info(daemon, "bd"))["file"].startswith("json:{")
-    edge = attach(daemon, "bd")
-    await io.pread(edge, 0, 512)  # state 1: the read rule is not armed
-    await io.pwrite(edge, 0, b"y" * 512)  # -> state 2
-    with pytest.raises(OSError):
-        await io.pread(edge, 0, 512)
-    with pytest.raises(OSError) as info:
-        await io.flush(edge)
-    assert info.value.errno == errno.EROFS
-    daemon.graph.detach(edge)
-
-
-async def test_blkdebug_plain_filename_and_config_refused() -> None:
-    daemon = Daemon()
-    await run(
-        daemon,
-        "blockdev-add",
-        {"driver": "blkdebug", "node-name": "bd", "image": {"driver": "null-co"}},
-    )
-    assert (await node_info(daemon, "bd"))["file"] == "blkdebug::null-co://"
-    desc = await error(
-        daemon,
-        "blockdev-add",
-        {"driver": "blkdebug", "node-name": "b2", "config": "/x", "image": {"driver": "null-co"}},
-    )
-    assert "config" in desc
 
 
 # --- copy-on-read --------------------------------------------------------------------------

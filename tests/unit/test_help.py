@@ -26,6 +26,7 @@ from storage_daemon.help import (
     main,
     man_page,
     option_help,
+    shown_kind,
     split_default,
 )
 from storage_daemon.keyval import KeyvalError
@@ -81,7 +82,7 @@ def _help_cases() -> list[tuple[str, str | None, str]]:
 def test_every_option_is_documented_and_listed(
     option: str, kind: str | None, type_name: str
 ) -> None:
-    text = option_help(option, kind)
+    text = option_help(option, kind if kind is None else shown_kind(option, kind))
     listed = {line.split("=", 1)[0].strip() for line in text.splitlines() if "=<" in line}
     leaves = _leaves(type_name, "", (type_name,))
     if option != "--object" and kind is not None:  # the union's base members are listed too
@@ -102,7 +103,8 @@ def test_union_help_lists_every_kind_with_its_doc() -> None:
         tag_enum = TYPES[next(m.type for m in spec.members if m.name == spec.tag)]
         for v in spec.variants:
             doc = tag_enum.value_docs[tag_enum.values.index(v.case)]
-            line = next(x for x in text.splitlines() if x.split()[:1] == [v.case])
+            shown = shown_kind(option, v.case)
+            line = next(x for x in text.splitlines() if x.split()[:1] == [shown])
             assert doc and line.endswith(doc.replace("@", "")), (option, v.case, line)
 
 
