@@ -7,6 +7,8 @@ leaves the graph as it was. Node names follow qsd's rules; implicit children get
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -16,6 +18,8 @@ from typing import Any
 from storage_daemon.blockdev.child import BdrvChild, BlockParent, ChildRole
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.drivers import DRIVERS
+from storage_daemon.blockdev.jobs.fsm import JobStatus
+from storage_daemon.blockdev.jobs.job import Job
 from storage_daemon.blockdev.node import BlockNode, NodeOptions
 from storage_daemon.blockdev.perm import (
     PERM_ALL,
@@ -28,6 +32,7 @@ from storage_daemon.blockdev.perm import (
 )
 from storage_daemon.errors import QmpError
 
+_log = logging.getLogger(__name__)
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 NODE_NAME_MAX = 31
 _INT64_MAX = (1 << 63) - 1
@@ -39,9 +44,12 @@ def wire(value: Any) -> Any:
 
 
 def node_options(
-    options: Any, inherited: NodeOptions | None, *, inactive: bool = False
+    options: Any, inherited: NodeOptions | None, *, inactive: bool = False, cow: bool = False
 ) -> NodeOptions:
     """The base BlockdevOptions members, with defaults inherited from a parent node.
+
+    A backing (`cow`) child is read-only and not auto-read-only unless its options say
+    otherwise, whatever its parent is (QEMU's defaults for backing files).
 
     `active` is not inherited (qsd 10.0: an inline file child of an inactive node stays
     active); `inactive` is the default for backing files an inactive node opens itself.
@@ -60,6 +68,9 @@ def node_options(
         base.cache_direct = inherited.cache_direct
         base.cache_no_flush = inherited.cache_no_flush
         base.discard = "unmap"
+        if cow:
+            base.read_only = True
+            base.auto_read_only = False
     if options.read_only is not None:
         base.read_only = bool(options.read_only)
     if options.auto_read_only is not None:
@@ -78,6 +89,26 @@ def node_options(
     return base
 
 
+def op_blocker(node: BlockNode) -> str | None:
+    """Why qsd's op blockers refuse to touch `node` (blockdev-del, external snapshots), or
+    None. A node is blocked by each overlay using it as a COW backing child and by each job
+    holding it; QEMU reports the newest blocker, and parents are kept newest first."""
+    for edge in node.parents:
+        parent = edge.parent_node
+        if parent is not None and edge.role & ChildRole.COW:
+            return f"node is used as backing hd of '{parent.name}'"
+        if isinstance(edge.parent, Job):
+            return f"block device is in use by block job: {edge.parent.job_type}"
+    return None
+
+
+def check_not_blocked(node: BlockNode) -> None:
+    """Raise qsd's "Node 'X' is busy: ..." when an op blocker holds `node`."""
+    reason = op_blocker(node)
+    if reason is not None:
+        raise QmpError(f"Node '{node.name}' is busy: {reason}")
+
+
 class BlockGraph:
     """The daemon's nodes, by name, in creation order."""
 
@@ -92,6 +123,11 @@ class BlockGraph:
         self._rng = rng or random.Random()
         # The daemon's event hook (EventBus.emit); drivers reach it through `node.graph`.
         self.emit_hook = emit
+        # Every job that has held a node, in the order they first did: queries list a block
+        # job until it is dismissed, even once it has let go of all its nodes.
+        self._jobs: dict[Job, None] = {}
+        # Closing nodes freed by `detach` (their last user, an export, went away).
+        self._closing: set[asyncio.Task[None]] = set()
 
     # --- events and failures reported by nodes -----------------------------------------
 
@@ -116,6 +152,12 @@ class BlockGraph:
 
     def __len__(self) -> int:
         return len(self._nodes)
+
+    def block_jobs(self) -> list[Job]:
+        """The jobs that have used nodes of this graph and still exist (not dismissed)."""
+        for job in [job for job in self._jobs if job.status == JobStatus.NULL]:
+            del self._jobs[job]
+        return list(self._jobs)
 
     def find(self, name: str) -> BlockNode | None:
         return self._nodes.get(name)
@@ -159,9 +201,15 @@ class BlockGraph:
         monitor_owned: bool,
         inherited: NodeOptions | None = None,
         inactive: bool = False,
+        cow: bool = False,
     ) -> BlockNode:
-        """Open a node (and its inline children) from typed BlockdevOptions."""
-        opts = node_options(options, inherited, inactive=inactive)
+        """Open a node (and its inline children) from typed BlockdevOptions.
+
+        The node joins the graph's creation order once its driver opens a backing child
+        (`register_early`), else when it is open, as QEMU names a node after opening its
+        file child and before its backing child.
+        """
+        opts = node_options(options, inherited, inactive=inactive, cow=cow)
         if opts.detect_zeroes == "unmap" and opts.discard != "unmap":
             raise QmpError(
                 "setting detect-zeroes to unmap is not allowed without setting discard "
@@ -192,20 +240,59 @@ class BlockGraph:
         try:
             await node.driver.open(options, self._opener(opts))
         except BaseException:
+            self._forget(node)
             await self._discard_children(node)
             raise
         # Children may have claimed the name meanwhile (an inline child with the same name).
-        if name in self._nodes:
+        if self._nodes.get(name, node) is not node:
             await node.driver.close()
             await self._discard_children(node)
             raise QmpError(f"Duplicate nodes with node-name='{name}'")
         if -(-node.driver.getlength() // 512) * 512 > _INT64_MAX:
+            self._forget(node)
             await node.driver.close()
             await self._discard_children(node)
             raise QmpError("Could not refresh total sector count: File too large")
         node.monitor_owned = monitor_owned
+        self._nodes.setdefault(name, node)
+        return node
+
+    def register_early(self, node: BlockNode) -> None:
+        """Put a node being opened into the creation order (before its backing child)."""
+        existing = self._nodes.setdefault(node.name, node)
+        if existing is not node:
+            raise QmpError(f"Duplicate nodes with node-name='{node.name}'")
+
+    def _forget(self, node: BlockNode) -> None:
+        if self._nodes.get(node.name) is node:
+            del self._nodes[node.name]
+
+    def add_internal(self, node_name: str | None, driver_cls: type[BlockDriver]) -> BlockNode:
+        """Register a node a job makes itself, with a driver no blockdev-add can name
+        (mirror_top): `node_name` is checked as blockdev-add checks it, None gives an
+        implicit `#blockNNN`. The caller attaches its children; `remove()` drops it."""
+        if node_name is not None:
+            self._check_name(node_name)
+        name = node_name if node_name is not None else self._auto_name()
+        self._serial += 1
+        node = BlockNode(
+            name=name,
+            driver=None,  # type: ignore[arg-type]  # set just below; the driver needs the node
+            options=NodeOptions(),
+            serial=self._serial,
+            implicit=node_name is None,
+        )
+        node.graph = self
+        node.driver = driver_cls(node)
         self._nodes[name] = node
         return node
+
+    def remove_internal(self, node: BlockNode) -> None:
+        """Forget a node from `add_internal` (its users gone), detaching its children."""
+        if self._nodes.get(node.name) is node:
+            del self._nodes[node.name]
+        for edge in list(node.children):
+            self.detach(edge)
 
     def _opener(self, opts: NodeOptions) -> _Opener:
         return _Opener(self, opts)
@@ -228,10 +315,13 @@ class BlockGraph:
         node = self._nodes.get(node_name)
         if node is None:
             raise QmpError(f"Failed to find node with node-name='{node_name}'")
-        if any(edge.parent_node is None for edge in node.parents):
+        # qsd's order: a block backend (export, temporary user; jobs hold no backend), then
+        # the node's op blockers, then monitor ownership, then any other reference.
+        if any(
+            edge.parent_node is None and not isinstance(edge.parent, Job) for edge in node.parents
+        ):
             raise QmpError(f"Node {node_name} is in use")
-        if any(edge.name == "backing" for edge in node.parents):
-            raise QmpError(f"Block device {node_name} is in use")
+        check_not_blocked(node)
         if not node.monitor_owned:
             raise QmpError(f"Node {node_name} is not owned by the monitor")
         if node.parents:
@@ -255,13 +345,21 @@ class BlockGraph:
         if parent_node is not None:
             perm, shared = _child_perm(parent_node, edge)
         self._transaction({edge: (perm, shared)}, added=[edge])
+        if isinstance(parent, Job):
+            self._jobs.setdefault(parent)
         node.parents.insert(0, edge)
         if parent_node is not None:
             parent_node.children.append(edge)
         return edge
 
     def detach(self, edge: BdrvChild) -> None:
-        """Remove an edge; dropping permissions cannot fail, so this always succeeds."""
+        """Remove an edge; dropping permissions cannot fail, so this always succeeds.
+
+        When an export or another backend lets go of a node the monitor does not own (a
+        blockdev-snapshot-sync overlay) and nobody else uses it, the node is freed, as
+        QEMU's reference counting frees it: gone from the graph at once, closed soon after.
+        Node parents and jobs free their children themselves (`remove`).
+        """
         if edge in edge.node.parents:
             edge.node.parents.remove(edge)
         parent_node = edge.parent_node
@@ -271,6 +369,36 @@ class BlockGraph:
             self._transaction({}, touched=[edge.node])
         except QmpError:
             pass  # fewer users can always coexist; nothing to undo
+        if parent_node is None and not isinstance(edge.parent, Job):
+            self._free_if_orphan(edge.node)
+
+    def _free_if_orphan(self, node: BlockNode) -> None:
+        if node.monitor_owned or node.parents or self._nodes.get(node.name) is not node:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop to close it on: left for the owner to remove
+        del self._nodes[node.name]
+        # Monitor-owned children (the overlay's backing) are free for blockdev-del at once;
+        # implicit ones stay attached until the node is closed (it may flush through them).
+        for child in list(node.children):
+            if child.node.monitor_owned:
+                self.detach(child)
+        task = loop.create_task(self._close_freed(node))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_freed(self, node: BlockNode) -> None:
+        try:
+            await self.remove(node)
+        except Exception:  # nobody awaits this close: report, as QEMU would only warn
+            _log.exception("closing node '%s' failed", node.name)
+
+    async def settle(self) -> None:
+        """Wait until the nodes `detach` freed are closed (daemon shutdown, tests)."""
+        while self._closing:
+            await asyncio.gather(*list(self._closing), return_exceptions=True)
 
     def set_edge_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> None:
         """Change what a non-node parent (export, job) uses; all-or-nothing."""
@@ -391,6 +519,9 @@ class _Opener:
     async def open_child(
         self, parent: BlockNode, ref: Any, name: str, role: ChildRole
     ) -> BdrvChild:
+        cow = bool(role & ChildRole.COW)
+        if cow and parent.graph is self._graph:
+            self._graph.register_early(parent)
         if isinstance(ref, str):
             child = self._graph.lookup(ref)
             return self._graph.attach(parent, child, name, role)
@@ -401,7 +532,7 @@ class _Opener:
         explicit = given is not None and "active" in getattr(given, "model_fields_set", ())
         inactive = not self._parent_opts.active and (bool(role & ChildRole.COW) or not explicit)
         child = await self._graph.add(
-            ref, monitor_owned=False, inherited=self._parent_opts, inactive=inactive
+            ref, monitor_owned=False, inherited=self._parent_opts, inactive=inactive, cow=cow
         )
         try:
             return self._graph.attach(parent, child, name, role)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.child import BdrvChild, ChildRole
+from storage_daemon.blockdev.driver import BlockDriver
+from storage_daemon.blockdev.drivers.throttle import FilterDriver
 from storage_daemon.blockdev.graph import BlockGraph
+from storage_daemon.blockdev.jobs.job import Job
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.perm import perm_list
 
@@ -22,6 +25,41 @@ def node_length(node: BlockNode) -> int:
     return -(-length // SECTOR) * SECTOR
 
 
+# Children whose bytes count towards a node's allocated size; never a backing (COW) child.
+_SIZE_ROLES = ChildRole.DATA | ChildRole.METADATA | ChildRole.FILTERED
+
+
+def _generic_actual_size(driver: BlockDriver) -> bool:
+    """Whether the driver keeps the base class's placeholder (or a filter's pass-through)."""
+    return type(driver).actual_size in (BlockDriver.actual_size, FilterDriver.actual_size)
+
+
+async def allocated_size(node: BlockNode) -> int | None:
+    """ImageInfo's `actual-size`, worked out as qsd does; None where qsd leaves it out.
+
+    A driver with its own answer gives it (OSError: unknown, e.g. blkdebug); otherwise a
+    filter reports its filtered child's size, any other node the sum over its data and
+    metadata children, and a node without children 0.
+    """
+    driver = node.driver
+    if not _generic_actual_size(driver):
+        try:
+            return await driver.actual_size()
+        except OSError:
+            return None
+    primary = node.primary
+    if driver.is_filter and primary is not None:
+        return await allocated_size(primary.node)
+    total = 0
+    for edge in node.children:
+        if edge.role & _SIZE_ROLES and not edge.role & ChildRole.COW:
+            size = await allocated_size(edge.node)
+            if size is None:
+                return None
+            total += size
+    return total
+
+
 async def image_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     info: dict[str, Any] = {
         "filename": node.filename(),
@@ -30,22 +68,38 @@ async def image_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
     extra = node.driver.image_info_extra()
     if "dirty-flag" in extra:
         info["dirty-flag"] = extra.pop("dirty-flag")
-    info["actual-size"] = await node.driver.actual_size()
+    actual = await allocated_size(node)
+    if actual is not None:
+        info["actual-size"] = actual
     info["virtual-size"] = node_length(node)
     info.update(extra)
-    backing = node.child("backing")
-    if backing is not None and not flat:
-        info["backing-image"] = await image_info(backing.node)
+    below = filtered_or_cow(node)
+    if below is not None and not flat:
+        info["backing-image"] = await image_info(below)
     return info
 
 
+def filtered_or_cow(node: BlockNode) -> BlockNode | None:
+    """The node below `node` in its chain: a filter's filtered child, a format's backing.
+
+    qsd's nested image info and backing_file_depth follow these, filters included.
+    """
+    if node.driver.is_filter:
+        primary = node.primary
+        return primary.node if primary is not None else None
+    for edge in node.children:
+        if edge.role & ChildRole.COW:
+            return edge.node
+    return None
+
+
 def backing_depth(node: BlockNode) -> int:
-    """How many backing nodes hang below `node` (qsd's backing_file_depth)."""
+    """How many filtered or backing nodes hang below `node` (qsd's backing_file_depth)."""
     depth = 0
-    edge = node.child("backing")
-    while edge is not None and depth < 1000:
+    below = filtered_or_cow(node)
+    while below is not None and depth < 1000:
         depth += 1
-        edge = edge.node.child("backing")
+        below = filtered_or_cow(below)
     return depth
 
 
@@ -59,7 +113,8 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
         "node-name": node.name,
         "ro": opts.read_only,
         "drv": node.driver.name,
-        "backing_file_depth": backing_depth(node),
+        # qsd counts the chain only while it builds the nested image info: 0 when flat.
+        "backing_file_depth": 0 if flat else backing_depth(node),
         "active": node.options.active,
         "encrypted": False,
         "detect_zeroes": opts.detect_zeroes,
@@ -77,8 +132,17 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
         },
         "write_threshold": 0,
     }
-    if backing is not None:
+    if backing is not None and not node.driver.is_filter:
+        # A filter's "backing" child (mirror_top's) is no backing file named in a header.
         info["backing_file"] = backing.node.filename()
+    # A mirror job's dirty bitmap lives on its source node (jobs/mirror.py `dirty_info`).
+    bitmaps = [
+        edge.parent.dirty_info()
+        for edge in node.parents
+        if edge.name == "source" and hasattr(edge.parent, "dirty_info")
+    ]
+    if bitmaps:
+        info["dirty-bitmaps"] = bitmaps
     return info
 
 
@@ -123,7 +187,11 @@ def debug_block_graph(graph: BlockGraph) -> dict[str, Any]:
         key=lambda edge: edge.serial,
     ):
         outside.setdefault(edge.parent, []).append(edge)
-    jobs = {parent: edges for parent, edges in outside.items() if hasattr(parent, "job_type")}
+    # A job stays listed until dismissed, also once it holds no node any more (concluded).
+    jobs: dict[object, list[BdrvChild]] = {job: [] for job in graph.block_jobs()}
+    for parent, edges in outside.items():
+        if isinstance(parent, Job):
+            jobs[parent] = edges
     for parent, edges in outside.items():
         if parent not in jobs:
             visit(parent, "block-backend", "", edges)

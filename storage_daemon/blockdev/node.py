@@ -56,6 +56,10 @@ class BlockNode:
     graph: Any = field(default=None, repr=False)
     # The typed BlockdevOptions the node was opened with (x-query-block-node reports them).
     open_options: Any = field(default=None, repr=False)
+    # QEMU's auto_backing_file: the backing name the image header gives (the opened file's
+    # name when the format driver opened it itself). A backing child named otherwise, or
+    # none where the header names one, "overrides" it and makes the filename a json: one.
+    auto_backing_file: str = ""
 
     def __hash__(self) -> int:
         return id(self)
@@ -85,24 +89,54 @@ class BlockNode:
 
     # --- naming the image, as query-named-block-nodes shows it -------------------------
 
+    def backing_overridden(self) -> bool:
+        """Whether the graph's backing differs from what the image header says."""
+        backing = self.child("backing")
+        if backing is not None:
+            return self.auto_backing_file != backing.node.filename()
+        return bool(self.auto_backing_file)
+
     def full_options(self) -> dict[str, Any]:
-        """The driver name, its strong options and its children's, as in `json:{...}`."""
+        """The driver name, its strong options and its children's, as in `json:{...}`;
+        the backing child only where it overrides the header (then `null` for none)."""
         options: dict[str, Any] = {"driver": self.driver.name}
+        # Like `driver`, a `filename` the node was opened with is always a strong option.
+        filename = getattr(self.open_options, "filename", None)
+        if isinstance(filename, str):
+            options["filename"] = filename
         options.update(self.driver.strong_options())
+        overridden = self.backing_overridden()
         for edge in self.children:
+            if edge.name == "backing" and not overridden:
+                continue
             options[edge.name] = edge.node.full_options()
+        if overridden and self.child("backing") is None:
+            options["backing"] = None
         return options
 
     def filename(self) -> str:
-        """A plain filename when one describes the node fully, else a `json:` pseudo-name."""
-        strong = self.driver.strong_options()
+        """A plain filename when one describes the node fully, else a `json:` pseudo-name.
+
+        Filters that pass filenames through are named after their child, whatever it is
+        called. Formats take their protocol child's name when neither their strong options
+        nor a backing override would be lost by it; `raw` is such a format.
+        """
+        driver = self.driver
         primary = self.primary
-        if not strong and self.driver.passes_filename and primary is not None:
-            inner = primary.node.filename()
-            if not inner.startswith("json:"):
-                return inner
-        elif not strong:
-            exact = self.driver.exact_filename()
-            if exact is not None:
-                return exact
+        if driver.passes_filename and primary is not None and driver.name not in _FORMATS:
+            return primary.node.filename()
+        if not driver.strong_options() and not self.backing_overridden():
+            if driver.name in _FORMATS and primary is not None:
+                if not primary.node.children:  # a protocol node
+                    inner = primary.node.filename()
+                    if not inner.startswith("json:"):
+                        return inner
+            else:
+                exact = driver.exact_filename()
+                if exact is not None:
+                    return exact
         return "json:" + json.dumps(qdict_ordered(self.full_options()))
+
+
+# Format drivers that pass their filename through (QEMU's generic rule for formats).
+_FORMATS = frozenset({"raw"})

@@ -77,6 +77,15 @@ def find_conflict(node_name: str, users: Sequence[PermUser]) -> str | None:
     return None
 
 
+def cow_child_perm(perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+    """What a node whose users need `perm` and share `shared` takes on its COW (backing)
+    child: consistent-read only when its users read consistently (a writer alone reads
+    nothing below), and write/resize shared only when its users let the data change."""
+    wanted = perm & Perm.CONSISTENT_READ
+    sharing = Perm.WRITE | Perm.RESIZE if shared & Perm.WRITE else PERM_NONE
+    return wanted, sharing | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
+
+
 def cumulative(users: Sequence[PermUser]) -> tuple[Perm, Perm]:
     """What all users together need, and what all of them let others use."""
     perm = PERM_NONE

@@ -169,3 +169,23 @@ async def test_null_negative_size_is_an_error_not_an_abort() -> None:
     daemon = Daemon()
     desc = await error(daemon, "blockdev-add", {"driver": "null-co", "node-name": "n", "size": -1})
     assert desc == "Parameter 'size' expects a non-negative number below 2^64"
+
+
+async def test_a_node_the_monitor_does_not_own_goes_with_its_last_user() -> None:
+    """As a blockdev-snapshot-sync overlay goes when its export is deleted."""
+    from storage_daemon.qapi.runtime import visit_input
+
+    daemon = Daemon()
+    await run(daemon, "blockdev-add", {"driver": "null-co", "node-name": "base"})
+    spec = {"driver": "raw", "node-name": "ov", "file": "base"}
+    overlay = await daemon.graph.add(visit_input("BlockdevOptions", spec), monitor_owned=False)
+    edge = daemon.graph.attach(FakeExport(), overlay, "root", ChildRole.PRIMARY)
+    assert await error(daemon, "blockdev-del", {"node-name": "base"}) == (
+        "Block device base is in use"
+    )
+    daemon.graph.detach(edge)
+    assert daemon.graph.find("ov") is None
+    assert not daemon.graph.lookup("base").parents
+    await daemon.graph.settle()
+    await run(daemon, "blockdev-del", {"node-name": "base"})
+    assert await run(daemon, "query-named-block-nodes") == []

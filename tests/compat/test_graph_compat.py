@@ -1,0 +1,228 @@
+"""Block-graph fidelity on the reference qsd and on ours: blockdev-del's blockers, node order
+and backing depth in query-named-block-nodes, json: pseudo-filenames, block jobs and edge
+permissions in x-debug-query-block-graph, and overlays freed with their last user.
+
+Test ring (compat). Every case runs on a fresh pair of daemons over a qemu-img-made chain
+(base <- top); the reference decides every expected answer.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.compat.harness import Cmd, Compat, ExpectEof, WaitEvent
+
+pytestmark = pytest.mark.compat
+
+STATUS = "JOB_STATUS_CHANGE"
+NBD_START = Cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "$D/nbd.sock"}}})
+GRAPH = Cmd("x-debug-query-block-graph")
+FLAT = Cmd("query-named-block-nodes", {"flat": True})
+NESTED = Cmd("query-named-block-nodes", {"flat": False})
+QUIT: list[Cmd | ExpectEof] = [Cmd("quit"), ExpectEof()]
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def make_chain(d: Path) -> None:
+    """base <- mid <- top (relative backing names, as qemu-img writes them), and a lone snap."""
+    _run("qemu-img", "create", "-f", "qcow2", f"{d}/base.qcow2", "4M")
+    _run("qemu-img", "create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", f"{d}/mid.qcow2")
+    _run("qemu-img", "create", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", f"{d}/top.qcow2")
+    _run("qemu-img", "create", "-f", "qcow2", f"{d}/snap.qcow2", "4M")
+
+
+def qcow2(name: str, image: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "driver": "qcow2",
+        "node-name": name,
+        "file": {"driver": "file", "node-name": f"{name}-file", "filename": f"$D/{image}.qcow2"},
+        **extra,
+    }
+
+
+def export(node: str, export_id: str) -> Cmd:
+    return Cmd("block-export-add", {"type": "nbd", "id": export_id, "node-name": node,
+                                    "name": export_id, "writable": True})  # fmt: skip
+
+
+def test_blockdev_del_blockers(compat: Compat) -> None:
+    """Backing blocker, implicit and monitor-less nodes, export before blocker, file child,
+    a job's blocker, and the source a backup filter holds."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", qcow2("base", "base", backing=None)),
+            Cmd("blockdev-add", qcow2("mid", "mid", backing="base")),
+            Cmd("blockdev-del", {"node-name": "base"}),
+            Cmd("blockdev-del", {"node-name": "base-file"}),
+            Cmd("blockdev-del", {"node-name": "nosuch"}),
+            NBD_START,
+            export("base", "e0"),
+            Cmd("blockdev-del", {"node-name": "base"}),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "r", "file": "mid"}),
+            Cmd("blockdev-del", {"node-name": "mid"}),
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "src", "size": 1 << 22}),
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "tgt", "size": 1 << 22}),
+            Cmd(
+                "blockdev-backup",
+                {
+                    "job-id": "bk",
+                    "device": "src",
+                    "target": "tgt",
+                    "sync": "none",
+                    "auto-dismiss": False,
+                },
+            ),
+            WaitEvent(STATUS),  # created
+            WaitEvent(STATUS),  # running
+            Cmd("blockdev-del", {"node-name": "src"}),
+            Cmd("blockdev-del", {"node-name": "tgt"}),
+            Cmd("job-cancel", {"id": "bk"}),
+            WaitEvent("BLOCK_JOB_CANCELLED"),
+            *[WaitEvent(STATUS) for _ in range(4)],  # paused, running, aborting, concluded
+            Cmd("job-dismiss", {"id": "bk"}),
+            Cmd("blockdev-del", {"node-name": "tgt"}),
+            Cmd("blockdev-del", {"node-name": "r"}),
+            Cmd("blockdev-del", {"node-name": "mid"}),
+            FLAT,
+            *QUIT,
+        ],
+        setup=make_chain,
+    )
+
+
+def test_node_order_and_backing_depth(compat: Compat) -> None:
+    """A node joins the list after its file child and before its backing (nested inline or
+    opened from the header); backing_file_depth and the nested backing-image follow the
+    chain, filters included, and only when not flat."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", qcow2("top", "top", backing=qcow2("mid", "mid"))),
+            FLAT,
+            NESTED,
+            Cmd(
+                "blockdev-add",
+                {
+                    "driver": "qcow2",
+                    "node-name": "m2",
+                    "file": {"driver": "file", "filename": "$D/mid.qcow2"},
+                },
+            ),
+            FLAT,
+            NESTED,
+            GRAPH,
+            Cmd("object-add", {"qom-type": "throttle-group", "id": "tg"}),
+            Cmd(
+                "blockdev-add",
+                {"driver": "throttle", "node-name": "filt", "throttle-group": "tg", "file": "top"},
+            ),
+            NESTED,
+            *QUIT,
+        ],
+        setup=make_chain,
+    )
+
+
+def test_json_filenames(compat: Compat) -> None:
+    """A backing other than the header's (none, or another node) gives a json: filename;
+    raw over a protocol node passes its name on; a snapshot of a json-named node records
+    that name as the overlay's backing."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", qcow2("base", "base")),
+            Cmd("blockdev-add", qcow2("nob", "mid", backing=None, **{"read-only": True})),
+            Cmd("blockdev-add", qcow2("top", "top", backing="base")),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "rf", "file": "top-file"}),
+            FLAT,
+            Cmd("blockdev-del", {"node-name": "rf"}),
+            NBD_START,
+            export("top", "e0"),
+            Cmd(
+                "blockdev-snapshot-sync",
+                {
+                    "node-name": "top",
+                    "snapshot-file": "$D/ov.qcow2",
+                    "snapshot-node-name": "ov",
+                    "format": "qcow2",
+                },
+            ),
+            NESTED,
+            *QUIT,
+        ],
+        setup=make_chain,
+    )
+
+
+def test_concluded_job_in_graph_and_cow_perms(compat: Compat) -> None:
+    """drive-backup sync=none: the target's backing edge takes nothing (its user only
+    writes); once concluded, the job still shows as a block-job node until dismissed."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", qcow2("top", "top")),
+            NBD_START,
+            export("top", "e0"),
+            Cmd(
+                "drive-backup",
+                {
+                    "job-id": "bk",
+                    "device": "top",
+                    "target": "$D/bk.qcow2",
+                    "sync": "none",
+                    "format": "qcow2",
+                    "mode": "absolute-paths",
+                    "auto-dismiss": False,
+                },
+            ),
+            WaitEvent(STATUS),  # created
+            WaitEvent(STATUS),  # running
+            GRAPH,
+            Cmd("job-cancel", {"id": "bk"}),
+            WaitEvent("BLOCK_JOB_CANCELLED"),
+            *[WaitEvent(STATUS) for _ in range(4)],  # paused, running, aborting, concluded
+            GRAPH,
+            Cmd("job-dismiss", {"id": "bk"}),
+            GRAPH,
+            *QUIT,
+        ],
+        setup=make_chain,
+    )
+
+
+def test_overlay_freed_with_its_export(compat: Compat) -> None:
+    """A blockdev-snapshot-sync overlay belongs to its users, not to the monitor: deleting
+    the export frees it (its backing becomes deletable); a blockdev-add overlay stays."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", qcow2("top", "top")),
+            NBD_START,
+            export("top", "e0"),
+            Cmd(
+                "blockdev-snapshot-sync",
+                {"node-name": "top", "snapshot-file": "$D/ov.qcow2", "snapshot-node-name": "ov"},
+            ),
+            FLAT,
+            Cmd("blockdev-del", {"node-name": "ov"}),
+            Cmd("blockdev-del", {"node-name": "top"}),
+            Cmd("block-export-del", {"id": "e0"}),
+            WaitEvent("BLOCK_EXPORT_DELETED"),
+            FLAT,
+            Cmd("blockdev-del", {"node-name": "ov"}),
+            Cmd("blockdev-del", {"node-name": "top"}),
+            Cmd("blockdev-add", qcow2("snap", "snap", backing=None)),
+            Cmd("blockdev-add", qcow2("t2", "top")),
+            Cmd("blockdev-snapshot", {"node": "t2", "overlay": "snap"}),
+            export("snap", "e1"),
+            Cmd("block-export-del", {"id": "e1"}),
+            WaitEvent("BLOCK_EXPORT_DELETED"),
+            FLAT,
+            GRAPH,
+            *QUIT,
+        ],
+        setup=make_chain,
+    )
