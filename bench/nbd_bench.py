@@ -98,13 +98,18 @@ class Sample:
 # --- daemon handling ------------------------------------------------------------------------
 
 
-def daemon_args(image: Path, sock: Path, cache_direct: str | None) -> list[str]:
+def daemon_args(
+    image: Path, sock: Path, cache_direct: str | None, fmt_name: str = "raw", fmt_opts: str = ""
+) -> list[str]:
     file_opts = f"driver=file,node-name=file0,filename={image}"
     if cache_direct is not None:
         file_opts += f",cache.direct={cache_direct}"
+    top = f"driver={fmt_name},node-name=disk0,file=file0"
+    if fmt_opts:
+        top += f",{fmt_opts}"
     return [
         "--blockdev", file_opts,
-        "--blockdev", "driver=raw,node-name=disk0,file=file0",
+        "--blockdev", top,
         "--nbd-server", f"addr.type=unix,addr.path={sock}",
         "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on",
     ]  # fmt: skip
@@ -243,12 +248,16 @@ def parse_fio(output: str, rw: str) -> dict[str, Any]:
     return section
 
 
-def run_fio(w: Workload, daemon: Daemon, runtime: int) -> Sample:
+def run_fio(w: Workload, daemon: Daemon, runtime: int, one_pass: bool = False) -> Sample:
+    """`one_pass`: one pass over the image (bounded by `runtime`) instead of looping for
+    `runtime` seconds, so that on an empty image every write lands on fresh clusters."""
     argv = [
         "fio", f"--name={w.name}", "--ioengine=nbd", f"--uri={nbd_uri(daemon.sock)}",
         f"--rw={w.rw}", f"--bs={w.bs}", f"--iodepth={w.iodepth}", "--numjobs=1",
-        f"--runtime={runtime}", "--time_based", "--output-format=json",
+        f"--runtime={runtime}", "--output-format=json",
     ]  # fmt: skip
+    if not one_pass:
+        argv.append("--time_based")
     before = daemon.cpu()
     start = time.monotonic()
     output = run_tool(argv, timeout=runtime + 60, daemon=daemon)
@@ -319,6 +328,37 @@ def make_filled_file(path: Path, size: int, create_with_qemu_img: bool) -> None:
             n = min(remaining, MIB)
             f.write(block[:n])
             remaining -= n
+
+
+def make_qcow2(path: Path, size: int, kind: str, scratch: Path) -> None:
+    """A qcow2 image: `allocated` has every cluster written with random data (converted from
+    a random raw file, so each guest cluster maps to its own host cluster in order); `sparse`
+    is empty, so every write is a first allocation."""
+    path.unlink(missing_ok=True)
+    if kind == "sparse":
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)],
+            check=True,
+            timeout=60,
+        )
+        return
+    raw = scratch / "qcow2-source.raw"
+    make_filled_file(raw, size, create_with_qemu_img=False)
+    try:
+        subprocess.run(
+            ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
+            check=True,
+            timeout=300,
+        )
+    finally:
+        raw.unlink(missing_ok=True)
+
+
+def make_image(args: argparse.Namespace, path: Path, size: int, scratch: Path) -> None:
+    if args.format == "qcow2":
+        make_qcow2(path, size, args.qcow2_image, scratch)
+    else:
+        make_filled_file(path, size, create_with_qemu_img=True)
 
 
 # --- machine info ---------------------------------------------------------------------------
@@ -446,6 +486,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-direct", choices=["on", "off"], default=None, help="add cache.direct=on|off"
     )
+    parser.add_argument(
+        "--format", choices=["raw", "qcow2"], default="raw", help="format node (default raw)"
+    )
+    parser.add_argument(
+        "--qcow2-image",
+        choices=["allocated", "sparse"],
+        default="allocated",
+        help="qcow2: every cluster written (default), or empty and recreated for every "
+        "workload so each daemon's writes allocate",
+    )
+    parser.add_argument(
+        "--format-opts", default="", help="extra options of the format node (a=b,c=d)"
+    )
     parser.add_argument("--qsd", default=shlex.join(DEFAULT_COMMANDS["qsd"]), help="qsd command")
     parser.add_argument("--ours", default=shlex.join(DEFAULT_COMMANDS["ours"]), help="our command")
     parser.add_argument("--output", type=Path, default=None, help="result JSON path")
@@ -500,32 +553,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         image = scratch / "disk.img"
         source = scratch / "source.img"
-        print(f"preparing {size // MIB} MiB image in {scratch} ...", flush=True)
-        make_filled_file(image, size, create_with_qemu_img=True)
+        print(f"preparing {size // MIB} MiB {args.format} image in {scratch} ...", flush=True)
+        make_image(args, image, size, scratch)
         if any(w.rw == "in" for w in workloads):
             make_filled_file(source, size, create_with_qemu_img=False)
         sock = scratch / "nbd.sock"
-        dargs = daemon_args(image, sock, args.cache_direct)
+        dargs = daemon_args(image, sock, args.cache_direct, args.format, args.format_opts)
         print("daemon arguments: " + shlex.join(dargs), flush=True)
+        # A sparse qcow2 image is recreated before every workload, so that each daemon's
+        # writes are first allocations; otherwise one daemon run serves every workload.
+        fresh = args.format == "qcow2" and args.qcow2_image == "sparse"
+        batches = [[w] for w in workloads] if fresh else [workloads]
         for rnd in range(1, args.repeat + 1):
             for t in targets:  # interleaved, so drift affects both alike
                 if t in failures:
                     continue
                 try:
-                    with running_daemon(t, commands[t], dargs, sock, scratch) as daemon:
-                        for w in workloads:
-                            if w.tool == "fio":
-                                s = run_fio(w, daemon, args.runtime)
-                            else:
-                                s = run_nbdcopy(w, daemon, size, source)
-                            results[t][w.name].append(s)
-                            raw.append({"round": rnd, "target": t, "workload": w.name,
-                                        **dataclasses.asdict(s)})  # fmt: skip
-                            print(
-                                f"round {rnd} {t:5s} {w.title:22s} {s.mib_s:9.1f} MiB/s "
-                                f"{s.iops:9.0f} IOPS {s.cpu_us_per_io:7.2f} CPU us/IO",
-                                flush=True,
-                            )
+                    for batch in batches:
+                        if fresh:
+                            make_image(args, image, size, scratch)
+                        with running_daemon(t, commands[t], dargs, sock, scratch) as daemon:
+                            for w in batch:
+                                if w.tool == "fio":
+                                    s = run_fio(w, daemon, args.runtime, one_pass=fresh)
+                                else:
+                                    s = run_nbdcopy(w, daemon, size, source)
+                                results[t][w.name].append(s)
+                                raw.append({"round": rnd, "target": t, "workload": w.name,
+                                            **dataclasses.asdict(s)})  # fmt: skip
+                                print(
+                                    f"round {rnd} {t:5s} {w.title:22s} {s.mib_s:9.1f} MiB/s "
+                                    f"{s.iops:9.0f} IOPS {s.cpu_us_per_io:7.2f} CPU us/IO",
+                                    flush=True,
+                                )
                 except (DaemonError, ToolError) as exc:
                     failures[t] = str(exc)
                     print(f"\n*** {t} FAILED, skipped from now on:\n{exc}\n", flush=True)
@@ -540,7 +600,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(
         f"medians of {args.repeat} round(s), {args.runtime} s per fio job, "
-        f"{size // MIB} MiB image on {args.dir}"
+        f"{size // MIB} MiB {args.format}"
+        f"{f' ({args.qcow2_image})' if args.format == 'qcow2' else ''} image on {args.dir}"
     )
     print("\n".join(lines))
     for t, msg in failures.items():
@@ -553,7 +614,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {
             "targets": targets,
             "commands": commands,
-            "daemon_args": daemon_args(Path("IMG"), Path("SOCK"), args.cache_direct),
+            "daemon_args": daemon_args(
+                Path("IMG"), Path("SOCK"), args.cache_direct, args.format, args.format_opts
+            ),
+            "format": args.format,
+            "qcow2_image": args.qcow2_image if args.format == "qcow2" else None,
             "repeat": args.repeat,
             "runtime_s": args.runtime,
             "size_bytes": size,

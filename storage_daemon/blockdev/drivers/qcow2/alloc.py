@@ -6,6 +6,7 @@ table entry points at data or tables that are not yet stable. Hence: refblocks a
 and synced before any L2 table that relies on them; new L2 tables, refblocks and grown tables
 are written and synced before the pointer to them; refcount decreases are applied only after
 the table change that dropped the reference is stable (`queue_free` + `writeback`).
+blkdebug events (`debug_event` on the file edge) are raised where qsd 7.2 raises them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.drivers.blkdebug import debug_event
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2.cache import TableCache
 
@@ -111,7 +113,14 @@ class Metadata:
         self.order = hdr.refcount_order
         self.rc_max = fmt.refcount_max(hdr.refcount_order)
         self.pending_frees: list[PendingFree] = []
+        # host cluster -> guest writes in flight outside the lock (Writer.write_in_place):
+        # their refcounts must not fall (the cluster could be reused) until they are done.
+        self.inflight: dict[int, int] = {}
         self.free_hint = 0
+        # Compressed writes pack byte-granular: the next free byte in the partly used host
+        # cluster they last wrote to (0: none). Reset when that cluster's refcount falls to
+        # 0, so a freed and reused cluster is never appended to.
+        self.free_byte_offset = 0
         self.discard_kinds: set[str] = {FREE_SNAPSHOT}
         # cluster index -> structure name, for overlap checks.
         self.meta: dict[int, str] = {}
@@ -206,6 +215,7 @@ class Metadata:
             return table
         if offset & (self.cluster_size - 1):
             raise Corruption(f"L2 table offset {offset:#x} unaligned", offset, self.cluster_size)
+        debug_event(self.file, "l2_load")
         table = await self.read(offset, self.cluster_size)
         cached = self.l2_cache.get(offset)
         if cached is not None:
@@ -232,9 +242,10 @@ class Metadata:
         if self.on_dirty is not None:
             self.on_dirty()
 
-    async def write_l1_entry(self, index: int, value: int) -> None:
+    async def write_l1_entry(self, index: int, value: int, event: str = "l1_update") -> None:
         """Update one L1 entry on disk (the 512-byte sector holding it), then in memory."""
         self.l1[index] = value
+        debug_event(self.file, event)
         sector = index & ~63
         chunk = fmt.pack_u64s(self.l1[sector : min(sector + 64, len(self.l1))])
         await self.write(self.hdr.l1_table_offset + sector * 8, chunk, OL_ACTIVE_L1)
@@ -245,6 +256,10 @@ class Metadata:
         table = bytearray(template) if template is not None else bytearray(self.cluster_size)
         await self.write_refblocks()
         self._mark(offset, self.cluster_size, OL_ACTIVE_L2)
+        if template is not None:
+            debug_event(self.file, "l2_alloc_cow_read")
+        debug_event(self.file, "l2_alloc_write")
+        debug_event(self.file, "l2_update")
         await self.write(offset, table, OL_ACTIVE_L2)
         await self.sync()
         old = self.l1[l1_index] & fmt.L1E_OFFSET_MASK
@@ -291,16 +306,23 @@ class Metadata:
             return 0
         return fmt.refcount_get(found[1], cluster % self.rb_entries, self.order)
 
-    async def update_refcount(self, cluster: int, delta: int) -> int:
-        """Add `delta` to a cluster's refcount (in the cache); the new value."""
+    async def update_refcount(self, cluster: int, delta: int, announce: bool = False) -> int:
+        """Add `delta` to a cluster's refcount (in the cache); the new value. `announce`:
+        raise the events qsd raises on reaching a refblock (once per refblock and request)."""
         block_index = cluster // self.rb_entries
+        if announce:
+            debug_event(self.file, "refblock_alloc")
         found = await self._refblock(block_index)
         if found is None:
             if delta < 0:
                 raise Corruption(f"refcount underflow at cluster {cluster}")
             await self._new_refblock(block_index)
+            if announce:  # qsd retries the allocation once the new refblock is hooked up
+                debug_event(self.file, "refblock_alloc")
             found = await self._refblock(block_index)
             assert found is not None
+        if announce:
+            debug_event(self.file, "refblock_load")
         offset, block = found
         slot = cluster % self.rb_entries
         value = fmt.refcount_get(block, slot, self.order) + delta
@@ -310,8 +332,11 @@ class Metadata:
             )
         fmt.refcount_set(block, slot, self.order, value)
         self.rb_cache.mark_dirty(offset)
-        if value == 0 and cluster < self.free_hint:
-            self.free_hint = cluster
+        if value == 0:
+            if cluster < self.free_hint:
+                self.free_hint = cluster
+            if self.free_byte_offset >> self.cluster_bits == cluster:
+                self.free_byte_offset = 0
         if value and cluster >= self.end_cluster:
             self.end_cluster = cluster + 1
         return value
@@ -331,8 +356,10 @@ class Metadata:
         self.reftable[block_index] = offset
         self._mark(offset, self.cluster_size, OL_REFCOUNT_BLOCK)
         await self.update_refcount(where, 1)
+        debug_event(self.file, "refblock_alloc_write")
         await self.write_refblocks()
         await self.sync()
+        debug_event(self.file, "refblock_alloc_hookup")
         await self._write_reftable_entry(block_index)
 
     async def _write_reftable_entry(self, index: int) -> None:
@@ -342,6 +369,7 @@ class Metadata:
 
     async def _grow_reftable(self, min_entries: int) -> None:
         """Move the refcount table to the end of the image, larger; switch the header last."""
+        debug_event(self.file, "reftable_grow")
         per_cluster = self.cluster_size // 8
         clusters = max(
             (min_entries * 3 // 2 + per_cluster - 1) // per_cluster,
@@ -362,8 +390,10 @@ class Metadata:
         try:
             for cluster in range(where, where + clusters):
                 await self.update_refcount(cluster, 1)
+            debug_event(self.file, "refblock_alloc_write_blocks")
             await self.write_refblocks()
             self._mark(new_offset, clusters << self.cluster_bits, OL_REFCOUNT_TABLE)
+            debug_event(self.file, "refblock_alloc_write_table")
             await self.write(new_offset, fmt.pack_u64s(self.reftable), OL_REFCOUNT_TABLE)
             await self.sync()
         except BaseException:
@@ -371,6 +401,7 @@ class Metadata:
             self.hdr.refcount_table_clusters = old_clusters
             raise
         # One 12-byte header write switches offset and size together.
+        debug_event(self.file, "refblock_alloc_switch_table")
         await self.write_header_field(
             48, new_offset.to_bytes(8, "big") + clusters.to_bytes(4, "big")
         )
@@ -379,14 +410,50 @@ class Metadata:
 
     async def alloc_clusters(self, count: int) -> int:
         """A run of `count` free clusters, counted (refcount 1 in the cache); its offset."""
+        debug_event(self.file, "cluster_alloc")
         start = await self._find_free(count)
         if start + count > self.end_cluster:
             self.end_cluster = start + count
+        entries = self.rb_entries
         for cluster in range(start, start + count):
-            await self.update_refcount(cluster, 1)
+            announce = cluster == start or cluster % entries == 0
+            await self.update_refcount(cluster, 1, announce)
         if count == 1 or start == self.free_hint:
             self.free_hint = start + count
         return start << self.cluster_bits
+
+    async def alloc_bytes(self, size: int) -> int:
+        """`size` bytes (at most a cluster) for a compressed cluster, packed after the last
+        ones; they may spill into the next host cluster when that one is free. Each host
+        cluster the bytes touch gains one reference (in the cache). Their byte offset."""
+        cs = self.cluster_size
+        assert 0 < size <= cs
+        debug_event(self.file, "cluster_alloc_bytes")
+        offset = self.free_byte_offset
+        if offset and await self.get_refcount(offset >> self.cluster_bits) in (0, self.rc_max):
+            offset = 0
+        free_in_cluster = cs - (offset & (cs - 1)) if offset else 0
+        if free_in_cluster < size:
+            cluster = await self._find_free(1)
+            if cluster == 0:
+                raise Corruption(
+                    "Preventing invalid allocation of compressed cluster at offset 0", 0, cs
+                )
+            if cluster + 1 > self.end_cluster:
+                self.end_cluster = cluster + 1
+            if cluster == self.free_hint:
+                self.free_hint = cluster + 1
+            if not offset or -(-offset // cs) != cluster:
+                offset = cluster << self.cluster_bits  # not adjacent: start afresh
+        first = offset >> self.cluster_bits
+        last = (offset + size - 1) >> self.cluster_bits
+        for cluster in range(first, last + 1):
+            await self.update_refcount(
+                cluster, 1, cluster == first or cluster % self.rb_entries == 0
+            )
+        end = offset + size
+        self.free_byte_offset = end if end & (cs - 1) else 0
+        return offset
 
     async def _find_free(self, count: int) -> int:
         """The first run of `count` clusters with refcount 0, from the free hint on."""
@@ -412,8 +479,13 @@ class Metadata:
 
     def queue_free(self, host_offset: int, count: int, kind: str) -> None:
         """Drop one reference to `count` clusters once the change that unreferenced them is
-        stable on disk (applied by `writeback`)."""
-        self.pending_frees.append(PendingFree(host_offset >> self.cluster_bits, count, kind))
+        stable on disk (applied by `writeback`). The events are qsd's, which frees at once."""
+        first = host_offset >> self.cluster_bits
+        debug_event(self.file, "cluster_free")
+        for _ in range(first // self.rb_entries, (first + count - 1) // self.rb_entries + 1):
+            debug_event(self.file, "refblock_alloc")
+            debug_event(self.file, "refblock_load")
+        self.pending_frees.append(PendingFree(first, count, kind))
         if self.on_dirty is not None:
             self.on_dirty()
 
@@ -421,6 +493,7 @@ class Metadata:
 
     async def write_refblocks(self) -> None:
         for count, (offset, block) in enumerate(self.rb_cache.dirty_items()):
+            debug_event(self.file, "refblock_update_part")
             await self.write(offset, block, OL_REFCOUNT_BLOCK)
             self.rb_cache.mark_clean(offset)
             if count % 32 == 31:
@@ -437,6 +510,7 @@ class Metadata:
             for edge in data_edges:
                 await io.flush(edge)
             for count, (offset, table) in enumerate(self.l2_cache.dirty_items()):
+                debug_event(self.file, "l2_update")
                 await self.write(offset, table, OL_ACTIVE_L2)
                 self.l2_cache.mark_clean(offset)
                 if count % 32 == 31:
@@ -444,6 +518,12 @@ class Metadata:
         if self.pending_frees:
             await self.sync()  # the dropped references are stable before refcounts fall
             frees, self.pending_frees = self.pending_frees, []
+            if self.inflight:
+                # Clusters still being written in place wait for the next write-back.
+                busy = [free for free in frees if self._busy(free)]
+                if busy:
+                    frees = [free for free in frees if not self._busy(free)]
+                    self.pending_frees[:0] = busy
             discards: list[tuple[int, int]] = []
             for number, free in enumerate(frees):
                 if number % 64 == 63:
@@ -461,6 +541,13 @@ class Metadata:
                     )
                 except OSError:
                     pass  # discard is advisory
+
+    def _busy(self, free: PendingFree) -> bool:
+        inflight = self.inflight
+        return any(
+            cluster in inflight
+            for cluster in range(free.host_cluster, free.host_cluster + free.count)
+        )
 
     def _forget(self, cluster: int) -> None:
         name = self.meta.get(cluster)

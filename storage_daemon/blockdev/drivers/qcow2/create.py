@@ -1,13 +1,16 @@
 """blockdev-create for qcow2: format an already open node (the `file` reference) as qcow2.
 
 Domain ring: all writes go through `io.*` on an edge the job holds with WRITE and RESIZE
-(as qsd's temporary backend does). Invariant: the header is written last, after a flush, so
-an interrupted create never leaves a header that points at unwritten tables; failures that
-qsd reports after it wrote an empty image (size limits, encryption) leave the same empty image.
+(as qsd's temporary backend does); preallocation falloc/full gives the data clusters (or the
+external data file) disk space as qsd does. Invariant: the header is written last, after a
+flush, so an interrupted create never leaves a header that points at unwritten tables;
+failures qsd reports after it wrote an empty image (size limits, encryption) leave the same
+empty image.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import io
@@ -48,8 +51,26 @@ async def _write_zeroes_span(edge: BdrvChild, offset: int, length: int) -> None:
         pos += n
 
 
-async def write_image(edge: BdrvChild, layout: lay.Layout) -> None:
-    """Write every structure of `layout`, header last (after a flush)."""
+async def preallocate(edge: BdrvChild, offset: int, length: int, mode: str) -> None:
+    """Give `[offset, offset+length)` disk space as qsd's file driver does for new data:
+    `falloc` allocates without writing (a fast zero write: unwritten extents), `full`
+    writes zeroes. Where allocation is impossible, falloc writes zeroes too."""
+    if mode not in ("falloc", "full") or length <= 0:
+        return
+    if mode == "falloc":
+        try:
+            await io.pwrite_zeroes(edge, offset, length, fast_only=True)
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+    await _write_zeroes_span(edge, offset, length)
+
+
+async def write_image(edge: BdrvChild, layout: lay.Layout, backing: bool = False) -> None:
+    """Write every structure of `layout`, header last (after a flush). With `backing` (the
+    image gets one afterwards), preallocated extended L2 entries leave every subcluster
+    unallocated, so reads still come from the backing file (as qsd's)."""
     p = layout.params
     cb = p.cluster_bits
     # Our job edge may not write past EOF (qsd's create backend may): size the file first.
@@ -64,10 +85,14 @@ async def write_image(edge: BdrvChild, layout: lay.Layout) -> None:
         for pos in range(0, len(l1), _CHUNK):
             await io.pwrite(edge, (layout.l1_cluster << cb) + pos, l1[pos : pos + _CHUNK])
     if layout.l2_tables:
-        bitmap = 0 if p.backing_file else (1 << 32) - 1
+        bitmap = 0 if p.backing_file or backing else (1 << 32) - 1
         for index in range(layout.l2_tables):
             table = lay.l2_table(layout, index, bitmap)
             await io.pwrite(edge, (layout.l2_cluster + index) << cb, table)
+    if p.data_file is None and layout.data_clusters:
+        await preallocate(
+            edge, layout.data_cluster << cb, layout.data_clusters << cb, p.preallocation
+        )
     await io.flush(edge)
     await io.pwrite(edge, 0, lay.header_cluster(layout))
     await io.flush(edge)
@@ -117,7 +142,7 @@ async def create_qcow2(job: CreateJob, options: Any) -> None:
             lay.check_length(params.size, params.cluster_bits, params.l2_entry_size)
             layout = lay.plan(params)
             if bare != empty:
-                await write_image(edge, lay.plan(bare))
+                await write_image(edge, lay.plan(bare), backing=bool(params.backing_file))
             if params.backing_file:
                 header = lay.header_cluster(layout)
                 await io.pwrite(edge, 0, header)
@@ -136,6 +161,7 @@ async def create_qcow2(job: CreateJob, options: Any) -> None:
             )
             edges.append(data_edge)
             await io.truncate(data_edge, params.size)
+            await preallocate(data_edge, 0, params.size, params.preallocation)
             await io.flush(data_edge)
     finally:
         for e in edges:

@@ -1,7 +1,8 @@
 """The `qcow2` format driver: opening, options, permissions, info and the data operations.
 
 Domain ring. Reads go through `Mapper`; every metadata change runs under one lock and goes
-through `Metadata`, which keeps the on-disk invariants (see alloc.py). Detected corruption
+through `Metadata`, which keeps the on-disk invariants (see alloc.py); writes into clusters
+already writable in place skip the lock (Writer.write_in_place). Detected corruption
 marks the image corrupt (when writable), emits BLOCK_IMAGE_CORRUPTED through `EVENT_SINK`, and
 fences the node: every later request fails.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import ROLE_BACKING, ROLE_FILE_OF_FORMAT, BdrvChild, ChildRole
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
+from storage_daemon.blockdev.drivers.blkdebug import debug_event
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2.alloc import (
     FREE_OTHER,
@@ -31,18 +33,40 @@ from storage_daemon.blockdev.drivers.qcow2.alloc import (
     Corruption,
     Metadata,
 )
+from storage_daemon.blockdev.drivers.qcow2.cache import (
+    DEFAULT_CLEAN_INTERVAL_S,
+    CacheConfig,
+    CacheSizeError,
+    TableCache,
+    cache_config,
+)
 from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
 from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
 from storage_daemon.blockdev.drivers.qcow2.writer import Writer
-from storage_daemon.blockdev.perm import Perm
+from storage_daemon.blockdev.perm import Perm, cow_child_perm
+from storage_daemon.clock import Clock, SystemClock
 from storage_daemon.errors import QmpError
 
 # The daemon sets this to its event bus' emit (name, data); tests may too.
 EVENT_SINK: Callable[[str, dict[str, Any]], None] | None = None
 
-DEFAULT_L2_CACHE_MAX = 32 << 20
 MAX_CHAIN_DEPTH = 64
 _OPENING: ContextVar[tuple[str, ...]] = ContextVar("qcow2_opening", default=())
+# Read by the cache-clean-interval check only; tests put a FakeClock here.
+_clock: Clock = SystemClock()
+
+
+def use_clock(clock: Clock) -> None:
+    global _clock
+    _clock = clock
+
+
+def _memory_limit() -> int:
+    """Physical memory: a larger cache is an allocation qsd fails (no swap assumed)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # pragma: no cover - every Linux has both
+        return 1 << 62
 
 
 def set_event_sink(sink: Callable[[str, dict[str, Any]], None] | None) -> None:
@@ -73,6 +97,7 @@ def _overlap_checks(option: Any) -> frozenset[str]:
 class Qcow2Driver(BlockDriver):
     name = "qcow2"
     supports_backing = True
+    raises_debug_events = True  # blkdebug below hears qsd's qcow2 events from us
 
     def __init__(self, node: Any) -> None:
         super().__init__(node)
@@ -93,6 +118,10 @@ class Qcow2Driver(BlockDriver):
         self._backing_filename: str | None = None
         self._full_backing_filename: str | None = None
         self._strong: dict[str, Any] = {}
+        self.cache_config: CacheConfig | None = None
+        self._clean_interval_s = 0
+        self._last_clean_ns = 0
+        self._clean_timer: asyncio.TimerHandle | None = None
 
     # --- opening ------------------------------------------------------------------------
 
@@ -124,8 +153,9 @@ class Qcow2Driver(BlockDriver):
             raise QmpError(str(err)) from err
         self.hdr = hdr
         cs = hdr.cluster_size
-        self._check_options(options, hdr)
+        cache_cfg = self._check_options(options, hdr)
         l1 = await self._read_table(file, hdr.l1_table_offset, hdr.l1_size, file_len)
+        debug_event(file, "reftable_load")
         reftable = await self._read_table(
             file, hdr.refcount_table_offset, hdr.reftable_entries, file_len
         )
@@ -142,10 +172,18 @@ class Qcow2Driver(BlockDriver):
                 "No encryption in image header, but options specified format "
                 f"'{_wire(options.encrypt.format)}'"
             )
-        l2_cap, rb_cap = self._cache_sizes(options, hdr)
         meta = Metadata(
-            file, hdr, l1, reftable, l2_cap, rb_cap, _overlap_checks(options.overlap_check)
+            file,
+            hdr,
+            l1,
+            reftable,
+            2,
+            cache_cfg.refcount_entries,
+            _overlap_checks(options.overlap_check),
         )
+        # Counted in l2-cache-entry-size slices; readers load single slices (mapping.py).
+        meta.l2_cache = TableCache(cache_cfg.l2_entries, cs, cache_cfg.l2_slice_size)
+        self.cache_config = cache_cfg
         meta.end_cluster = -(-file_len // cs)
         meta.before_l2_writeback = self.mark_dirty
         self.meta = meta
@@ -183,19 +221,10 @@ class Qcow2Driver(BlockDriver):
         await self._open_backing(options, opener)
         if writable:
             await self._prepare_writable()
+        self._start_cache_cleaner(options.cache_clean_interval)
 
-    def _check_options(self, options: Any, hdr: fmt.Header) -> None:
-        if options.lazy_refcounts and hdr.version < 3:
-            raise QmpError(
-                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
-            )
-        entry = options.l2_cache_entry_size
-        cs = hdr.cluster_size
-        if entry is not None and (entry < 512 or entry > cs or entry & (entry - 1)):
-            raise QmpError(
-                "L2 cache entry size must be a power of two between 512 and the cluster "
-                f"size ({cs})"
-            )
+    def _check_options(self, options: Any, hdr: fmt.Header) -> CacheConfig:
+        """qsd's option checks, in qsd's order; the metadata cache configuration."""
         given = [
             x
             for x in (options.cache_size, options.l2_cache_size, options.refcount_cache_size)
@@ -213,35 +242,34 @@ class Qcow2Driver(BlockDriver):
                 and options.refcount_cache_size > options.cache_size
             ):
                 raise QmpError("refcount-cache-size may not exceed cache-size")
+        entry = options.l2_cache_entry_size
+        cs = hdr.cluster_size
+        if entry is not None and (entry < 512 or entry > cs or entry & (entry - 1)):
+            raise QmpError(
+                "L2 cache entry size must be a power of two between 512 and the cluster "
+                f"size ({cs})"
+            )
+        try:
+            config = cache_config(
+                cluster_size=cs,
+                virtual_size=hdr.size,
+                l2_entry_size=hdr.l2_entry_size,
+                cache_size=options.cache_size,
+                l2_cache_size=options.l2_cache_size,
+                l2_cache_entry_size=entry,
+                refcount_cache_size=options.refcount_cache_size,
+                memory_limit=_memory_limit(),
+            )
+        except CacheSizeError as err:
+            raise QmpError(str(err)) from err
         interval = options.cache_clean_interval
         if interval is not None and (interval < 0 or interval > 0xFFFFFFFF):
             raise QmpError("Cache clean interval too big")
-
-    def _cache_sizes(self, options: Any, hdr: fmt.Header) -> tuple[int, int]:
-        cs = hdr.cluster_size
-        needed = -(-hdr.size // cs) * hdr.l2_entry_size
-        l2_bytes = min(max(needed, 2 * cs), DEFAULT_L2_CACHE_MAX)
-        rb_bytes = 4 * cs
-        if options.cache_size is not None:
-            total = options.cache_size
-            if options.l2_cache_size is not None:
-                l2_bytes = options.l2_cache_size
-                rb_bytes = total - l2_bytes
-            elif options.refcount_cache_size is not None:
-                rb_bytes = options.refcount_cache_size
-                l2_bytes = total - rb_bytes
-            else:
-                l2_bytes = min(needed, max(total - rb_bytes, 0)) or total // 2
-        else:
-            if options.l2_cache_size is not None:
-                l2_bytes = options.l2_cache_size
-            if options.refcount_cache_size is not None:
-                rb_bytes = options.refcount_cache_size
-        if l2_bytes > (1 << 40):
-            raise QmpError("L2 cache size too big")
-        if rb_bytes > (1 << 40):
-            raise QmpError("Refcount cache size too big")
-        return max(2, l2_bytes // cs), max(4, rb_bytes // cs)
+        if options.lazy_refcounts and hdr.version < 3:
+            raise QmpError(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+            )
+        return config
 
     @staticmethod
     async def _read_table(file: BdrvChild, offset: int, entries: int, file_len: int) -> list[int]:
@@ -302,6 +330,7 @@ class Qcow2Driver(BlockDriver):
         hdr = self.hdr
         assert hdr is not None
         self._backing_filename = hdr.backing_file
+        self.node.auto_backing_file = hdr.backing_file or ""
         explicit = "backing" in options.model_fields_set
         if hdr.backing_file:
             self._full_backing_filename = self._resolve(hdr.backing_file)
@@ -313,6 +342,7 @@ class Qcow2Driver(BlockDriver):
             )
         elif hdr.backing_file:
             self.backing = await self._open_backing_file(opener)
+            self.node.auto_backing_file = self.backing.node.filename()
         if self.backing is not None and self.mapper is not None:
             self.mapper.backing = self.backing
 
@@ -322,6 +352,12 @@ class Qcow2Driver(BlockDriver):
         base = self._file.node.filename() if self._file is not None else ""
         if base.startswith("json:"):
             raise QmpError(f"Cannot use relative backing file names for '{base}'")
+        # As QEMU's bdrv_dirname: filters (blkdebug, throttle...) pass it to their child.
+        node = self._file.node if self._file is not None else None
+        while node is not None and node.primary is not None:
+            node = node.primary.node
+        if node is not None:
+            base = node.filename()
         return posixpath.join(posixpath.dirname(base), name)
 
     async def _open_backing_file(self, opener: ChildOpener) -> BdrvChild:
@@ -386,6 +422,7 @@ class Qcow2Driver(BlockDriver):
         self._dirty_set = True
 
     async def close(self) -> None:
+        self._stop_cache_cleaner()
         if self._writable and not self._fenced and self.meta is not None:
             try:
                 async with self._lock:
@@ -397,14 +434,54 @@ class Qcow2Driver(BlockDriver):
             except (OSError, Corruption):
                 pass
 
+    # --- cache-clean-interval -----------------------------------------------------------
+
+    def _start_cache_cleaner(self, interval: int | None) -> None:
+        """Every `interval` seconds (qsd's default: 600; 0: never), drop the cached tables
+        that were not used since the previous time, as qsd does to give memory back."""
+        seconds = DEFAULT_CLEAN_INTERVAL_S if interval is None else interval
+        meta = self.meta
+        if not seconds or meta is None:
+            return
+        self._clean_interval_s = seconds
+        meta.l2_cache.watch_use()
+        meta.rb_cache.watch_use()
+        self._last_clean_ns = _clock.monotonic_ns()
+        self._clean_timer = asyncio.get_running_loop().call_later(seconds, self._on_clean_timer)
+
+    def _stop_cache_cleaner(self) -> None:
+        if self._clean_timer is not None:
+            self._clean_timer.cancel()
+            self._clean_timer = None
+        self._clean_interval_s = 0
+
+    def _on_clean_timer(self) -> None:
+        self._clean_timer = None
+        if not self._clean_interval_s:
+            return
+        self.clean_caches()
+        self._clean_timer = asyncio.get_running_loop().call_later(
+            self._clean_interval_s, self._on_clean_timer
+        )
+
+    def clean_caches(self) -> int:
+        """When an interval has passed on the injected clock since the last clean, drop the
+        clean cache entries unused since then; the number dropped. The event loop's timer
+        calls this; the 50 ms of slack absorbs the loop clock firing a little early."""
+        meta = self.meta
+        if meta is None or not self._clean_interval_s:
+            return 0
+        now = _clock.monotonic_ns()
+        if now - self._last_clean_ns < self._clean_interval_s * 1_000_000_000 - 50_000_000:
+            return 0
+        self._last_clean_ns = now
+        return meta.l2_cache.clean_unused() + meta.rb_cache.clean_unused()
+
     # --- permissions --------------------------------------------------------------------
 
     def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         if child.role & ChildRole.COW:
-            wanted = Perm.CONSISTENT_READ if perm & (Perm.CONSISTENT_READ | Perm.WRITE) else Perm(0)
-            sharing = Perm.WRITE | Perm.RESIZE if shared & Perm.WRITE else Perm(0)
-            sharing |= Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
-            return wanted, sharing
+            return cow_child_perm(perm, shared)
         wanted = Perm.CONSISTENT_READ
         if not self.node.options.read_only:
             wanted |= Perm.WRITE | Perm.RESIZE
@@ -459,11 +536,6 @@ class Qcow2Driver(BlockDriver):
         info["format-specific"] = {"type": "qcow2", "data": data}
         return info
 
-    async def actual_size(self) -> int:
-        if self._file is None:
-            return 0
-        return await self._file.node.driver.actual_size()
-
     # --- corruption ---------------------------------------------------------------------
 
     def _check_fenced(self) -> None:
@@ -501,6 +573,7 @@ class Qcow2Driver(BlockDriver):
                 sink("BLOCK_IMAGE_CORRUPTED", data)
         if fatal and not self._fenced:
             self._fenced = True
+            self._stop_cache_cleaner()
             hdr = self.hdr
             if hdr is not None and hdr.version == 3 and self.meta is not None:
                 try:
@@ -558,10 +631,29 @@ class Qcow2Driver(BlockDriver):
             raise await self.signal_corruption(err) from err
 
     async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+        self._check_fenced()
+        writer = self.writer
+        assert writer is not None
+        try:
+            done = await writer.write_in_place(offset, data)
+        except Corruption as err:
+            raise await self.signal_corruption(err) from err
+        if done:
+            if fua:
+                await self.flush()
+            return
+
         async def op(writer: Writer) -> None:
             await writer.write(offset, memoryview(data))
 
         await self._run_write(op, fua)
+
+    async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
+        """Whole clusters, compressed (QEMU's rules in compressed.py)."""
+        from storage_daemon.blockdev.drivers.qcow2.compressed import write_compressed
+
+        self._check_fenced()
+        await write_compressed(self, offset, data)
 
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
         hdr = self.hdr
@@ -590,8 +682,13 @@ class Qcow2Driver(BlockDriver):
     async def flush(self) -> None:
         self._check_fenced()
         try:
+            # QEMU's generic flush raises these on the node's primary child; the I/O path
+            # calls this only when the node was written since its last flush, when QEMU
+            # raises both.
+            debug_event(self._file, "flush_to_os")
             async with self._lock:
                 await self._writeback()
+            debug_event(self._file, "flush_to_disk")
         except Corruption as err:
             raise await self.signal_corruption(err) from err
 
@@ -648,6 +745,7 @@ class Qcow2Driver(BlockDriver):
         hdr.backing_file = name
         hdr.backing_format = backing_fmt if name is not None else None
         self._backing_filename = name
+        self.node.auto_backing_file = name or ""
         self._full_backing_filename = self._resolve(name) if name is not None else None
 
     def snapshot_table_offset(self) -> tuple[int, int]:

@@ -3,7 +3,9 @@
 Domain ring. `Mapper.extent` answers "what backs the bytes from here on" from the L1/L2
 tables (cached); `Mapper.read` assembles guest data from host clusters, zero clusters,
 compressed clusters and the backing chain. Invariant: readers never modify metadata and never
-start a write-back; heavy CPU work (decompression of large clusters) runs off the event loop.
+start a write-back; heavy CPU work (decompression of large clusters) runs off the event loop;
+the one-entry cache of decompressed data never keeps what a read fetched before the last
+`forget_compressed` (a generation counter). blkdebug events are raised on the file edge.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.drivers.blkdebug import debug_event
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2.alloc import Corruption, Metadata
 from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
@@ -82,6 +85,8 @@ class Mapper:
         self.sc_bits = self.cluster_bits - 5 if self.extended else self.cluster_bits
         self.zstd = meta.hdr.compression_type == 1
         self._last_compressed: tuple[int, bytes] | None = None
+        # Bumped by `forget_compressed`: a read that started before keeps its data to itself.
+        self._compressed_gen = 0
 
     # --- mapping ------------------------------------------------------------------------
 
@@ -104,16 +109,55 @@ class Mapper:
                 raise Corruption(f"Invalid cluster entry found (L2 entry {entry.raw:#x})") from err
         return fmt.cluster_type(entry, False, self.has_data_file)
 
+    async def _l2_slice(self, l2_offset: int, index: int) -> tuple[bytearray, bool]:
+        """Slice `index` of an L2 table (l2-cache-entry-size < cluster size): from the cache,
+        else read alone. Readers never hold whole tables they did not find cached."""
+        cache = self.meta.l2_cache
+        found = cache.get_slice(l2_offset, index)
+        if found is not None:
+            return found
+        if l2_offset & (self.cluster_size - 1):
+            raise Corruption(
+                f"L2 table offset {l2_offset:#x} unaligned", l2_offset, self.cluster_size
+            )
+        epoch = cache.epoch
+        debug_event(self.meta.file, "l2_load")
+        part = await self.meta.read(l2_offset + index * cache.slice_size, cache.slice_size)
+        found = cache.get_slice(l2_offset, index)
+        if found is not None:
+            return found  # a concurrent load (or a writer) got there first
+        if cache.epoch == epoch:  # no table changed meanwhile: the bytes are current
+            cache.put_slice(l2_offset, index, part)
+            cache.evict_clean()
+        return part, False
+
     async def extent(self, pos: int, length: int) -> Extent:
         """The longest run from `pos` (at most `length`) with one kind and contiguous host."""
         cs_mask = self.cluster_size - 1
         cluster_index = pos >> self.cluster_bits
         l2_index = cluster_index % self.l2_entries
-        in_table = ((self.l2_entries - l2_index) << self.cluster_bits) - (pos & cs_mask)
-        length = min(length, in_table)
-        l2_offset, table = await self.l2_for(cluster_index)
-        if table is None:
-            return Extent(ClusterType.UNALLOCATED, length, 0)
+        cache = self.meta.l2_cache
+        base = 0  # index of the buffer's first entry in its table
+        if cache.per_table > 1:
+            span = self.l2_entries // cache.per_table
+            first = l2_index - l2_index % span
+            in_table = ((first + span - l2_index) << self.cluster_bits) - (pos & cs_mask)
+            length = min(length, in_table)
+            l1_index = cluster_index // self.l2_entries
+            l1 = self.meta.l1
+            l2_offset = l1[l1_index] & fmt.L1E_OFFSET_MASK if l1_index < len(l1) else 0
+            if not l2_offset:
+                return Extent(ClusterType.UNALLOCATED, length, 0)
+            table, whole = await self._l2_slice(l2_offset, first // span)
+            if not whole:
+                base = first
+        else:
+            in_table = ((self.l2_entries - l2_index) << self.cluster_bits) - (pos & cs_mask)
+            length = min(length, in_table)
+            l2_offset, found = await self.l2_for(cluster_index)
+            if found is None:
+                return Extent(ClusterType.UNALLOCATED, length, 0)
+            table = found
         end = pos + length
         first_kind: ClusterType | None = None
         first_host = 0
@@ -124,7 +168,7 @@ class Mapper:
             idx = (cur >> self.cluster_bits) % self.l2_entries
             if cur != pos and idx == 0:
                 break
-            entry = fmt.l2_get(table, idx, self.extended)
+            entry = fmt.l2_get(table, idx - base, self.extended)
             sc = (cur & cs_mask) >> self.sc_bits if self.extended else 0
             kind = self.unit(entry, sc)
             unit_end = min(((cur >> self.sc_bits) + 1) << self.sc_bits, end)
@@ -153,7 +197,12 @@ class Mapper:
 
     # --- reading ------------------------------------------------------------------------
 
-    async def read(self, pos: int, length: int) -> bytearray:
+    async def read(self, pos: int, length: int) -> bytes | bytearray | memoryview:
+        ext = await self.extent(pos, length)
+        if ext.length == length and ext.kind == ClusterType.NORMAL:
+            # One contiguous host run (the common case): the file's buffer, not a copy.
+            debug_event(self.meta.file, "read_aio")
+            return await io.pread(self.data, ext.host, length)
         buf = bytearray(length)
         done = 0
         count = 0
@@ -161,10 +210,12 @@ class Mapper:
             count += 1
             if count % 8 == 0:
                 await asyncio.sleep(0)
-            ext = await self.extent(pos + done, length - done)
+            if done:
+                ext = await self.extent(pos + done, length - done)
             n = ext.length
             kind = ext.kind
             if kind == ClusterType.NORMAL:
+                debug_event(self.meta.file, "read_aio")
                 buf[done : done + n] = await io.pread(self.data, ext.host, n)
             elif kind in (ClusterType.UNALLOCATED, ClusterType.UNALLOCATED_ALLOC):
                 await self._read_backing(buf, done, pos + done, n)
@@ -184,20 +235,31 @@ class Mapper:
         if pos >= blen:
             return
         count = min(n, blen - pos)
+        debug_event(self.meta.file, "read_backing_aio")  # qsd raises it on the file edge
         buf[at : at + count] = await io.pread(backing, pos, count)
 
     async def compressed_cluster(self, raw: int) -> bytes:
         host, span = fmt.compressed_span(raw, self.cluster_bits)
+        debug_event(self.meta.file, "read_compressed")
         cached = self._last_compressed
         if cached is not None and cached[0] == raw:
             return cached[1]
+        gen = self._compressed_gen
         data = bytes(await io.pread(self.meta.file, host, span))
         if self.cluster_size >= _OFFLOAD_BYTES:
             out = await asyncio.to_thread(decompress, data, self.cluster_size, self.zstd)
         else:
             out = decompress(data, self.cluster_size, self.zstd)
-        self._last_compressed = (raw, out)
+        if gen == self._compressed_gen:
+            self._last_compressed = (raw, out)
         return out
+
+    def forget_compressed(self) -> None:
+        """Drop the cached decompressed cluster, and keep reads in flight from caching what
+        they fetched: compressed bytes were freed or written, and a stream reallocated at the
+        same offset with the same length would repeat an old L2 entry's value."""
+        self._last_compressed = None
+        self._compressed_gen += 1
 
     def compressed_host_clusters(self, raw: int) -> tuple[int, int]:
         """(first host cluster offset, count) a compressed entry holds references on."""
