@@ -282,15 +282,7 @@ def add_chain_with_filter() -> list[Cmd]:
         {"device": "top", "bottom": "mid"},
         {"device": "top", "base-node": "base"},
         {"device": "filt", "bottom": "base"},
-        pytest.param(
-            {"device": "top", "base-node": "filt"},
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="qsd names a qcow2 node opened with an explicit backing reference "
-                "by a json: filename and writes that into the header; our node.filename() "
-                "gives the plain file name (node.py/qcow2 exact_filename)",
-            ),
-        ),
+        {"device": "top", "base-node": "filt"},
     ],
 )
 def test_stream_through_filter(compat: Compat, args: dict[str, Any]) -> None:
@@ -303,6 +295,102 @@ def test_stream_through_filter(compat: Compat, args: dict[str, Any]) -> None:
             WaitEvent("BLOCK_JOB_COMPLETED"),
             *statuses(1),
             *finish(graph_only=True),
+        ],
+        setup=make_chain,
+    )
+    check_images(compat)
+
+
+@pytest.mark.parametrize("extra", [{}, {"filter-node-name": "cor0", "bottom": "mid"}])
+def test_stream_filter_while_running(compat: Compat, extra: dict[str, Any]) -> None:
+    """The copy-on-read filter qsd puts above the top for the job's lifetime: the graph, the
+    node list, the op blockers it brings; then the graph once the filter is gone."""
+    result = compat.run_transcript(
+        [
+            *add_chain_by_nodes(),
+            Cmd("block-stream", {"job-id": "s0", "device": "top", "filter-node-name": "base"}),
+            Cmd("block-stream", {"job-id": "s0", "device": "top", "filter-node-name": "#x"}),
+            Cmd("block-stream", {"job-id": "s0", "device": "top", "speed": 1024, **extra}),
+            *statuses(2),
+            Cmd("x-debug-query-block-graph", id="graph"),
+            Cmd("query-named-block-nodes", {"flat": True}, id="mid-job"),
+            Cmd("block-stream", {"job-id": "s1", "device": "top"}),
+            Cmd("block-stream", {"job-id": "s1", "device": "mid"}),
+            Cmd("blockdev-del", {"node-name": "top"}),
+            Cmd("block-job-set-speed", {"device": "s0", "speed": 0}),
+            *statuses(2),
+            WaitEvent("BLOCK_JOB_COMPLETED"),
+            *statuses(2),
+            *finish(),
+        ],
+        setup=make_chain,
+    )
+    for side in ("reference", "ours"):
+        for record in result.norm[side]:
+            sent = record.get("send", {}) if isinstance(record, dict) else {}
+            if sent.get("id") == "mid-job":
+                # How far each side has copied when it answers depends on timing.
+                for entry in record["reply"]["return"]:
+                    for key in ("actual-size", "virtual-size"):
+                        entry["image"].pop(key, None)
+            if sent.get("id") == "graph":
+                # Known gap outside the jobs: our qcow2 does not pass its users'
+                # write-unchanged on to its `file` child (qsd does).
+                for edge in record["reply"]["return"]["edges"]:
+                    if edge["name"] == "file":
+                        edge["perm"] = [p for p in edge["perm"] if p != "write-unchanged"]
+    result.assert_same()
+    check_images(compat)
+
+
+@pytest.mark.parametrize("extra", [{}, {"filter-node-name": "ct"}])
+def test_commit_intermediate_filter_while_running(compat: Compat, extra: dict[str, Any]) -> None:
+    """The commit_top filter qsd puts above an intermediate commit's top while it runs."""
+    job = {"job-id": "c0", "device": "top", "top-node": "mid", "speed": 1024}
+    result = compat.run_transcript(
+        [
+            *add_chain_by_nodes(),
+            Cmd("block-commit", {**job, "filter-node-name": "base"}),
+            Cmd("block-commit", {**job, "filter-node-name": "#x"}),
+            Cmd("block-commit", {**job, **extra}),
+            *statuses(2),
+            Cmd("x-debug-query-block-graph", id="graph"),
+            Cmd("block-job-set-speed", {"device": "c0", "speed": 0}),
+            *statuses(2),
+            WaitEvent("BLOCK_JOB_COMPLETED"),
+            *statuses(2),
+            *finish(),
+        ],
+        setup=make_chain,
+    )
+    for side in ("reference", "ours"):
+        for record in result.norm[side]:
+            sent = record.get("send", {}) if isinstance(record, dict) else {}
+            if sent.get("id") == "graph":
+                # Known gap outside the jobs: our qcow2 asks and shares fixed permissions on
+                # its `file` child, where qsd derives them from its users'.
+                for edge in record["reply"]["return"]["edges"]:
+                    if edge["name"] == "file":
+                        edge.pop("perm")
+                        edge.pop("shared-perm")
+    result.assert_same()
+    check_images(compat)
+
+
+def test_stream_into_a_read_only_top(compat: Compat) -> None:
+    """qsd makes a read-only top writable for the job, and read-only again afterwards."""
+    steps = add_chain_by_nodes()
+    top = steps[2].args
+    assert top is not None
+    steps[2] = Cmd("blockdev-add", {**top, "read-only": True})
+    compat.check_transcript(
+        [
+            *steps,
+            Cmd("block-stream", {"job-id": "s0", "device": "top", "bottom": "mid"}),
+            *statuses(3),
+            WaitEvent("BLOCK_JOB_COMPLETED"),
+            *statuses(1),
+            *finish(),
         ],
         setup=make_chain,
     )

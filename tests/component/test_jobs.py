@@ -501,3 +501,31 @@ async def test_shutdown_cancels_every_job() -> None:
     assert len(d.jobs) == 0
     assert rec.take() == ["null", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
     assert d.graph.find("n0") is None
+
+
+def status_of(job: StepJob) -> JobStatus:
+    """The job's status now (a call, so that checks in a row are not narrowed away)."""
+    return job.status
+
+
+async def test_drain_waits_for_a_busy_job_to_park_paused(daemon: Daemon) -> None:
+    """A drained section (transactions) waits until a job in the middle of its work reaches a
+    pause point, so its `paused` event comes first; its end resumes it."""
+    rec = Recorder(daemon)
+    job = await start(daemon, steps=3)
+    rec.take()
+    job.step()  # woken: busy until it next waits
+    assert job.busy and status_of(job) is JobStatus.RUNNING
+    await job.drain_pause()
+    assert status_of(job) is JobStatus.PAUSED and rec.take() == ["paused"]
+    await job.drain_resume()
+    assert status_of(job) is JobStatus.RUNNING and rec.take() == ["running"]
+    await job.drain_pause()  # parked in its sleep: paused at once
+    await job.drain_pause()  # nested sections: one event
+    assert rec.take() == ["paused"]
+    await job.drain_resume()
+    assert rec.take() == [] and status_of(job) is JobStatus.PAUSED
+    await job.drain_resume()
+    assert rec.take() == ["running"]
+    await run(daemon, "job-cancel", {"id": "j0"})
+    await job.wait_done()

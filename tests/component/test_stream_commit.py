@@ -15,11 +15,13 @@ from typing import Any
 
 import pytest
 
+from storage_daemon.blockdev.drivers import preload
 from storage_daemon.daemon import Daemon
 from storage_daemon.monitor.dispatch import load_handlers
 from storage_daemon.qapi.runtime import command_args
 
 load_handlers()
+preload()  # as the daemon does before it is ready: no driver import on the event loop
 command_args("block-stream", {"job-id": "w", "device": "w"})
 command_args("block-commit", {"job-id": "w", "device": "w"})
 
@@ -149,4 +151,45 @@ async def test_commit_active_then_cancel_and_complete(daemon: Daemon, scratch: P
     await arun("qemu-img", "check", str(scratch / "base.qcow2"))
     await arun(
         "qemu-img", "compare", "-F", "raw", str(scratch / "base.qcow2"), str(scratch / "expect.raw")
+    )
+
+
+async def test_stream_filter_holds_the_users_while_running(daemon: Daemon, scratch: Path) -> None:
+    """The copy-on-read filter takes the top's users (an export) for the job's lifetime and
+    gives them back, with the data streamed, when it is dropped."""
+    sock = str(scratch / "nbd.sock")
+    await daemon.run_command("nbd-server-start", {"addr": {"type": "unix", "data": {"path": sock}}})
+    await daemon.run_command(
+        "block-export-add", {"type": "nbd", "id": "e0", "node-name": "top", "writable": True}
+    )
+    top = daemon.graph.lookup("top")
+
+    def export_nodes() -> list[str]:
+        return [
+            e.node.name
+            for n in daemon.graph
+            for e in n.parents
+            if e.parent_node is None
+            and type(e.parent).__name__ not in ("StreamJob", "UnnamedBackend")
+        ]
+
+    assert export_nodes() == ["top"]
+    await daemon.run_command(
+        "block-stream",
+        {"job-id": "s0", "device": "top", "speed": 1024, "filter-node-name": "cor"},
+    )
+    cor = daemon.graph.lookup("cor")
+    assert cor.driver.name == "copy-on-read" and cor.primary is not None
+    assert cor.primary.node is top
+    assert export_nodes() == ["cor"]
+    with pytest.raises(Exception, match="is busy: block device is in use by block job: stream"):
+        await daemon.run_command("block-stream", {"job-id": "s1", "device": "top"})
+    await daemon.run_command("block-job-set-speed", {"device": "s0", "speed": 0})
+    await wait_gone(daemon, "s0")
+    assert daemon.graph.find("cor") is None
+    assert export_nodes() == ["top"]
+    await daemon.run_command("block-export-del", {"id": "e0"})
+    await daemon.run_command("blockdev-del", {"node-name": "top"})
+    await arun(
+        "qemu-img", "compare", "-F", "raw", str(scratch / "top.qcow2"), str(scratch / "expect.raw")
     )

@@ -2,7 +2,8 @@
 
 Domain ring. Reads ask the child for allocation depth per extent: depth 1 is the top image's
 own data, deeper data (down to `bottom`, inclusive) is read and then written into the top as an
-unchanged-data write. Invariant: the copy writes exactly the bytes the read returned.
+unchanged-data write (zeroes as a zero write). block-stream puts one above its top for the
+job's lifetime. Invariant: the copy writes exactly the bytes the read returned.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ class CopyOnReadDriver(FilterDriver):
             self.bottom = options.bottom
             self.max_depth = depth
 
+    @property
+    def passes_filename(self) -> bool:  # type: ignore[override]
+        # QEMU names an implicit node (block-stream's filter) after its child.
+        return bool(self.node.implicit)
+
     def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # Copying up rewrites data the guest already sees: WRITE_UNCHANGED.
         return perm | Perm.WRITE_UNCHANGED, shared
 
     def strong_options(self) -> dict[str, Any]:
-        return {"bottom": self.bottom} if self.bottom is not None else {}
+        # qsd 7.2 leaves `bottom` out of the node's json: filename.
+        return {}
 
     async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         file = self.child()
@@ -63,15 +70,19 @@ class CopyOnReadDriver(FilterDriver):
         return buf
 
     async def _copy_up(self, file: BdrvChild, offset: int, data: Any) -> None:
-        # Our generic path wants WRITE for any write; QEMU's copy-on-read writes need only
-        # WRITE_UNCHANGED, so when no parent writes, call the child's driver directly.
-        if file.perm & Perm.WRITE:
-            await io.pwrite(file, offset, data)
-            return
-        drv = file.node.driver
-        align = drv.request_alignment
-        if align > 1 and (offset % align or len(data) % align):
-            return  # an unaligned extent is simply not copied; the data was read all the same
-        await drv.pwritev(offset, data, False)
-        file.node.stats.wr_operations += 1
-        file.node.stats.wr_bytes += len(data)
+        # A copy-up writes data the guest already sees, which QEMU allows with WRITE_UNCHANGED
+        # alone; our generic path checks WRITE, so the write goes through a stand-in edge that
+        # has it (never attached: the graph and its permissions do not see it). All-zero data
+        # becomes a zero write, as in QEMU.
+        writer = BdrvChild(
+            parent=file.parent,
+            node=file.node,
+            name=file.name,
+            role=file.role,
+            perm=file.perm | Perm.WRITE,
+            shared=file.shared,
+        )
+        if io.is_zero(data):
+            await io.pwrite_zeroes(writer, offset, len(data))
+        else:
+            await io.pwrite(writer, offset, data)

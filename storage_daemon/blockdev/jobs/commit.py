@@ -9,27 +9,51 @@ Invariant: a read-only base is made writable for the job only and read-only agai
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import chain, io
-from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.backend import UnnamedBackend
+from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild, ChildRole
+from storage_daemon.blockdev.drivers.mirror_top import CommitTopDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
+from storage_daemon.blockdev.jobs.filters import move_parents
 from storage_daemon.blockdev.jobs.stream import CHUNK, allocated_above, copy_with_policy
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
+    from storage_daemon.blockdev.graph import BlockGraph
     from storage_daemon.blockdev.node import BlockNode
     from storage_daemon.daemon import Daemon
 
 FOREVER_NS = 3600 * 10**9
-INTERMEDIATE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED
+INTERMEDIATE_SHARED = Perm.WRITE | Perm.WRITE_UNCHANGED
 BASE_PERM = Perm.CONSISTENT_READ | Perm.WRITE
 BASE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
+# What an intermediate commit's backend on the base lets others do (qsd's).
+BLK_BASE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 
 
 def wire(value: Any) -> Any:
     return getattr(value, "value", value)
+
+
+def insert_commit_top(graph: BlockGraph, name: str | None, top: BlockNode) -> BlockNode:
+    """Put a `commit_top` filter (implicit `#blockNNN` unless named) above `top`; the users
+    of `top` (its overlay) move onto it, as QEMU's bdrv_append."""
+    node = graph.add_internal(name, CommitTopDriver)
+    driver = node.driver
+    assert isinstance(driver, CommitTopDriver)
+    try:
+        edge = graph.attach(node, top, "backing", ROLE_FILTERED)
+        driver.set_child(edge)
+        move_parents(graph, top, node, lambda other: other is edge)
+    except BaseException:
+        graph.remove_internal(node)
+        raise
+    node.options.read_only = top.read_only
+    return node
 
 
 def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode, bool]:
@@ -93,6 +117,9 @@ class CommitJob(BlockJob):
         self.base_edge: BdrvChild | None = None
         self.grant = chain.WritableGrant(daemon.graph, base)
         self.completing = False
+        self.backends: list[BdrvChild] = []  # the job's own backends (base, top)
+        self.filter: BlockNode | None = None
+        self.filter_node_name: str | None = args.filter_node_name
         super().__init__(
             daemon.jobs,
             args.job_id,
@@ -106,6 +133,16 @@ class CommitJob(BlockJob):
         )
 
     async def setup(self) -> None:
+        try:
+            self._take_nodes()
+        except BaseException:
+            self._drop_filter()
+            raise
+
+    def _take_nodes(self) -> None:
+        if not self.active:
+            # qsd's commit_top filter goes in above the top once the job exists.
+            self.filter = insert_commit_top(self.graph, self.filter_node_name, self.top)
         node: BlockNode | None = self.top
         shared = PERM_ALL if self.active else INTERMEDIATE_SHARED
         while node is not None and node is not self.base:
@@ -117,10 +154,42 @@ class CommitJob(BlockJob):
             node = chain.below(node)
         self.grant.grant()
         try:
-            self.base_edge = self.add_node("base", self.base, BASE_PERM, BASE_SHARED)
+            if self.active:
+                self.base_edge = self.add_node("base", self.base, BASE_PERM, BASE_SHARED)
+                return
+            # As qsd: the job holds the base without permissions and writes it through a
+            # backend of its own; another backend holds the top.
+            self.add_node("base", self.base, PERM_NONE, PERM_ALL)
+            self.base_edge = self._backend(self.base, BASE_PERM, BLK_BASE_SHARED)
+            self._backend(self.top, PERM_NONE, PERM_ALL)
         except BaseException:
             self.grant.restore()
             raise
+
+    def _backend(self, node: BlockNode, perm: Perm, shared: Perm) -> BdrvChild:
+        edge = self.graph.attach(UnnamedBackend(), node, "root", ChildRole(0), perm, shared)
+        self.backends.append(edge)
+        return edge
+
+    def _drop_backends(self) -> None:
+        for edge in self.backends:
+            self.graph.detach(edge)
+        self.backends = []
+
+    def _drop_filter(self) -> None:
+        """The filter's users back onto the top, the filter gone (success or failure)."""
+        node, self.filter = self.filter, None
+        if node is None:
+            return
+        with contextlib.suppress(QmpError):
+            move_parents(self.graph_of(node), node, self.top, lambda edge: False)
+        if not node.parents:
+            self.graph_of(node).remove_internal(node)
+
+    @staticmethod
+    def graph_of(node: BlockNode) -> BlockGraph:
+        graph: BlockGraph = node.graph
+        return graph
 
     async def _copy_pass(self) -> None:
         """Copy every range some layer above the base holds into the base."""
@@ -188,8 +257,10 @@ class CommitJob(BlockJob):
         if self.active:
             self._pivot()
             return
+        self._drop_filter()
         overlay = chain.find_overlay(self.device, self.top)
         self.remove_all_nodes()
+        self._drop_backends()
         if overlay is None:
             return
         name, fmt = chain.backing_name_for(self.base)
@@ -233,9 +304,13 @@ class CommitJob(BlockJob):
                 await io.flush(self.base_edge)
             except OSError:
                 pass
+        self._drop_backends()
+        self._drop_filter()
 
     def release(self) -> None:
         super().release()
+        self._drop_backends()
+        self._drop_filter()
         if self.active:
             # qsd leaves the base of an active commit read-write, completed or cancelled.
             self.grant.saved.clear()

@@ -133,6 +133,7 @@ class Job:
         self._deadline_ns: int | None = None  # a sleep's timer is pending
         self._first_yield = asyncio.Event()
         self._done = asyncio.Event()
+        self._quiet_waiters: list[asyncio.Future[None]] = []  # drains waiting for a pause
         self._task: asyncio.Task[None] | None = None
         self.txn: JobTxn
         (txn or JobTxn()).add(self)
@@ -261,6 +262,7 @@ class Job:
             self._status_before_pause = self.status
             self._set_status(paused_state(self.status))
             self.paused = True
+            self._notify_quiet()
             await self._park(None)
         if self.is_cancelled:
             raise JobCancelled
@@ -279,6 +281,7 @@ class Job:
         self.busy = False
         self._deadline_ns = deadline_ns
         self._first_yield.set()
+        self._notify_quiet()
         try:
             while not self.busy:
                 wake: asyncio.Future[None] = loop.create_future()
@@ -330,6 +333,36 @@ class Job:
         self.pause_count += 1
         if not self.paused:
             self._enter()
+
+    def _notify_quiet(self) -> None:
+        waiters, self._quiet_waiters = self._quiet_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def is_quiet(self) -> bool:
+        """Nothing of the job's work runs: parked paused, not started, or its work is over."""
+        return self.paused or not self.started or self.deferred_to_main_loop or not self.busy
+
+    async def drain_pause(self) -> None:
+        """A drained section begins (QEMU's job_pause from a drain, then the drain's poll):
+        the pause count rises, and a job in the middle of its work is waited for until it
+        parks at its next pause point, so its `paused` event precedes what follows."""
+        self.pause()
+        while self.should_pause() and not self.is_quiet() and not self.is_cancelled:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._quiet_waiters.append(waiter)
+            await waiter
+
+    async def drain_resume(self) -> None:
+        """A drained section ends: resume, and let a job woken by it run up to its next
+        suspension (QEMU enters the job's coroutine at once), so a command that follows
+        finds a rate-limited job parked in its sleep again, as on qsd."""
+        if self.pause_count <= 0:
+            return
+        self.resume()
+        if not self.is_quiet():
+            await asyncio.sleep(0)
 
     def resume(self) -> None:
         assert self.pause_count > 0
@@ -447,10 +480,12 @@ class Job:
                 self._fail(f"internal error: {exc}")
             self.deferred_to_main_loop = True
             self.busy = False
+            self._notify_quiet()
             await self._completed()
         finally:
             self._first_yield.set()
             self._done.set()
+            self._notify_quiet()
 
     def _fail(self, message: str) -> None:
         self.failed = True

@@ -1,14 +1,29 @@
 """QMP command handlers, one module per area; importing this package registers them all."""
 
 from storage_daemon.monitor.commands import (
+    backup,
     block,
     block_jobs,
     chardev,
     control,
     exports,
     jobs,
+    mirror,
     objects,
     qom,
+    transaction,
 )
 
-__all__ = ["block", "block_jobs", "chardev", "control", "exports", "jobs", "objects", "qom"]
+__all__ = [
+    "backup",
+    "block",
+    "block_jobs",
+    "chardev",
+    "control",
+    "exports",
+    "jobs",
+    "mirror",
+    "objects",
+    "qom",
+    "transaction",
+]

@@ -12,13 +12,14 @@ from typing import Any
 from storage_daemon.blockdev import chain
 from storage_daemon.blockdev.jobs.commit import CommitJob
 from storage_daemon.blockdev.jobs.stream import StreamJob
+from storage_daemon.blockdev.transaction import run_transaction
 from storage_daemon.errors import QmpError
 from storage_daemon.monitor.dispatch import CommandContext, command
 
 
 @command("block-stream")
 async def block_stream(ctx: CommandContext, args: Any) -> None:
-    await ctx.daemon.jobs.launch(StreamJob(ctx.daemon, args))
+    await ctx.daemon.jobs.launch(await StreamJob.create(ctx.daemon, args))
 
 
 @command("block-commit")
@@ -28,29 +29,10 @@ async def block_commit(ctx: CommandContext, args: Any) -> None:
 
 @command("blockdev-snapshot")
 async def blockdev_snapshot(ctx: CommandContext, args: Any) -> None:
-    """Put `overlay` (a node without backing) on top of `node`, recording it in its header."""
-    graph = ctx.daemon.graph
-    node = graph.lookup(args.node)
-    overlay = graph.lookup(args.overlay)
-    for edge in node.parents:
-        if edge.name == "backing" and edge.parent_node is not None:
-            raise QmpError(
-                f"Node '{node.name}' is busy: node is used as backing hd of "
-                f"'{edge.parent_node.name}'"
-            )
-    if any(edge.parent_node is None for edge in overlay.parents):
-        raise QmpError("The overlay is already in use")
-    if not overlay.driver.supports_backing:
-        raise QmpError("The overlay does not support backing images")
-    if chain.cow_child(overlay) is not None:
-        raise QmpError("The overlay already has a backing image")
-    name, fmt = chain.backing_name_for(node)
-    try:
-        await chain.write_backing_name(overlay, name, fmt)
-    except OSError as err:
-        raise QmpError(f"Could not change the backing file: {err.strerror}") from err
-    await chain.set_backing(graph, overlay, node)
-    await chain.make_read_only(graph, node)
+    """Put `overlay` (a node without backing) on top of `node`, in its place: a transaction of
+    one action, as in qsd (blockdev/snapshot.py). Like qsd, the overlay's header is not
+    changed: the backing link lives in the graph only."""
+    await run_transaction(ctx.daemon, [("blockdev-snapshot", args)])
 
 
 @command("change-backing-file")
