@@ -54,11 +54,24 @@ _now: Callable[[], int] = SystemClock().monotonic_ns
 # writes refuse the slow path too (NBD_CMD_FLAG_FAST_ZERO, QEMU's BDRV_REQ_NO_FALLBACK).
 _NO_FALLBACK: ContextVar[bool] = ContextVar("no_fallback", default=False)
 
+# Set while a pread_live runs: a one-item list the file driver sets to True when it answers
+# with a view of the page cache. Only drivers that hand their child's data up unchanged and
+# never keep it see the flag; below any other driver (a format reading its metadata, a
+# filter) it is cleared, so no one else ever gets such a view.
+_LIVE: ContextVar[list[bool] | None] = ContextVar("live_read", default=None)
+_LIVE_OK = frozenset({"raw", "file"})
+
 
 def use_clock(clock: Clock) -> None:
     """Measure request times with `clock` (the daemon's, or a FakeClock in tests)."""
     global _now
     _now = clock.monotonic_ns
+
+
+def live_read_cell() -> list[bool] | None:
+    """For the file driver: a list to set `[0] = True` in when it answers a read with a live
+    view (see `pread_live`), or None when the caller needs a buffer of its own."""
+    return _LIVE.get()
 
 
 def zero_fallback_allowed() -> bool:
@@ -79,6 +92,12 @@ def is_zero(data: Buffer) -> bool:
         _ZEROES.startswith(view[pos : pos + _ZERO_CHUNK])
         for pos in range(0, len(view), _ZERO_CHUNK)
     )
+
+
+def _put(buf: bytearray, pos: int, data: Buffer) -> None:
+    """`buf[pos:pos + len(data)] = data` with one copy (assigning anything but a bytearray
+    to a bytearray slice copies the source into a temporary bytearray first)."""
+    memoryview(buf)[pos : pos + len(data)] = memoryview(data).cast("B")
 
 
 def length(edge: BdrvChild) -> int:
@@ -127,7 +146,9 @@ async def pread(edge: BdrvChild, offset: int, length: int) -> Buffer:
     try:
         align = drv.request_alignment
         max_transfer = drv.max_transfer
-        if (align == 1 or (offset % align == 0 and (end % align == 0 or end == eof))) and (
+        if _LIVE.get() is not None and drv.name not in _LIVE_OK:
+            data = await _pread_sealed(drv, offset, length, eof, align, max_transfer)
+        elif (align == 1 or (offset % align == 0 and (end % align == 0 or end == eof))) and (
             not max_transfer or length <= max_transfer
         ):
             data = await drv.preadv(offset, length)
@@ -144,13 +165,43 @@ async def pread(edge: BdrvChild, offset: int, length: int) -> Buffer:
     return data
 
 
+async def pread_live(edge: BdrvChild, offset: int, length: int) -> tuple[Buffer, bool]:
+    """`pread` for data that is sent at once and then dropped (an NBD READ reply).
+
+    Returns (data, live). When `live` is True, `data` is a read-only view of the file's page
+    cache (a tmpfs image read through raw): no copy was made, so its bytes may still change
+    until the caller has handed them to the kernel, and the caller must not keep it or read
+    it itself (a file shrunk by someone else meanwhile would fault). Overlapping requests in
+    flight at the same time give unspecified results in NBD anyway; qsd's threads can tear
+    such reads too.
+    """
+    cell = [False]
+    token = _LIVE.set(cell)
+    try:
+        data = await pread(edge, offset, length)
+    finally:
+        _LIVE.reset(token)
+    return data, cell[0]
+
+
+async def _pread_sealed(
+    drv: BlockDriver, offset: int, length: int, eof: int, align: int, max_transfer: int
+) -> Buffer:
+    """A read through a driver that must not see live views: the flag is cleared below it."""
+    token = _LIVE.set(None)
+    try:
+        return await _pread_slow(drv, offset, length, eof, align, max_transfer)
+    finally:
+        _LIVE.reset(token)
+
+
 async def _pread_outside(edge: BdrvChild, offset: int, length: int, eof: int) -> Buffer:
     if offset < 0 or length < 0 or not _parent_is_node(edge):
         edge.node.stats.invalid_rd_operations += 1
         raise _error(errno.EIO)
     buf = bytearray(length)
     if offset < eof:
-        buf[: eof - offset] = await pread(edge, offset, eof - offset)
+        _put(buf, 0, await pread(edge, offset, eof - offset))
     return buf
 
 
@@ -179,7 +230,7 @@ async def _read_range(drv: BlockDriver, start: int, stop: int, max_chunk: int) -
         piece = await drv.preadv(pos, size)
         if len(piece) != size:
             raise _error(errno.EIO)
-        buf[pos - start : pos - start + size] = piece
+        _put(buf, pos - start, piece)
     return buf
 
 
@@ -281,7 +332,7 @@ async def _pwrite_slow(
         tail_start = align_down(end, align)
         if end < stop and not (offset > start and tail_start < head_end):
             await _fill(drv, buf, start, tail_start, stop, eof)
-        buf[offset - start : end - start] = data
+        _put(buf, offset - start, data)
         await _write_range(drv, start, buf, fua, max_chunk)
     finally:
         tracker.finish(req)
@@ -297,7 +348,7 @@ async def _fill(
     data = await drv.preadv(start, stop - start)
     if len(data) != stop - start:
         raise _error(errno.EIO)
-    buf[start - base : stop - base] = data
+    _put(buf, start - base, data)
 
 
 async def _write_range(
@@ -432,7 +483,7 @@ async def _zero_partial(
     await _fill(drv, buf, start, start, stop, eof)
     lo = max(offset, start) - start
     hi = min(end, stop) - start
-    buf[lo:hi] = _ZEROES_VIEW[: hi - lo] if hi - lo <= _ZERO_CHUNK else bytes(hi - lo)
+    _put(buf, lo, _ZEROES_VIEW[: hi - lo] if hi - lo <= _ZERO_CHUNK else bytes(hi - lo))
     await drv.pwritev(start, buf, fua)  # type: ignore[arg-type]
 
 

@@ -7,6 +7,7 @@ runs (safe/hard export removal) are raw NBD sockets driven the same way on both 
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
@@ -276,3 +277,350 @@ def test_debug_graph_shows_exports_as_backends(compat: Compat) -> None:
             Cmd("x-debug-query-block-graph"),
         ]
     )
+
+
+# -- what clients see: block sizes, errno values, the first block of a grown file -------------
+
+NBD_PYTHON = "/usr/bin/python3"  # as nbdsh does: the system interpreter has libnbd's bindings
+
+
+def _libnbd(script: str, *args: str) -> str:
+    """Run a libnbd client script with the system interpreter; its stdout."""
+    probe = subprocess.run([NBD_PYTHON, "-c", "import nbd"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("libnbd's Python bindings (nbdsh) are not installed")
+    done = subprocess.run(
+        [NBD_PYTHON, "-c", script, *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+_BLOCK_SIZES = """
+import nbd, sys
+sock = sys.argv[1]
+for name in sys.argv[2:]:
+    for asked in (True, False):
+        for op in ("info", "go"):
+            h = nbd.NBD()
+            h.set_opt_mode(True)
+            h.set_request_block_size(asked)
+            h.connect_unix(sock)
+            h.set_export_name(name)
+            try:
+                getattr(h, "opt_" + op)()
+                kinds = (nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM)
+                got = [h.get_block_size(k) for k in kinds]
+            except nbd.Error as e:
+                got = "error %s" % e.errno
+            print(name, asked, op, got)
+            try:
+                h.shutdown()
+            except nbd.Error:
+                pass
+"""
+
+
+def test_block_size_constraints(compat: Compat) -> None:
+    """NBD_INFO_BLOCK_SIZE: the node's request alignment as the minimum (INFO, or a GO that
+    asked), 1 otherwise; INFO without asking on an aligned export is refused."""
+    pair = compat.daemons(
+        [
+            "--blockdev", "driver=file,node-name=f0,filename=$D/img.raw",
+            "--blockdev", "driver=raw,node-name=raw0,file=f0",
+            "--blockdev", "driver=file,node-name=f1,filename=$D/img.qcow2",
+            "--blockdev", "driver=qcow2,node-name=q1,file=f1",
+            "--blockdev", "driver=compress,node-name=c1,file=q1",
+            "--blockdev",
+            "driver=file,node-name=d0,filename=$D/img.raw,cache.direct=on,locking=off",
+            "--blockdev", "driver=raw,node-name=rd0,file=d0",
+            # O_DIRECT alignment probing: a file starting with data gives 512 here, one
+            # starting with a hole MAX_ALIGN (a 1-byte read of a hole works).
+            "--blockdev",
+            "driver=file,node-name=d1,filename=$D/data.raw,cache.direct=on,locking=off",
+            "--nbd-server", "addr.type=unix,addr.path=$D/nbd.sock",
+            "--export", "type=nbd,id=e0,node-name=raw0,name=raw",
+            "--export", "type=nbd,id=e1,node-name=q1,name=qcow2",
+            "--export", "type=nbd,id=e2,node-name=c1,name=compress,writable=on",
+            "--export", "type=nbd,id=e3,node-name=d0,name=direct",
+            "--export", "type=nbd,id=e4,node-name=rd0,name=raw-direct",
+            "--export", "type=nbd,id=e5,node-name=d1,name=data-direct",
+            # blkdebug's limits: max-transfer caps the maximum, also seen through raw.
+            "--blockdev", "driver=blkdebug,node-name=b0,image=f0,max-transfer=65536",
+            "--blockdev", "driver=blkdebug,node-name=b1,image=f0,align=512,max-transfer=1048576",
+            "--blockdev", "driver=raw,node-name=rb1,file=b1",
+            "--export", "type=nbd,id=e6,node-name=b0,name=bd-max",
+            "--export", "type=nbd,id=e7,node-name=b1,name=bd-align",
+            "--export", "type=nbd,id=e8,node-name=rb1,name=raw-bd",
+        ],
+        setup=all_of(_qcow2_image, make_raw_image, _data_image),
+    )  # fmt: skip
+    names = ["raw", "qcow2", "compress", "direct", "raw-direct", "data-direct", "bd-max"]
+    names += ["bd-align", "raw-bd"]
+    out = {
+        side: _libnbd(_BLOCK_SIZES, str(d.workdir / "nbd.sock"), *names) for side, d in pair.items()
+    }
+    assert out["ours"] == out["reference"]
+    assert "compress True go [65536, 65536, 33554432]" in out["ours"]
+    assert "direct True info [4096, 4096, 33554432]" in out["ours"]
+    assert "data-direct True info [512, 4096, 33554432]" in out["ours"]
+    assert "raw-bd True go [1, 4096, 1048576]" in out["ours"]
+
+
+def _data_image(d: Path) -> None:
+    (d / "data.raw").write_bytes(b"\xa5" * (1 << 20))
+
+
+_ERRNOS = (
+    "EIO", "ENOSPC", "EPERM", "EACCES", "EINVAL", "ENOMEM", "EFBIG", "EOVERFLOW", "ESHUTDOWN",
+    "ENOTSUP", "EROFS", "EDQUOT", "ENOENT", "EAGAIN", "ECANCELED", "EBUSY",
+)  # fmt: skip
+
+_REQUEST_ERRORS = """
+import errno, nbd, sys
+def run(call):
+    try:
+        call()
+        return "ok"
+    except nbd.Error as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+sock = sys.argv[1]
+for name in sys.argv[2:]:
+    got = []
+    for structured in (False, True):
+        h = nbd.NBD()
+        h.set_request_structured_replies(structured)
+        h.set_export_name(name)
+        h.connect_unix(sock)
+        if structured:  # qsd 7.2 drops a structured client after a failed read
+            got += [run(lambda: h.pwrite(b"x" * 512, 0))]
+        else:
+            got += [run(lambda: h.pread(512, 0)), run(lambda: h.pwrite(b"x" * 512, 0))]
+        try:
+            h.shutdown()
+        except nbd.Error:
+            pass
+    print(name, *got)
+"""
+
+
+def _errno_daemons(compat: Compat) -> dict[str, Any]:
+    args = [
+        "--nbd-server", "addr.type=unix,addr.path=$D/nbd.sock",
+        # data, not a hole: qsd answers a structured read of a hole without reading it
+        "--blockdev", "driver=file,node-name=f0,filename=$D/data.raw",
+    ]  # fmt: skip
+    for name in _ERRNOS:
+        code = getattr(__import__("errno"), name)
+        # raw over blkdebug: raw's reads and writes raise read_aio/write_aio on its child.
+        args += [
+            "--blockdev",
+            f"driver=raw,node-name=n{name},file.driver=blkdebug,file.image=f0,"
+            f"file.inject-error.0.event=read_aio,file.inject-error.0.errno={code},"
+            f"file.inject-error.1.event=write_aio,file.inject-error.1.errno={code}",
+            "--export",
+            f"type=nbd,id=e{name},node-name=n{name},name={name},writable=on",
+        ]
+    return compat.daemons(args, setup=_data_image)
+
+
+def test_errno_values_on_the_wire(compat: Compat) -> None:
+    """Each host errno reaches the client as qsd maps it (EACCES, EAGAIN, ... as EINVAL)."""
+    pair = _errno_daemons(compat)
+    out = {
+        side: _libnbd(_REQUEST_ERRORS, str(d.workdir / "nbd.sock"), *_ERRNOS)
+        for side, d in pair.items()
+    }
+    assert out["ours"] == out["reference"]
+    assert "EACCES EINVAL EINVAL EINVAL" in out["ours"].splitlines()
+
+
+_FAILED_STRUCTURED_READ = """
+import errno, nbd, sys
+h = nbd.NBD()
+h.set_export_name(sys.argv[2])
+h.connect_unix(sys.argv[1])
+for _ in range(2):
+    try:
+        h.pread(512, 0)
+        print("ok")
+    except nbd.Error as e:
+        print(errno.errorcode.get(e.errno, e.errno))
+"""
+
+
+def test_failed_structured_read_keeps_the_connection(compat: Compat) -> None:
+    """A deliberate difference: qsd 7.2 drops a structured-reply client whose READ failed
+    (the client sees ENOTCONN, then nothing works); we send the error chunk the NBD spec
+    asks for and keep serving. Pinned here so that either side changing is noticed."""
+    pair = _errno_daemons(compat)
+    out = {
+        side: _libnbd(_FAILED_STRUCTURED_READ, str(d.workdir / "nbd.sock"), "EIO").split()
+        for side, d in pair.items()
+    }
+    assert out["reference"][0] == "ENOTCONN"
+    assert out["ours"] == ["EIO", "EIO"]
+
+
+def test_growing_an_empty_file_allocates_its_first_block(compat: Compat) -> None:
+    """block_resize from length 0 writes the first block (qsd's allocate_first_block): 4 KiB
+    in use, and a file grown to less than a sector becomes one sector long."""
+
+    def empty_files(d: Path) -> None:
+        for name in ("a", "b", "c"):
+            (d / name).write_bytes(b"")
+
+    steps: list[StepLike] = [
+        Cmd("blockdev-add", {"driver": "file", "node-name": n, "filename": f"$D/{n}"})
+        for n in ("a", "b", "c")
+    ]
+    steps += [
+        Cmd("block_resize", {"node-name": "a", "size": 1 << 20}),
+        Cmd("block_resize", {"node-name": "b", "size": 100}),
+        Cmd("block_resize", {"node-name": "c", "size": 8192}),
+        Cmd("block_resize", {"node-name": "c", "size": 1 << 20}),
+    ]
+    result = compat.check_transcript(steps, setup=empty_files)
+    assert result.replies()
+    seen = {}
+    for side, d in compat.dirs.items():
+        seen[side] = [
+            (os.stat(d / n).st_size, os.stat(d / n).st_blocks * 512) for n in ("a", "b", "c")
+        ]
+    assert seen["ours"] == seen["reference"]
+    assert seen["ours"][:2] == [(1 << 20, 4096), (512, 4096)]
+
+
+# -- sparse structured reads: the chunk sequence of each READ ---------------------------------
+
+
+def _qemu_io(image: Path, fmt: str, *commands: str) -> None:
+    args = ["qemu-io", "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    subprocess.run([*args, str(image)], check=True, capture_output=True)
+
+
+def _qcow2(d: Path, name: str, size: str, *opts: str) -> Path:
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", *opts, str(d / name), size], check=True
+    )
+    return d / name
+
+
+def _sparse_images(d: Path) -> None:
+    """The same allocation on both sides (deterministic patterns, written by qemu-io)."""
+    raw = d / "raw.img"
+    with open(raw, "wb") as f:
+        f.truncate(4 << 20)
+    # data, hole, explicit zeroes (data to SEEK_DATA), an unaligned extent, data at the end
+    _qemu_io(raw, "raw", "write -P 0xab 0 64k", "write -P 0 256k 64k")
+    _qemu_io(raw, "raw", "write -P 0xcd 1049088 4k", "write -P 0xef 4190208 4k")
+    # data, unallocated, zero clusters; a partial cluster; data-zero-data
+    q = _qcow2(d, "q.qcow2", "4M")
+    _qemu_io(q, "qcow2", "write -P 0x11 0 64k", "write -z 128k 64k", "write -P 0 256k 64k")
+    _qemu_io(q, "qcow2", "write -P 0x22 1M 4k", "write -P 0x33 2M 192k", "write -z 2112k 64k")
+    # host clusters out of guest order (not contiguous: one chunk each), compressed ones
+    rev = _qcow2(d, "rev.qcow2", "1M")
+    _qemu_io(rev, "qcow2", "write -P 1 64k 64k", "write -P 2 0 64k", "write -P 3 256k 256k")
+    cc = _qcow2(d, "cc.qcow2", "1M")
+    _qemu_io(cc, "qcow2", "write -c -P 5 0 64k", "write -c -P 6 64k 64k", "write -c -P 0 128k 64k")
+    # 512-byte clusters: qsd's extents stop at each L2 slice (32 KiB)
+    small = _qcow2(d, "small.qcow2", "512k", "-o", "cluster_size=512")
+    _qemu_io(small, "qcow2", "write -P 8 0 96k", "write -z 100k 10k")
+    # a chain: top over base (top longer), top's zero clusters over base data
+    base = _qcow2(d, "base.qcow2", "4M")
+    _qemu_io(base, "qcow2", "write -P 0x55 0 1M", "write -P 0x66 2M 1M")
+    top = _qcow2(d, "top.qcow2", "6M", "-b", "base.qcow2", "-F", "qcow2")
+    _qemu_io(top, "qcow2", "write -P 0x77 64k 64k", "write -z 256k 128k", "write -P 0x88 1536k 64k")
+    _qemu_io(top, "qcow2", "write -P 0x99 5M 64k")
+
+
+_SPARSE_NODES = [
+    "--blockdev", "driver=file,node-name=fr,filename=$D/raw.img",
+    "--blockdev", "driver=raw,node-name=raw,file=fr",
+    "--blockdev", "driver=raw,node-name=roff,file=fr,offset=32768,size=1048576",
+    "--blockdev", "driver=qcow2,node-name=qcow2,file.driver=file,file.filename=$D/q.qcow2",
+    "--blockdev", "driver=qcow2,node-name=rev,file.driver=file,file.filename=$D/rev.qcow2",
+    "--blockdev", "driver=qcow2,node-name=comp,file.driver=file,file.filename=$D/cc.qcow2",
+    "--blockdev", "driver=qcow2,node-name=small,file.driver=file,file.filename=$D/small.qcow2",
+    "--blockdev", "driver=qcow2,node-name=top,file.driver=file,file.filename=$D/top.qcow2",
+    "--blockdev", "driver=null-co,node-name=null,size=1048576",
+    "--blockdev", "driver=null-co,node-name=nullz,size=1048576,read-zeroes=on",
+    # reads of raw's file fail; holes are never read, so only data extents fail
+    "--blockdev",
+    "driver=raw,node-name=bad,file.driver=blkdebug,file.image=fr,"
+    "file.inject-error.0.event=read_aio,file.inject-error.0.errno=5",
+]  # fmt: skip
+_SPARSE_EXPORTS = ["raw", "fr", "roff", "qcow2", "rev", "comp", "small", "top", "null", "nullz"]
+
+_CHUNKS = """
+import errno, nbd, sys, zlib
+KIND = {nbd.READ_DATA: "data", nbd.READ_HOLE: "hole", nbd.READ_ERROR: "error"}
+DF = nbd.CMD_FLAG_DF
+MiB = 1 << 20
+READS = [(0, 4 * MiB, 0), (0, 4 * MiB, DF), (4096, 8192, 0), (61440, 8192, 0), (MiB, MiB, 0),
+         (1049000, 5000, 0), (0, 1, 0), (65536, 65536, 0), (65536, 65536, DF),
+         (2 * MiB, 2 * MiB, 0), (512, MiB, 0), (3 * MiB, MiB, 0), (700000, 348576, 0),
+         (0, 6 * MiB, 0)]
+
+def read(h, off, n, flags, crc=True):
+    seen = []
+    def chunk(buf, offset, status, err):
+        # the bytes too: a hole must read as zeroes, a data chunk as the image's bytes
+        # (not null-co's: without read-zeroes qsd sends whatever its buffer held)
+        seen.append("%s@%d+%d:%x" % (KIND.get(status, status), offset, len(buf),
+                                      zlib.crc32(buf) if crc else 0))
+        return 0
+    try:
+        h.pread_structured(n, off, chunk, flags)
+        result = "ok"
+    except nbd.Error as e:
+        result = errno.errorcode.get(e.errno, str(e.errno))
+    return "%d+%d%s %s %s" % (off, n, " DF" if flags else "", result, " ".join(seen))
+
+sock, mode = sys.argv[1], sys.argv[2]
+for name in sys.argv[3:]:
+    h = nbd.NBD()
+    h.set_export_name(name)
+    h.connect_unix(sock)
+    size = h.get_size()
+    if mode == "all":
+        for off, n, flags in READS:
+            if off + n <= size:
+                print(name, read(h, off, n, flags, name != "null"))
+    else:  # hole reads of a failing node (qsd hangs up after a failed structured read)
+        for off, n, flags in [(65536, 65536, 0), (65536, 4096, 0), (2 * MiB, MiB, 0),
+                              (65536, 4096, DF)]:
+            print(name, read(h, off, n, flags))
+    h.shutdown()
+"""
+
+
+def test_sparse_read_chunks(compat: Compat) -> None:
+    """A structured READ is one chunk per block-status extent of the exported node (through
+    its chain, extents not merged): holes for what reads as zeroes, never read; data for the
+    rest; a DF read is one data chunk. Same chunk sequences (and bytes) as qsd."""
+    args = [*_SPARSE_NODES, "--nbd-server", "addr.type=unix,addr.path=$D/nbd.sock"]
+    for name in [*_SPARSE_EXPORTS, "bad"]:
+        args += ["--export", f"type=nbd,id=e-{name},node-name={name}"]
+    pair = compat.daemons(args, setup=_sparse_images)
+    out = {}
+    for side, d in pair.items():
+        sock = str(d.workdir / "nbd.sock")
+        out[side] = _libnbd(_CHUNKS, sock, "all", *_SPARSE_EXPORTS)
+        out[side] += _libnbd(_CHUNKS, sock, "holes", "bad")
+    assert out["ours"] == out["reference"], diff_text(
+        out["reference"].splitlines(), out["ours"].splitlines()
+    )
+    kinds = {}
+    for line in out["ours"].splitlines():
+        parts = line.split()
+        cut = 3 if parts[2] == "DF" else 2  # name, range, [DF], result, chunks
+        kinds[" ".join(parts[:cut])] = [parts[cut], *(c.split("@")[0] for c in parts[cut + 1 :])]
+    # unallocated, zero, unallocated: three holes, not merged
+    assert kinds["qcow2 0+4194304"][:6] == ["ok", "data", "hole", "hole", "hole", "data"]
+    assert kinds["qcow2 0+4194304 DF"] == ["ok", "data"]
+    assert kinds["top 0+4194304"][:4] == ["ok", "data", "data", "data"]  # base, top, base
+    assert kinds["bad 65536+65536"] == ["ok", "hole"]  # a hole of a failing node reads fine
+    assert kinds["bad 65536+4096 DF"] == ["EIO"]  # DF reads it

@@ -321,6 +321,25 @@ async def test_zeroes_discard_and_truncate(scratch: Path) -> None:
     assert d.getlength() == os.stat(img).st_size == 6 * MiB
 
 
+async def test_growing_an_empty_file_writes_its_first_block(scratch: Path) -> None:
+    """qsd's allocate_first_block: growing from length 0 allocates (zeroes) the first block;
+    a file grown to less than a sector becomes a sector long; growing a non-empty file
+    allocates nothing."""
+    daemon = Daemon()
+    for name, size, length in (("a", MiB, MiB), ("b", 100, 512), ("c", 8192, 8192)):
+        img = scratch / name
+        img.write_bytes(b"")
+        d = drv(await add(daemon, **{"node-name": name, "filename": str(img)}))
+        await d.truncate(size)
+        assert (d.getlength(), os.stat(img).st_size) == (length, length)
+        assert os.stat(img).st_blocks * 512 >= 512
+        assert img.read_bytes() == bytes(length)
+    c = drv(daemon.graph.lookup("c"))
+    before = os.stat(scratch / "c").st_blocks
+    await c.truncate(4 * MiB)
+    assert os.stat(scratch / "c").st_blocks == before
+
+
 async def test_discard_ignored_unless_discard_unmap(scratch: Path) -> None:
     daemon = Daemon()
     img = sparse(scratch)
@@ -377,6 +396,24 @@ async def test_o_direct_alignment_and_unaligned_eof(scratch: Path) -> None:
     assert os.stat(img).st_size == MiB + 1000
     assert img.read_bytes() == expected[:MiB] + b"t" * 1000
     await io.flush(edge)
+
+
+async def test_o_direct_alignment_of_a_file_starting_with_a_hole(scratch: Path) -> None:
+    """A 1-byte O_DIRECT read of a hole works (nothing is read from the device), which
+    proves nothing: the probe then takes MAX_ALIGN, as qsd does."""
+    img = sparse(scratch, MiB)
+    if not direct_io_supported(img):
+        pytest.skip(f"{scratch} does not support O_DIRECT")
+    fd = os.open(img, os.O_RDONLY | os.O_DIRECT)
+    try:
+        try:
+            os.pread(fd, 1, 0)
+        except OSError as err:
+            assert err.errno == errno.EINVAL
+            pytest.skip("this filesystem checks alignment for holes too")
+        assert syscalls.probe_request_alignment(fd, os.fstat(fd)) == syscalls.MAX_ALIGN
+    finally:
+        os.close(fd)
 
 
 # --- locking ------------------------------------------------------------------------------

@@ -121,10 +121,12 @@ async def start(daemon: Daemon, scratch: Path, **extra: Any) -> Path:
     return sock
 
 
-async def null_export(daemon: Daemon, name: str = "n", opts: dict[str, Any] | None = None) -> None:
+async def null_export(
+    daemon: Daemon, name: str = "n", opts: dict[str, Any] | None = None, zeroes: bool = True
+) -> None:
     await daemon.run_command(
         "blockdev-add",
-        {"driver": "null-co", "node-name": name, "size": 4 * MiB, "read-zeroes": True},
+        {"driver": "null-co", "node-name": name, "size": 4 * MiB, "read-zeroes": zeroes},
     )
     await daemon.run_command(
         "block-export-add", {"type": "nbd", "id": f"e-{name}", "node-name": name, **(opts or {})}
@@ -154,7 +156,8 @@ async def test_node_errors_become_error_replies(
     daemon: Daemon, scratch: Path, structured: bool
 ) -> None:
     sock = await start(daemon, scratch)
-    await null_export(daemon, opts=dict(writable=True))
+    # Without read-zeroes the node reports no zeroes, so a structured read reads it too.
+    await null_export(daemon, opts=dict(writable=True), zeroes=False)
     node = daemon.graph.lookup("n")
 
     async def fail(*args: Any, **kwargs: Any) -> Any:
@@ -330,3 +333,189 @@ async def test_pipelined_requests_on_a_tmpfs_image(daemon: Daemon, scratch: Path
         await c.close()
     finally:
         img.unlink(missing_ok=True)
+
+
+async def test_block_size_limits_come_from_the_node(daemon: Daemon, scratch: Path) -> None:
+    """The advertised minimum is the exported node's request alignment; the maximum is
+    capped by the smallest max-transfer among its data children (merged as QEMU does)."""
+    await start(daemon, scratch)
+    image = {"driver": "null-co", "size": 4 * MiB}
+    blkdebug = {"driver": "blkdebug", "image": image, "align": 4096, "max-transfer": 65536}
+    await daemon.run_command("blockdev-add", {"node-name": "b", **blkdebug})
+    await daemon.run_command(
+        "blockdev-add", {"driver": "raw", "node-name": "r", "file": {**blkdebug, "align": 512}}
+    )
+    await null_export(daemon, "plain")
+    for node in ("b", "r"):
+        await daemon.run_command(
+            "block-export-add", {"type": "nbd", "id": f"e-{node}", "node-name": node}
+        )
+    assert daemon.nbd_server is not None
+    infos = daemon.nbd_server.infos
+    sizes = {
+        name: (infos[name].block_size_min, infos[name].block_size_max)
+        for name in ("b", "r", "plain")
+    }
+    assert sizes == {"b": (4096, 65536), "r": (1, 65536), "plain": (1, 32 * MiB)}
+
+
+# -- sparse structured reads ------------------------------------------------------------------
+
+DF, FUA = 1 << 2, 1 << 0
+KiB = 1024
+
+
+def read_request(c: Client, offset: int, length: int, cookie: int, flags: int = 0) -> None:
+    c.w.write(struct.pack(">IHHQQI", 0x25609513, flags, READ, cookie, offset, length))
+
+
+async def replies(c: Client, count: int) -> dict[int, tuple[int, list[tuple[int, bytes]]]]:
+    """`count` structured replies by cookie: (error, chunks); chunks of different requests
+    may interleave on the wire (each reply's own chunks stay in order)."""
+    out: dict[int, tuple[int, list[tuple[int, bytes]]]] = {}
+    done = 0
+    while done < count:
+        magic, flags, kind, cookie, length = struct.unpack(">IHHQI", await c.r.readexactly(20))
+        assert magic == STRUCTURED
+        body = await c.r.readexactly(length)
+        error, chunks = out.get(cookie, (0, []))
+        if kind & 0x8000:
+            error = struct.unpack(">I", body[:4])[0]
+        out[cookie] = (error, [*chunks, (kind, body)])
+        done += flags & 1
+    return out
+
+
+def read_chunks(chunks: list[tuple[int, bytes]]) -> list[tuple[str, int, int, bytes]]:
+    """(kind, offset, length, bytes) of OFFSET_DATA / OFFSET_HOLE chunks; errors by name."""
+    out = []
+    for kind, body in chunks:
+        if kind == 1:
+            (offset,) = struct.unpack(">Q", body[:8])
+            out.append(("data", offset, len(body) - 8, bytes(body[8:])))
+        elif kind == 2:
+            offset, length = struct.unpack(">QI", body)
+            out.append(("hole", offset, length, b""))
+        else:
+            err, n = struct.unpack(">IH", body[:6])
+            out.append(("error", err, kind, bytes(body[6 : 6 + n])))
+    return out
+
+
+@pytest.fixture
+def sparse_raw(scratch: Path) -> Path:
+    """1 MiB: data at [0, 64K) and [128K, 192K), explicit zeroes at [256K, 320K), holes else."""
+    img = scratch / "sparse.raw"
+    fd = os.open(img, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.ftruncate(fd, MiB)
+        os.pwrite(fd, b"\xaa" * (64 * KiB), 0)
+        os.pwrite(fd, b"\xbb" * (64 * KiB), 128 * KiB)
+        os.pwrite(fd, bytes(64 * KiB), 256 * KiB)
+    finally:
+        os.close(fd)
+    return img
+
+
+async def raw_export(daemon: Daemon, img: Path) -> Any:
+    """raw over file, exported writable as "r"; returns the file node's driver."""
+    await daemon.run_command(
+        "blockdev-add", {"driver": "file", "node-name": "f", "filename": str(img)}
+    )
+    await daemon.run_command("blockdev-add", {"driver": "raw", "node-name": "r", "file": "f"})
+    await daemon.run_command(
+        "block-export-add", {"type": "nbd", "id": "e-r", "node-name": "r", "writable": True}
+    )
+    return daemon.graph.lookup("f").driver
+
+
+async def test_structured_reads_skip_holes(daemon: Daemon, scratch: Path, sparse_raw: Path) -> None:
+    """One chunk per block-status extent: holes (never read) for the file's holes, data for
+    its data extents, explicit zeroes included (as qsd); the last chunk alone is final."""
+    sock = await start(daemon, scratch)
+    await raw_export(daemon, sparse_raw)
+    c = await Client.connect(sock)
+    await c.go("r")
+    read_request(c, 32 * KiB, 512 * KiB, 1)
+    cookie, error, chunks = await c.reply()
+    assert (cookie, error) == (1, 0)
+    assert read_chunks(chunks) == [
+        ("data", 32 * KiB, 32 * KiB, b"\xaa" * (32 * KiB)),
+        ("hole", 64 * KiB, 64 * KiB, b""),
+        ("data", 128 * KiB, 64 * KiB, b"\xbb" * (64 * KiB)),
+        ("hole", 192 * KiB, 64 * KiB, b""),
+        ("data", 256 * KiB, 64 * KiB, bytes(64 * KiB)),
+        ("hole", 320 * KiB, 224 * KiB, b""),
+    ]
+    read_request(c, 60 * KiB, 8 * KiB, 2, flags=DF)  # DF: one data chunk, holes included
+    cookie, error, chunks = await c.reply()
+    assert (cookie, error) == (2, 0)
+    assert read_chunks(chunks) == [("data", 60 * KiB, 8 * KiB, b"\xaa" * 4096 + bytes(4096))]
+    await c.close()
+    plain = await Client.connect(sock)  # simple replies: the bytes, holes as zeroes
+    await plain.go("r", structured=False)
+    read_request(plain, 60 * KiB, 8 * KiB, 3)
+    assert await plain.reply(8 * KiB) == (3, 0, [(-1, b"\xaa" * 4096 + bytes(4096))])
+    await plain.close()
+
+
+async def test_read_errors_after_hole_chunks(
+    daemon: Daemon, scratch: Path, sparse_raw: Path
+) -> None:
+    """Holes are never read, so a failing read only shows on data extents; a failure after
+    some chunks ends the reply with an error chunk, and the connection keeps serving."""
+    sock = await start(daemon, scratch)
+    drv = await raw_export(daemon, sparse_raw)
+
+    async def fail(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "injected")
+
+    drv.preadv = fail
+    c = await Client.connect(sock)
+    await c.go("r")
+    read_request(c, 64 * KiB, 64 * KiB, 1)  # a hole: fine
+    read_request(c, 64 * KiB, 128 * KiB, 2)  # hole, then a data extent that fails
+    read_request(c, 0, 4096, 3, flags=DF)  # DF reads the range in one piece
+    read_request(c, 200 * KiB, 4096, 4)
+    got = {cookie: (error, read_chunks(chunks)) for cookie, (error, chunks) in
+           (await replies(c, 4)).items()}  # fmt: skip
+    assert got[1] == (0, [("hole", 64 * KiB, 64 * KiB, b"")])
+    assert got[2] == (
+        28,
+        [("hole", 64 * KiB, 64 * KiB, b""), ("error", 28, 0x8001, b"reading from file failed")],
+    )
+    assert got[3][0] == 28
+    assert got[4] == (0, [("hole", 200 * KiB, 4096, b"")])
+
+    async def no_status(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.EIO, "injected")
+
+    drv.block_status = no_status
+    read_request(c, 64 * KiB, 4096, 5)
+    assert read_chunks((await c.reply())[2]) == [("error", 5, 0x8001, b"unable to check for holes")]
+    await c.close()
+
+
+async def test_fua_read_flushes_first(daemon: Daemon, scratch: Path, sparse_raw: Path) -> None:
+    sock = await start(daemon, scratch)
+    drv = await raw_export(daemon, sparse_raw)
+    flushed: list[bool] = []
+
+    async def flush() -> None:
+        flushed.append(True)
+        raise OSError(errno.EIO, "injected")
+
+    drv.flush = flush
+    c = await Client.connect(sock)
+    await c.go("r")
+    read_request(c, 0, 4096, 1, flags=FUA)  # nothing written yet: nothing to flush (qsd too)
+    assert (await c.reply())[:2] == (1, 0)
+    c.send(WRITE, 0, 512, 2, b"w" * 512)
+    assert (await c.reply())[:2] == (2, 0)
+    assert not flushed
+    read_request(c, 0, 4096, 3)
+    assert (await c.reply())[:2] == (3, 0)
+    read_request(c, 0, 4096, 4, flags=FUA)
+    assert read_chunks((await c.reply())[2]) == [("error", 5, 0x8001, b"flush failed")]
+    assert flushed == [True]
+    await c.close()

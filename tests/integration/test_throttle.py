@@ -39,11 +39,13 @@ def daemon(workdir: Path, args: Sequence[str]) -> Iterator[DaemonProcess]:
 
 
 def throttled_export(sock: Path, bps: int) -> list[str]:
+    # read-zeroes=off: a READ of a hole is answered from block status and never read (and so
+    # never throttled), by qsd 7.2 and by ours alike; data extents go through the throttle.
     return [
         "--object",
         f"throttle-group,id=tg0,x-bps-read={bps}",
         "--blockdev",
-        "driver=null-co,node-name=null0,size=1073741824,read-zeroes=on",
+        "driver=null-co,node-name=null0,size=1073741824,read-zeroes=off",
         "--blockdev",
         "driver=throttle,node-name=th,throttle-group=tg0,file=null0",
         "--nbd-server",
@@ -126,7 +128,7 @@ def test_blkdebug_error_reaches_nbd_client(tmp_path: Path) -> None:
                 "node-name": "bd",
                 "file": {
                     "driver": "blkdebug",
-                    "image": {"driver": "null-co", "size": MiB, "read-zeroes": True},
+                    "image": {"driver": "null-co", "size": MiB, "read-zeroes": False},
                     "inject-error": [{"event": "read_aio", "sector": 8}],
                 },
             }

@@ -309,6 +309,35 @@ def test_info_replies_match_qsd() -> None:
     assert c.phase is Phase.OPTIONS
 
 
+def test_block_size_follows_request_alignment_as_qsd() -> None:
+    """min = the export's alignment for INFO and for a GO that asked; else 1. preferred =
+    max(4096, min). INFO without BLOCK_SIZE on an aligned export fails after the INFOs."""
+    aligned = ExportInfo("c", 64 * MiB, block_size_min=65536)
+    sizes = {
+        (code, tuple(reqs)): ask(new(exports={"c": aligned}), opt(code, info(b"c", reqs)))[1]
+        for code in (Opt.INFO, Opt.GO)
+        for reqs in ([3], [])
+    }
+    asked_go = sizes[(Opt.GO, (3,))]
+    big = bytes.fromhex("0003 00010000 00010000 02000000")
+    small = bytes.fromhex("0003 00000001 00001000 02000000")
+    assert sizes[(Opt.INFO, (3,))][0] == (6, Rep.INFO, big)
+    assert sizes[(Opt.INFO, (3,))][-1] == (6, Rep.ACK, b"")
+    assert sizes[(Opt.INFO, ())][0] == (6, Rep.INFO, big)
+    assert sizes[(Opt.INFO, ())][-1] == (
+        6,
+        Rep.ERR_BLOCK_SIZE_REQD,
+        b"request NBD_INFO_BLOCK_SIZE to use this export",
+    )
+    assert sizes[(Opt.GO, ())][0] == (7, Rep.INFO, small)
+    assert asked_go[0] == (7, Rep.INFO, big) and asked_go[-1] == (7, Rep.ACK, b"")
+    # A 512-byte alignment keeps the preferred size at 4096; alignment 1 never fails INFO.
+    direct = ExportInfo("d", MiB, block_size_min=512)
+    reps = ask(new(exports={"d": direct}), opt(Opt.INFO, info(b"d", [3])))[1]
+    assert reps[0] == (6, Rep.INFO, bytes.fromhex("0003 00000200 00001000 02000000"))
+    assert ask(new(), opt(Opt.INFO, info(b"x")))[1][-1] == (6, Rep.ACK, b"")
+
+
 def test_go_enters_transmission_with_negotiated_state() -> None:
     c = new()
     ask(c, opt(Opt.STRUCTURED_REPLY))
@@ -946,6 +975,7 @@ def test_errno_mapping() -> None:
     assert nbd_errno(errno.EDQUOT) == 28 and nbd_errno(errno.EFBIG) == 28
     assert nbd_errno(errno.EOVERFLOW) == 75 and nbd_errno(errno.EOPNOTSUPP) == 95
     assert nbd_errno(errno.ESHUTDOWN) == 108 and nbd_errno(errno.ENOENT) == 22
+    assert nbd_errno(errno.EACCES) == 22  # qsd 7.2 has no entry for it: EINVAL
 
 
 def test_eof_in_transmission_clean_or_mid_request() -> None:

@@ -25,6 +25,7 @@ from storage_daemon.export.nbd.constants import (
     OPTION_NAMES,
     OPTION_REPLY_MAGIC,
     InfoType,
+    Opt,
     Rep,
     TransmissionFlag,
 )
@@ -34,6 +35,8 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
+_OPT_INFO = int(Opt.INFO)
+_BLOCK_SIZE_REQD = b"request NBD_INFO_BLOCK_SIZE to use this export"
 
 
 class NbdUsageError(Exception):
@@ -249,8 +252,13 @@ def info_replies(opt: int, export: ExportInfo, requests: frozenset[int], structu
     """The REP_INFO replies and the final ACK for INFO/GO, in qsd's order and selection.
 
     qsd sends NAME only when asked, DESCRIPTION whenever the export has one, BLOCK_SIZE always,
-    and EXPORT last.
+    and EXPORT last. The minimum block size is the export's (its node's request alignment)
+    for INFO and for a GO that asked for BLOCK_SIZE, else 1 (such a client may not honour
+    it); preferred is at least the minimum. An INFO that did not ask for BLOCK_SIZE on an
+    export with a minimum above 1 ends in ERR_BLOCK_SIZE_REQD instead of the ACK (qsd 7.2).
     """
+    asked = InfoType.BLOCK_SIZE in requests
+    minimum = export.block_size_min if asked or opt == _OPT_INFO else 1
     parts: list[bytes] = []
     if InfoType.NAME in requests:
         parts.append(option_reply(opt, Rep.INFO, _U16.pack(InfoType.NAME) + export.name.encode()))
@@ -266,8 +274,8 @@ def info_replies(opt: int, export: ExportInfo, requests: frozenset[int], structu
             Rep.INFO,
             _INFO_BLOCK_SIZE.pack(
                 InfoType.BLOCK_SIZE,
-                export.block_size_min,
-                export.block_size_preferred,
+                minimum,
+                max(export.block_size_preferred, minimum),
                 export.block_size_max,
             ),
         )
@@ -279,5 +287,8 @@ def info_replies(opt: int, export: ExportInfo, requests: frozenset[int], structu
             _INFO_EXPORT.pack(InfoType.EXPORT, export.size, export.transmission_flags(structured)),
         )
     )
-    parts.append(option_reply(opt, Rep.ACK))
+    if opt == _OPT_INFO and not asked and export.block_size_min > 1:
+        parts.append(option_reply(opt, Rep.ERR_BLOCK_SIZE_REQD, _BLOCK_SIZE_REQD))
+    else:
+        parts.append(option_reply(opt, Rep.ACK))
     return b"".join(parts)

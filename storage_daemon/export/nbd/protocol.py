@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+from storage_daemon.export.nbd.buffers import BufferPool
 from storage_daemon.export.nbd.constants import (
     COMMAND_NAMES,
     EXPORT_NAME_ZEROES,
@@ -203,6 +204,7 @@ class ServerConnection:
         self._end = 0
         self._payload: bytearray | None = None
         self._payload_mv: memoryview | None = None
+        self._buffers = BufferPool()  # payload buffers, reused once the caller dropped them
         self._filled = 0
         self._skip = 0
         self._skip_all = False  # get_buffer handed out the whole buffer as a discard area
@@ -384,10 +386,11 @@ class ServerConnection:
             mv = self._mv[self._start : self._start + length]
             self._start += length
             return mv
-        buf = bytearray(length)
-        buf[:avail] = self._mv[self._start : self._end]
+        buf = self._buffers.get(length)
+        mv = memoryview(buf)
+        mv[:avail] = self._mv[self._start : self._end]  # bytearray[:n] = view would copy twice
         self._start = self._end
-        self._payload, self._payload_mv, self._filled = buf, memoryview(buf), avail
+        self._payload, self._payload_mv, self._filled = buf, mv, avail
         self._need = need
         return None
 

@@ -31,13 +31,15 @@ _CHUNK_OFFSET = struct.Struct(">IHHQIQ")
 _HOLE = struct.Struct(">IHHQIQI")
 _ERROR_HEAD = struct.Struct(">IHHQIIH")
 _OFFSET = struct.Struct(">Q")
+_DF = int(CmdFlag.DF)  # a plain int: IntFlag's operators run Python code
 
 
 @dataclass(slots=True)
 class Request:
     """A validated transmission request; answer it with the connection's `reply_*` methods.
 
-    `payload` is set for WRITE only: a memoryview the caller owns (never reused by the core).
+    `payload` is set for WRITE only: a memoryview the caller owns (the core reuses its memory
+    only once every reference to it and its views is gone, see `buffers.py`).
     Cookies are opaque and may repeat; the core keys nothing on them.
     """
 
@@ -111,7 +113,7 @@ def hole_chunk(cookie: int, offset: int, length: int, done: bool) -> bytes:
 def check_read_piece(req: Request, offset: int, length: int) -> None:
     if length <= 0 or offset < req.offset or offset + length > req.offset + req.length:
         raise NbdUsageError(f"chunk {offset}+{length} outside the request")
-    if req.flags & CmdFlag.DF and (offset, length) != (req.offset, req.length):
+    if req.flags & _DF and (offset, length) != (req.offset, req.length):
         raise NbdUsageError("DF request: one chunk must cover the whole read")
 
 

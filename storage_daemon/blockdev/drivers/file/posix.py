@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from storage_daemon.blockdev import io
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
 from storage_daemon.blockdev.drivers.file import pool, syscalls
 from storage_daemon.blockdev.drivers.file.locking import ImageLocks, ofd_locks_work
@@ -93,6 +94,18 @@ class FileDriver(BlockDriver):
         self._has_zero_range = True
         self._has_punch = True
         self._has_fallocate = True
+        # QEMU's block-status cache: one range known to be data, so that a client walking a
+        # fully allocated image (nbdcopy asks 128 MiB at a time) does not make the kernel
+        # scan the page cache for the next hole again and again (SEEK_HOLE is linear in the
+        # data before the hole). Writes only turn holes into data, so only zero writes,
+        # discards and truncation drop it; `_holes_gen` tells a probe that raced with one.
+        self._data_cache: tuple[int, int] | None = None
+        self._holes_gen = 0
+        # tmpfs: a read-only shared mapping of the image, for live reads of data extents
+        # (`io.pread_live`): the NBD reply is then copied once, from the page cache straight
+        # into the socket, instead of into a buffer first and from there into the socket.
+        self._map: memoryview | None = None
+        self._mappable = True
 
     # --- open and close ---------------------------------------------------------------
 
@@ -115,6 +128,7 @@ class FileDriver(BlockDriver):
         self._flags = os.O_CLOEXEC | (os.O_DIRECT if self.direct else 0)
         writable = not opts.read_only and not self._dynamic_ro
 
+        syscalls.keep_freed_buffers()  # once per process: no page faults per request
         loop = asyncio.get_running_loop()
         fd, st = await loop.run_in_executor(None, self._open_fd, writable)
         handle = _Handle(fd, writable, self.filename)
@@ -168,6 +182,7 @@ class FileDriver(BlockDriver):
             self.locking = ofd_locks_work(fd)
 
     async def close(self) -> None:
+        self._map = None  # unmapped once the last reply using it was sent
         handles = [h for h in (self._pending, self._handle) if h is not None]
         self._pending = self._handle = None
         loop = asyncio.get_running_loop()
@@ -297,8 +312,15 @@ class FileDriver(BlockDriver):
     async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         if self.direct:
             return await self._read_direct(offset, length)
-        if length <= INLINE_MAX and self._inline:
-            return syscalls.read_bytes(self._live().fd, length, offset)
+        if self._inline:
+            cell = io.live_read_cell()
+            if cell is not None:
+                view = self._mapped(offset, length)
+                if view is not None:
+                    cell[0] = True
+                    return view
+            if length <= INLINE_MAX:
+                return syscalls.read_bytes(self._live().fd, length, offset)
         if self._nowait and length <= NOWAIT_MAX:
             buf = bytearray(length)
             view = memoryview(buf)
@@ -315,6 +337,36 @@ class FileDriver(BlockDriver):
                 await self._run(syscalls.read_full, view[done:], offset + done, False)
                 return buf
         return await self._run(syscalls.read_bytes, length, offset)
+
+    def _mapped(self, offset: int, length: int) -> memoryview | None:
+        """A view of `[offset, offset+length)` in the mapping, or None to read it instead.
+
+        Only ranges known to be data: touching a tmpfs hole through a mapping would allocate
+        it (the image would stop being sparse), while read(2) leaves holes alone.
+        """
+        cache = self._data_cache
+        end = offset + length
+        if cache is None or offset < cache[0] or end > cache[1] or end > self.length:
+            return None
+        if end > os.fstat(self._live().fd).st_size:
+            # Shrunk by another process: the mapping's pages past EOF are gone, and a copy
+            # from them would fail (EFAULT in the kernel, SIGBUS in user space). Read instead
+            # (zeroes past EOF, as qsd reads them), and forget what no longer holds. (~1 us
+            # per read; a shrink racing with the send between here and the socket costs the
+            # client its connection, never the daemon its life.)
+            self._may_punch()
+            return None
+        view = self._map
+        if view is None or end > len(view):
+            if not self._mappable:
+                return None
+            try:
+                view = memoryview(syscalls.map_readonly(self._live().fd, self.length))
+            except (OSError, ValueError):
+                self._mappable = False
+                return None
+            self._map = view
+        return view[offset:end]
 
     async def _read_direct(self, offset: int, length: int) -> memoryview:
         # The I/O path aligns the start; the end is aligned too unless it is EOF.
@@ -364,7 +416,7 @@ class FileDriver(BlockDriver):
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
         """Zero with fallocate; ENOTSUP tells the I/O path to write zero buffers instead."""
         unmap = unmap and self.node.options.discard == "unmap"
-        await self._run(self._zeroes_job, offset, length, unmap)
+        await self._run_punching(self._zeroes_job, offset, length, unmap)
         self.length = max(self.length, offset + length)
         if fua:
             await self._run(os.fdatasync)
@@ -417,7 +469,7 @@ class FileDriver(BlockDriver):
         if not self._has_punch:
             raise OSError(errno.ENOTSUP, "discard not supported")
         try:
-            await self._run(
+            await self._run_punching(
                 syscalls.fallocate,
                 syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE,
                 offset,
@@ -441,7 +493,17 @@ class FileDriver(BlockDriver):
         }
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
-        data, count = await self._run(syscalls.find_allocation, offset, length)
+        cache = self._data_cache
+        if cache is not None and cache[0] <= offset < cache[1]:
+            data, count = True, min(cache[1] - offset, length)
+        else:
+            gen = self._holes_gen
+            # Probe to EOF at least, so that the whole data extent can be cached.
+            probe = max(length, self.length - offset)
+            data, count = await self._run(syscalls.find_allocation, offset, probe)
+            if data and gen == self._holes_gen:
+                self._data_cache = (offset, offset + count)
+            count = min(count, length)
         align = self.request_alignment
         if align > 1 and offset + count < self.length:
             # Keep extents aligned for the I/O path: data grows to the next boundary, a hole
@@ -453,6 +515,36 @@ class FileDriver(BlockDriver):
                 data, count = (True, min(align, length)) if aligned <= 0 else (False, aligned)
         return BlockStatus(length=count, data=data, zero=not data)
 
+    def _may_punch(self) -> None:
+        """A range may become a hole (or the file shorter): forget the cached data extent,
+        and the mapping (views already handed out keep theirs until they are dropped)."""
+        self._data_cache = None
+        self._holes_gen += 1
+        self._map = None
+
+    def _run_punching(self, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """`_run` for a job that may make holes: the data cache is dropped before it and
+        again once the syscall really ended, so no probe overlapping it caches anything."""
+        self._may_punch()
+        handle = self._live()
+        handle.users += 1
+
+        def done() -> None:
+            handle.release()
+            self._may_punch()
+
+        return pool.submit(asyncio.get_running_loop(), func, handle.fd, *args, on_done=done)
+
     async def truncate(self, size: int) -> None:
-        await self._run(os.ftruncate, size)
-        self.length = size
+        self.length = await self._run_punching(_truncate_job, size)
+
+
+def _truncate_job(fd: int, size: int) -> int:
+    """ftruncate; a file grown from empty gets its first block written (qsd's
+    allocate_first_block). Returns the new length (a tiny file may have grown to 512)."""
+    current = os.fstat(fd).st_size
+    os.ftruncate(fd, size)
+    if current or size <= 0:
+        return size
+    syscalls.allocate_first_block(fd, size)
+    return max(size, os.fstat(fd).st_size)
