@@ -624,11 +624,11 @@ def test_drained_sections_pause_jobs(compat: Compat) -> None:
         ],
         setup=make_drain_images,
     )
-    # qsd's rate-limited stream gets further than ours across the pauses (a known gap):
-    # the progress in its BLOCK_JOB_CANCELLED is left out.
+    # The progress in the BLOCK_JOB_CANCELLED events of the daemon's exit is left out:
+    # qsd's rate-limited stream gets further than ours across the pauses (a known gap), and
+    # whether a backup copied its first chunk before `quit` is a matter of timing.
     for side in ("reference", "ours"):
         for record in result.norm[side]:
             for event in record.get("unclaimed-events", []) if isinstance(record, dict) else []:
-                if event["data"].get("device") == "s0":
-                    event["data"].pop("offset")
+                event["data"].pop("offset", None)
     result.assert_same()
