@@ -10,24 +10,14 @@ acknowledged before a completed flush must read back as written.
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import shutil
-import signal
 import subprocess
 from pathlib import Path
 
-import pytest
+from tests.integration.crash import check_and_verify, crash_once, nbd_args, needs_libnbd
 
-from tests.integration.daemon import DaemonProcess, ours_command
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-img") is None
-    or subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode != 0,
-    reason="qemu-img or python3-libnbd missing",
-)
+pytestmark = needs_libnbd
 
 ITERATIONS = 6
 CLUSTER = 64 * 1024
@@ -71,54 +61,15 @@ def one_crash(workdir: Path, iteration: int) -> tuple[int, int, str]:
         ["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(CLUSTERS * CLUSTER)],
         check=True,
     )
-    sock = workdir / "nbd.sock"
-    args = [
-        "--blockdev", f"driver=qcow2,node-name=q,file.driver=file,file.filename={image}",
-        "--blockdev", "driver=compress,node-name=disk0,file=q",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on",
-    ]  # fmt: skip
-    daemon = DaemonProcess(ours_command(), args, workdir, monitor="none").start()
-    flushed: set[int] = set()
+    args = nbd_args(
+        workdir / "nbd.sock",
+        f"driver=qcow2,node-name=q,file.driver=file,file.filename={image}",
+        "driver=compress,node-name=disk0,file=q",
+    )
     seed = 500 + iteration
-    try:
-        assert daemon.wait_ready(20), daemon.stderr
-        client = subprocess.Popen(
-            [SYSTEM_PYTHON, "-c", CLIENT, str(sock), str(seed)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            wanted = 2 + iteration % 5
-            assert client.stdout is not None
-            for seen, line in enumerate(client.stdout, 1):
-                flushed.update(int(c) for c in line[2:].strip().split(",") if c)
-                if seen >= wanted:
-                    os.kill(daemon.pid, signal.SIGKILL)
-                    break
-            for line in client.stdout:  # flushes that completed before the kill landed
-                flushed.update(int(c) for c in line[2:].strip().split(",") if c)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.wait(timeout=10)
-            if client.stdout is not None:
-                client.stdout.close()
-        daemon.wait_exit(10)
-    finally:
-        daemon.stop()
-    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
-    raw = workdir / "crash.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    lost = 0
-    with open(raw, "rb") as f:
-        for cluster in sorted(flushed):
-            f.seek(cluster * CLUSTER)
-            if f.read(CLUSTER) != expected(cluster, seed):
-                lost += 1
-    assert lost == 0, f"iteration {iteration}: {lost} flushed clusters lost"
-    return check.returncode, len(flushed), check.stdout + check.stderr
+    flushed = crash_once(workdir, args, CLIENT, seed, kill_after=2 + iteration % 5)
+    rc, out = check_and_verify(image, flushed, CLUSTER, lambda c: expected(c, seed))
+    return rc, len(flushed), out
 
 
 def test_kill9_during_compressed_writes(tmp_path: Path) -> None:

@@ -9,23 +9,13 @@ every block acknowledged before a completed flush must read back with its patter
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from tests.integration.crash import check_and_verify, crash_once, nbd_args, needs_libnbd
 
-from tests.integration.daemon import DaemonProcess, ours_command
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-pytestmark = pytest.mark.skipif(
-    shutil.which("qemu-img") is None
-    or subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True).returncode != 0,
-    reason="qemu-img or python3-libnbd missing",
-)
+pytestmark = needs_libnbd
 
 ITERATIONS = 20
 SIZE = 32 << 20
@@ -64,53 +54,15 @@ def one_crash(workdir: Path, iteration: int) -> tuple[int, int, str]:
     workdir.mkdir()
     image = workdir / "crash.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), str(SIZE)], check=True)
-    sock = workdir / "nbd.sock"
-    args = [
-        "--blockdev", f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={image}",
-        "--nbd-server", f"addr.type=unix,addr.path={sock}",
-        "--export", "type=nbd,id=exp0,node-name=disk0,name=disk0,writable=on",
-    ]  # fmt: skip
-    daemon = DaemonProcess(ours_command(), args, workdir, monitor="none").start()
-    flushed: set[int] = set()
+    args = nbd_args(
+        workdir / "nbd.sock",
+        f"driver=qcow2,node-name=disk0,file.driver=file,file.filename={image}",
+    )
     seed = 1000 + iteration
-    try:
-        assert daemon.wait_ready(20), daemon.stderr
-        client = subprocess.Popen(
-            [SYSTEM_PYTHON, "-c", CLIENT, str(sock), str(seed)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        try:
-            wanted = 2 + iteration % 6  # crash after a varying number of completed flushes
-            assert client.stdout is not None
-            for seen, line in enumerate(client.stdout, 1):
-                flushed.update(int(b) for b in line[2:].strip().split(",") if b)
-                if seen >= wanted:
-                    os.kill(daemon.pid, signal.SIGKILL)
-                    break
-            for line in client.stdout:  # flushes that completed before the kill landed
-                flushed.update(int(b) for b in line[2:].strip().split(",") if b)
-        finally:
-            if client.poll() is None:
-                client.kill()
-            client.wait(timeout=10)
-            if client.stdout is not None:
-                client.stdout.close()
-        daemon.wait_exit(10)
-    finally:
-        daemon.stop()
-    check = subprocess.run(["qemu-img", "check", str(image)], capture_output=True, text=True)
-    raw = workdir / "crash.raw"
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(image), str(raw)], check=True)
-    lost = 0
-    with open(raw, "rb") as f:
-        for block in sorted(flushed):
-            f.seek(block * BLOCK)
-            if f.read(BLOCK) != pattern(block, seed):
-                lost += 1
-    assert lost == 0, f"iteration {iteration}: {lost} flushed blocks lost"
-    return check.returncode, len(flushed), check.stdout + check.stderr
+    # crash after a varying number of completed flushes
+    flushed = crash_once(workdir, args, CLIENT, seed, kill_after=2 + iteration % 6)
+    rc, out = check_and_verify(image, flushed, BLOCK, lambda block: pattern(block, seed))
+    return rc, len(flushed), out
 
 
 def test_kill9_during_flushed_writes(tmp_path: Path) -> None:
