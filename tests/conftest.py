@@ -1,14 +1,18 @@
-"""Suite-wide fixtures: the slow-callback detector and scratch directories.
+"""Suite-wide fixtures: the slow-callback detector, the leftover-process check, scratch dirs.
 
 Every asyncio test runs its loop in debug mode with `slow_callback_duration` at 50 ms; asyncio
 then logs each callback that held the loop longer. The autouse fixture below collects those
 records and fails the test that caused them, so blocking the event loop is a test failure.
+Another autouse fixture fails a test that leaves a child process (a daemon, a client) running.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -59,6 +63,59 @@ def no_slow_callbacks() -> Iterator[None]:
         logger.removeHandler(collector)
     if collector.records:
         pytest.fail("event loop blocked: " + "; ".join(collector.records[:5]))
+
+
+def _live_children() -> dict[int, str]:
+    """This process's children that have not exited yet: pid -> command line."""
+    me = os.getpid()
+    found: dict[int, str] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        fields = stat[stat.rindex(b")") + 2 :].split()
+        if int(fields[1]) == me and fields[0] != b"Z":
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    found[int(entry.name)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+    return found
+
+
+def _fail_on_new_children(before: set[int]) -> None:
+    """Fails if processes not in `before` still run after a grace time; kills them by PID."""
+    deadline = time.monotonic() + 3.0  # a client may still be on its way out
+    while (left := {p: c for p, c in _live_children().items() if p not in before}) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    if left:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pytest.fail("test left processes running: " + "; ".join(left.values()))
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fails a test that leaves a process it started running."""
+    before = set(_live_children())
+    yield
+    _fail_on_new_children(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes_at_exit() -> Iterator[None]:
+    """The same for module- and session-scoped fixtures, checked once they are torn down."""
+    yield
+    _fail_on_new_children(set())
 
 
 @pytest.fixture(scope="session", autouse=True)
