@@ -164,6 +164,33 @@ def test_mirror_sync_none_and_write_blocking(compat: Compat) -> None:
     )
 
 
+def make_zero_data(d: Path) -> None:
+    """A source whose first MiB is allocated and holds zeroes, then data, then a hole."""
+    make_images(d)
+    _run("qemu-io", "-f", "raw", "-c", "write -P 0 0 1M", "-c", "write -P 3 1M 512k",
+         f"{d}/src.raw")  # fmt: skip
+
+
+def test_mirror_copies_allocated_zeroes_as_data(compat: Compat) -> None:
+    """qsd copies what block status calls data as it is, zeroes included (the target's
+    allocation shows it), and leaves holes of a sparse target alone."""
+    compat.check_transcript(
+        [
+            *add_images(),
+            mirror(),
+            *ready(),
+            Cmd("query-named-block-nodes", {"flat": True}),
+            Cmd("job-cancel", {"id": "m0"}),
+            *statuses(1),
+            WaitEvent("BLOCK_JOB_CANCELLED"),
+            *statuses(2),
+            *finish(),
+        ],
+        setup=make_zero_data,
+    )
+    check_images(compat, ("src.raw", "tgt.raw"))
+
+
 def test_mirror_different_sizes(compat: Compat) -> None:
     compat.check_transcript(
         [

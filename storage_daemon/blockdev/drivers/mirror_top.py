@@ -1,5 +1,5 @@
-"""The `mirror_top` filter a mirror job puts above its source while it runs (and the
-`commit_top` filter of an intermediate block-commit).
+"""The `mirror_top` filter a mirror job (or an active block-commit) puts above its source
+while it runs, and the `commit_top` filter of an intermediate block-commit.
 
 Domain ring. Users of the source are moved onto this node, so every write, zero write and
 discard they make passes here and is handed to the job (which marks it dirty, or in
@@ -55,6 +55,7 @@ class MirrorTopDriver(FilterDriver):
     def __init__(self, node: Any) -> None:
         super().__init__(node)
         self.job: MirrorWriteHook | None = None
+        self.is_commit = False  # an active commit's: the source's own backing is the target
         self.in_flight = 0
         self._open_gate = asyncio.Event()
         self._open_gate.set()
@@ -67,6 +68,13 @@ class MirrorTopDriver(FilterDriver):
         """The job attached the source as this node's `backing` child."""
         self._file = edge
         self.refresh_limits()
+
+    def child_perm(self, child: Any, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
+        if self.is_commit:
+            # As QEMU's: above the base nobody may read consistently while the commit runs,
+            # and writes must be shared or the job would block itself at the base.
+            return perm & ~Perm.CONSISTENT_READ, shared | Perm.WRITE
+        return perm, shared
 
     # --- the gate: holding client writes while the job switches the graph ---------------
 

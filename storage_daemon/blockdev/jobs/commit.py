@@ -1,10 +1,9 @@
 """block-commit: merge the images from `top` down to just above `base` into `base`.
 
 Domain ring. Committing an intermediate image copies, then (in prepare) relinks the overlay of
-`top` onto `base` and rewrites its header. Committing the active layer copies, becomes READY,
-and on job-complete copies again until no write landed on the top meanwhile, then moves every
-other user of the top onto the base (qsd's pivot); a cancel in READY leaves the graph alone.
-Invariant: a read-only base is made writable for the job only and read-only again after it.
+`top` onto `base` and rewrites its header. Committing the active layer (or a top someone
+writes) is the mirror job in commit mode (commit_active.py). Invariant: a read-only base is
+made writable for an intermediate commit only and read-only again after it.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild, ChildRole
 from storage_daemon.blockdev.drivers.mirror_top import CommitTopDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
+from storage_daemon.blockdev.jobs.commit_active import ActiveCommitJob
 from storage_daemon.blockdev.jobs.filters import move_parents
 from storage_daemon.blockdev.jobs.stream import CHUNK, allocated_above, copy_with_policy
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
@@ -27,10 +27,8 @@ if TYPE_CHECKING:
     from storage_daemon.blockdev.node import BlockNode
     from storage_daemon.daemon import Daemon
 
-FOREVER_NS = 3600 * 10**9
 INTERMEDIATE_SHARED = Perm.WRITE | Perm.WRITE_UNCHANGED
 BASE_PERM = Perm.CONSISTENT_READ | Perm.WRITE
-BASE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE
 # What an intermediate commit's backend on the base lets others do (qsd's).
 BLK_BASE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
 
@@ -62,8 +60,10 @@ def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode,
     device = graph.find(args.device)
     if device is None:
         raise QmpError(f"Device '{args.device}' not found", error_class="DeviceNotFound")
-    if any(edge.parent_node is not None for edge in device.parents):
-        raise QmpError("Need a root block node")
+    if any(
+        edge.parent_node is not None or isinstance(edge.parent, BlockJob) for edge in device.parents
+    ):
+        raise QmpError("Need a root block node")  # qsd's: a node or a job uses it
     top: BlockNode | None
     if args.top_node is not None and args.top is not None:
         raise QmpError("'top-node' and 'top' are mutually exclusive")
@@ -92,31 +92,42 @@ def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode,
         base = chain.find_base(top)
     if top is base:
         raise QmpError("cannot commit an image into itself")
-    active = chain.skip_filters(top) is chain.skip_filters(device)
+    # As qsd: active commit is needed for the active layer and for a top someone writes.
+    is_active_layer = chain.skip_filters(top) is chain.skip_filters(device)
+    active = is_active_layer or bool(top.perm & Perm.WRITE)
     if active and args.backing_file is not None:
-        raise QmpError("'backing-file' specified, but 'top' is the active layer")
+        if is_active_layer:
+            raise QmpError("'backing-file' specified, but 'top' is the active layer")
+        raise QmpError("'backing-file' specified, but 'top' has a writer on it")
     return device, top, base, active
 
 
-class CommitJob(BlockJob):
-    """Commit of an intermediate image (or, with `active`, of the active layer)."""
+def new_commit_job(daemon: Daemon, args: Any) -> BlockJob:
+    """block-commit's job, checked as qsd checks it: an ActiveCommitJob (a mirror) when the
+    top is the active layer or has a writer, else an IntermediateCommitJob."""
+    device, top, base, active = resolve(daemon, args)
+    if active:
+        return ActiveCommitJob(daemon, args, top, base)
+    return IntermediateCommitJob(daemon, args, device, top, base)
+
+
+class IntermediateCommitJob(BlockJob):
+    """Commit of an intermediate image: copy, then relink the overlay of `top` onto `base`."""
 
     job_type = "commit"
-    can_complete = True
 
-    def __init__(self, daemon: Daemon, args: Any) -> None:
-        device, top, base, active = resolve(daemon, args)
+    def __init__(
+        self, daemon: Daemon, args: Any, device: BlockNode, top: BlockNode, base: BlockNode
+    ) -> None:
         self.device = device
         self.top = top
         self.base = base
-        self.active = active
         self.backing_file: str | None = args.backing_file
         self.on_error: str = wire(args.on_error) or "report"
         self.layers: list[BdrvChild] = []
         self.top_edge: BdrvChild | None = None
         self.base_edge: BdrvChild | None = None
         self.grant = chain.WritableGrant(daemon.graph, base)
-        self.completing = False
         self.backends: list[BdrvChild] = []  # the job's own backends (base, top)
         self.filter: BlockNode | None = None
         self.filter_node_name: str | None = args.filter_node_name
@@ -140,13 +151,11 @@ class CommitJob(BlockJob):
             raise
 
     def _take_nodes(self) -> None:
-        if not self.active:
-            # qsd's commit_top filter goes in above the top once the job exists.
-            self.filter = insert_commit_top(self.graph, self.filter_node_name, self.top)
+        # qsd's commit_top filter goes in above the top once the job exists.
+        self.filter = insert_commit_top(self.graph, self.filter_node_name, self.top)
         node: BlockNode | None = self.top
-        shared = PERM_ALL if self.active else INTERMEDIATE_SHARED
         while node is not None and node is not self.base:
-            edge = self.add_node("intermediate node", node, PERM_NONE, shared)
+            edge = self.add_node("intermediate node", node, PERM_NONE, INTERMEDIATE_SHARED)
             if node is self.top:
                 self.top_edge = edge
             if not chain.is_filter(node):
@@ -154,9 +163,6 @@ class CommitJob(BlockJob):
             node = chain.below(node)
         self.grant.grant()
         try:
-            if self.active:
-                self.base_edge = self.add_node("base", self.base, BASE_PERM, BASE_SHARED)
-                return
             # As qsd: the job holds the base without permissions and writes it through a
             # backend of its own; another backend holds the top.
             self.add_node("base", self.base, PERM_NONE, PERM_ALL)
@@ -191,11 +197,14 @@ class CommitJob(BlockJob):
         graph: BlockGraph = node.graph
         return graph
 
-    async def _copy_pass(self) -> None:
+    async def run(self) -> None:
         """Copy every range some layer above the base holds into the base."""
         top_edge, base_edge = self.top_edge, self.base_edge
         assert top_edge is not None and base_edge is not None
         length = io.length(top_edge)
+        if io.length(base_edge) < length:
+            raise QmpError("Top image is larger than the base image")
+        self.progress_set_remaining(length)
         offset = 0
         while offset < length:
             await self.ratelimit_sleep()
@@ -205,58 +214,9 @@ class CommitJob(BlockJob):
                     continue  # retried after the pause the policy asked for
                 self.ratelimit_processed(n)
             offset += n
-            if not self.is_ready_phase and (copy or not self.active):
-                self.progress_update(n)
-
-    async def _allocated_bytes(self, length: int) -> int:
-        total = offset = 0
-        while offset < length:
-            copy, n = await allocated_above(self.layers, offset, min(CHUNK, length - offset))
-            total += n if copy else 0
-            offset += n
-        return total
-
-    is_ready_phase = False
-
-    async def run(self) -> None:
-        top_edge, base_edge = self.top_edge, self.base_edge
-        assert top_edge is not None and base_edge is not None
-        length = io.length(top_edge)
-        if io.length(base_edge) < length:
-            raise QmpError("Top image is larger than the base image")
-        if not self.active:
-            self.progress_set_remaining(length)
-            await self._copy_pass()
-            return
-        # Like qsd's mirror: the progress counts the bytes to copy, not the image.
-        self.progress_set_remaining(await self._allocated_bytes(length))
-        await self._copy_pass()
-        await io.flush(base_edge)
-        self.is_ready_phase = True
-        self.set_ready()
-        while not self.completing:
-            await self.sleep(FOREVER_NS)  # job-complete or a cancel wakes us
-        # Converge: until a pass saw no new write on the top, copy again.
-        while True:
-            gen = self.top.io_state.write_gen
-            await self._copy_pass()
-            if self.top.io_state.write_gen == gen:
-                break
-        await io.flush(base_edge)
-
-    def complete(self) -> None:
-        self.completing = True
-        self._enter(only_if=lambda: not self.paused)
-
-    def cancel_hook(self, force: bool) -> bool:
-        # A cancel in READY ends the job successfully in QEMU's mirror, but commit treats
-        # every cancel as forced (block-job-cancel's `force` only matters for mirror).
-        return True
+            self.progress_update(n)
 
     async def prepare(self) -> None:
-        if self.active:
-            self._pivot()
-            return
         self._drop_filter()
         overlay = chain.find_overlay(self.device, self.top)
         self.remove_all_nodes()
@@ -272,32 +232,6 @@ class CommitJob(BlockJob):
             raise QmpError(f"Could not change the backing file: {err.strerror}") from err
         await chain.set_backing(self.graph, overlay, self.base)
 
-    def _pivot(self) -> None:
-        """Move the top's users that are not nodes of its chain (exports, other jobs) to the
-        base, as qsd's bdrv_replace_node; the base then stays read-write. Edges move in
-        place, so whoever holds one (an NBD connection) goes on using it."""
-        top, base = self.top, self.base
-        for edge in list(top.parents):
-            if edge.parent is self or edge.parent_node is not None:
-                continue
-            top.parents.remove(edge)
-            edge.node = base
-            base.parents.insert(0, edge)
-            try:
-                self.graph.set_edge_perm(edge, edge.perm, edge.shared)
-            except QmpError:
-                base.parents.remove(edge)
-                edge.node = top
-                top.parents.insert(0, edge)
-                raise
-            parent: Any = edge.parent
-            if getattr(parent, "node", None) is top:
-                parent.node = base
-        if self.top_edge is not None:
-            # Recompute what the top's remaining users need (fewer users: cannot fail).
-            self.graph.set_edge_perm(self.top_edge, self.top_edge.perm, self.top_edge.shared)
-        self.grant.saved.clear()  # the base is the active image now: keep it writable
-
     async def clean(self) -> None:
         if self.base_edge is not None and self.grant.saved:
             try:
@@ -311,7 +245,4 @@ class CommitJob(BlockJob):
         super().release()
         self._drop_backends()
         self._drop_filter()
-        if self.active:
-            # qsd leaves the base of an active commit read-write, completed or cancelled.
-            self.grant.saved.clear()
         self.grant.restore()

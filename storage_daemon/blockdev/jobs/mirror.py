@@ -2,11 +2,13 @@
 
 Domain ring. The job puts a `mirror_top` filter above the source (its users move onto it), so
 every client write is either marked in the job's dirty bitmap (background) or also written to
-the target (write-blocking). The job copies dirty granules with several requests in flight,
-becomes READY when the bitmap is clean, and on job-complete converges with client writes held
-at the filter, then moves the users of `replaces` onto the target (qsd's pivot) and removes
-the filter; a soft cancel in READY converges the same way without the pivot. Invariant: a
-granule is never copied by two requests at once, and nothing dirty is left when READY ends.
+the target (write-blocking). The job copies dirty granules with several requests in flight
+(in the kernel between plain files), becomes READY when the bitmap is clean, and on
+job-complete converges with client writes held at the filter, then moves the users of
+`replaces` onto the target (qsd's pivot) and removes the filter; a soft cancel in READY
+converges the same way without the pivot. Active commit (commit_active.py) is this job in
+commit mode. Invariant: a granule is never copied by two requests at once, and nothing dirty
+is left when READY ends.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from storage_daemon.blockdev import chain, io
 from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild, ChildRole
+from storage_daemon.blockdev.copy_range import copy_range
 from storage_daemon.blockdev.drivers.mirror_top import MirrorTopDriver, SourceWrite, WriteKind
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.filters import move_parents
@@ -127,6 +130,10 @@ class MirrorJob(BlockJob):
 
     job_type = "mirror"
     can_complete = True
+    # Active commit (commit_active.py) is this job in QEMU's commit mode: the target is the
+    # source's own backing chain, nothing is replaced but the source, and the filter takes
+    # the permissions a node above its own base may take.
+    is_commit: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -146,7 +153,7 @@ class MirrorJob(BlockJob):
         check_granularity(args.granularity)
         if sync == "top" and chain.below(chain.skip_filters(source) or source) is None:
             sync = "full"
-        self.replaces = resolve_replaces(graph, source, args.replaces)
+        self.replaces = None if self.is_commit else resolve_replaces(graph, source, args.replaces)
         check_sync(sync)
         check_buf_size(args.buf_size)
         if chain.skip_filters(source) is chain.skip_filters(target):
@@ -179,6 +186,7 @@ class MirrorJob(BlockJob):
         # The filter goes in before the job exists, as in qsd (its name errors come first).
         self.filter_node: BlockNode | None = graph.add_internal(filter_node_name, MirrorTopDriver)
         self.filter = self._filter_driver(self.filter_node)
+        self.filter.is_commit = self.is_commit
         try:
             self._insert_filter(graph, self.filter_node)
         except BaseException:
@@ -217,11 +225,21 @@ class MirrorJob(BlockJob):
     # --- setup and teardown of the graph ------------------------------------------------
 
     async def setup(self) -> None:
+        perm, shared = self._target_perms()
         self.target_edge = self.graph.attach(
-            UnnamedBackend(), self.target, "root", ChildRole(0), Perm.WRITE, Perm.WRITE_UNCHANGED
+            UnnamedBackend(), self.target, "root", ChildRole(0), perm, shared
         )
         self.add_node("source", self.source, PERM_NONE, JOB_SHARED)
         self.add_node("target", self.target, PERM_NONE, PERM_ALL)
+
+    def _target_perms(self) -> tuple[Perm, Perm]:
+        """What the job's backend on the target takes and shares (no resize, and while the
+        copy runs the target is not consistent for others to read)."""
+        return Perm.WRITE, Perm.WRITE_UNCHANGED
+
+    async def _check_target_length(self, target: BdrvChild, length: int) -> None:
+        if length != io.length(target):
+            raise QmpError("Source and target image have different sizes")
 
     def _drop_target_edge(self) -> None:
         if self.target_edge is not None:
@@ -260,10 +278,14 @@ class MirrorJob(BlockJob):
                     "because it can no longer be guaranteed that doing so would not lead to "
                     "an abrupt change of visible data"
                 )
+        # As qsd: the job lets go of every node before the filter goes (what it unshares
+        # on the chain, as a commit does, must not stand in the way of the filter's users;
+        # a job waiting for job-finalize or job-dismiss holds none).
+        for edge in list(self.edges):
+            self.remove_node(edge)
         below = self.filter.child().node
-        mine = set(self.edges)
         # The filter keeps its child edge (and its permissions) until held writes are done.
-        move_parents(graph, node, below, lambda edge: edge in mine, refresh_old=False)
+        move_parents(graph, node, below, lambda edge: False, refresh_old=False)
 
     async def _finish_filter(self) -> None:
         node = self.filter_node
@@ -436,20 +458,13 @@ class MirrorJob(BlockJob):
             while pos < end:
                 try:
                     status = await io.block_status(source, pos, end - pos)
-                    n = max(1, min(status.length, end - pos))
-                    data = None if not status.data else await io.pread(source, pos, n)
                 except OSError as err:
                     self.bitmap.set(offset, length)
                     self._io_error(err, is_read=True)
                     return
-                try:
-                    if data is None or io.is_zero(data):
-                        await self._zero_target(target, pos, n)
-                    else:
-                        await io.pwrite(target, pos, data)
-                except OSError as err:
+                n = max(1, min(status.length, end - pos))
+                if not await self._copy_extent(source, target, pos, n, status.data):
                     self.bitmap.set(offset, length)
-                    self._io_error(err, is_read=False)
                     return
                 pos += n
             self.progress_update(length)
@@ -463,6 +478,37 @@ class MirrorJob(BlockJob):
             if current is not None:
                 self._ops.discard(current)
             self._notify_ops()
+
+    async def _copy_extent(
+        self, source: BdrvChild, target: BdrvChild, pos: int, n: int, data: bool
+    ) -> bool:
+        """Copy one extent of one block status (as qsd: data is copied as it is, what reads
+        as zeroes is zeroed); False after an I/O error, which the error policy handled."""
+        if not data:
+            try:
+                await self._zero_target(target, pos, n)
+            except OSError as err:
+                self._io_error(err, is_read=False)
+                return False
+            return True
+        try:
+            # Between plain files the kernel copies (copy_file_range); on an error the copy
+            # is done again by hand, which tells a read error from a write error.
+            if await copy_range(source, pos, target, pos, n):
+                return True
+        except OSError:
+            pass
+        try:
+            buf = await io.pread(source, pos, n)
+        except OSError as err:
+            self._io_error(err, is_read=True)
+            return False
+        try:
+            await io.pwrite(target, pos, buf)
+        except OSError as err:
+            self._io_error(err, is_read=False)
+            return False
+        return True
 
     async def _zero_target(self, target: BdrvChild, offset: int, length: int) -> None:
         """Make the range read as zeroes, leaving alone what already does (a sparse target
@@ -520,8 +566,7 @@ class MirrorJob(BlockJob):
         target = self.target_edge
         assert target is not None
         length = self.bitmap.length
-        if length != io.length(target):
-            raise QmpError("Source and target image have different sizes")
+        await self._check_target_length(target, length)
         if length == 0:
             self.initialised = True
             self.set_ready()
@@ -553,10 +598,13 @@ class MirrorJob(BlockJob):
                 if self.speed:
                     # As qsd's mirror: one sleep for as long as the speed asks, which a pause,
                     # a resume or a new speed cuts short (the job then just goes on). The
-                    # request is finished first, so the progress shown while asleep is whole.
+                    # request is finished first, so the progress shown while asleep is whole;
+                    # a speed set meanwhile (no sleep to cut short yet) counts from then on.
                     delay = self.limit.delay_ns(started, self._now_ns())
                     if delay:
                         await self._drain_ops()
+                        delay = self.limit.delay_ns(0, self._now_ns())
+                    if delay:
                         await self.sleep(delay)
                 continue
             if not ready:

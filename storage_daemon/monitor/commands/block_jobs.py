@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from storage_daemon.blockdev import chain
-from storage_daemon.blockdev.jobs.commit import CommitJob
+from storage_daemon.blockdev.jobs.commit import new_commit_job
 from storage_daemon.blockdev.jobs.stream import StreamJob
 from storage_daemon.blockdev.transaction import run_transaction
 from storage_daemon.errors import QmpError
@@ -24,7 +24,7 @@ async def block_stream(ctx: CommandContext, args: Any) -> None:
 
 @command("block-commit")
 async def block_commit(ctx: CommandContext, args: Any) -> None:
-    await ctx.daemon.jobs.launch(CommitJob(ctx.daemon, args))
+    await ctx.daemon.jobs.launch(new_commit_job(ctx.daemon, args))
 
 
 @command("blockdev-snapshot")
