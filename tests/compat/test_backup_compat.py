@@ -239,6 +239,31 @@ def test_backup_source_error_report(compat: Compat) -> None:
     )
 
 
+@pytest.mark.parametrize("perf", [{}, {"x-perf": {"max-workers": 1}}])
+def test_backup_source_error_mid_image(compat: Compat, perf: dict[str, Any]) -> None:
+    """An error in the second of four chunks: the chunks in flight beside it are copied
+    (3 MiB done with qsd's many workers, 1 MiB with one), the job fails once they ended."""
+    rule = {"event": "read_aio", "sector": 2048}
+    image = {"driver": "file", "node-name": "src-file", "filename": "$D/src.raw"}
+    dbg = {"driver": "blkdebug", "node-name": "src-dbg", "inject-error": [rule], "image": image}
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "src", "file": dbg}),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "tgt",
+                                 "file": {"driver": "file", "filename": "$D/t.raw"}}),
+            Cmd("blockdev-backup", {"job-id": "b0", "device": "src", "target": "tgt",
+                                    "sync": "full", **perf}),
+            *started(),
+            WaitEvent("BLOCK_JOB_ERROR"),
+            *statuses(1),  # aborting
+            WaitEvent("BLOCK_JOB_COMPLETED"),
+            *statuses(2),
+            *finish(),
+        ],
+        setup=make_images,
+    )  # fmt: skip
+
+
 def test_backup_compressed(compat: Compat) -> None:
     compat.check_transcript(
         [

@@ -2,7 +2,8 @@
 
 Domain ring. Before a write (or zero write, or discard) reaches a cluster of the source whose
 point-in-time data the target does not hold yet, the filter copies that cluster's old data to
-the target; a backup job copies the remaining clusters through the same `BlockCopyState`.
+the target; a backup job copies the remaining clusters through the same `BlockCopyState`
+(claimed synchronously, copied as tasks; between plain files by the kernel, `copy_range`).
 Invariant: a cluster is copied at most once, and no write reaches a cluster while its copy
 (or a snapshot read of its old data) is in flight, so the target holds exactly the source's
 data as it was when the filter was inserted.
@@ -18,6 +19,7 @@ from typing import Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
+from storage_daemon.blockdev.copy_range import copy_range
 from storage_daemon.blockdev.driver import BlockStatus, ChildOpener
 from storage_daemon.blockdev.drivers import compress
 from storage_daemon.blockdev.drivers.throttle import FilterDriver
@@ -66,6 +68,7 @@ class BlockCopyState:
         self.max_chunk = max(cluster_size, MAX_CHUNK - MAX_CHUNK % cluster_size)
         self.skip_unallocated = False  # sync=top: leave what the top does not allocate
         self.compress = False
+        self.use_copy_range = True  # copy in the kernel where both ends are plain files
         # Hooks a backup job sets: bytes copied, bytes dropped without copying (sync=top).
         self.on_progress: Callable[[int], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
@@ -143,17 +146,28 @@ class BlockCopyState:
     async def copy_clusters(self, first: int, end: int) -> int:
         """Copy clusters [first, end), all dirty and none in flight; returns the bytes copied
         (0 for clusters sync=top drops as unallocated)."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        return await self.copy_claimed(first, end, self.claim(first, end))
+
+    def claim(self, first: int, end: int) -> asyncio.Future[None]:
+        """Take clusters [first, end) (all dirty, none in flight) for a copy that follows
+        with `copy_claimed`: from now on nobody else copies them, and a write to them waits
+        for the returned future. Synchronous, so a job can claim a range and start its copy
+        as a task without anyone taking the range in between."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        inflight = self._inflight
+        dirty = self.dirty
         for c in range(first, end):
-            self._inflight[c] = waiter
-            self.dirty[c] = 0
+            inflight[c] = waiter
+        dirty[first:end] = bytes(end - first)
+        return waiter
+
+    async def copy_claimed(self, first: int, end: int, waiter: asyncio.Future[None]) -> int:
+        """Copy the clusters `claim` took; on failure those not copied are dirty again."""
         cursor = [first]  # clusters below it are copied (or dropped) for good
         try:
             return await self._copy_run(first, end, cursor)
         except BaseException:
-            for c in range(cursor[0], end):
-                self.dirty[c] = 1
+            self.dirty[cursor[0] : end] = b"\x01" * (end - cursor[0])
             raise
         finally:
             for c in range(first, end):
@@ -204,6 +218,15 @@ class BlockCopyState:
         offset = first * self.cluster_size
         length = self._bytes(first, end)
         data: Any = b""
+        if not zero and not self.compress and self.use_copy_range:
+            # The kernel copies between plain files. Any failure falls back to reading and
+            # writing for good (as QEMU's block-copy), which then tells source and target
+            # errors apart for the on-error policies.
+            try:
+                if await copy_range(self.source, offset, self.target, offset, length):
+                    return
+            except OSError:
+                self.use_copy_range = False
         if not zero:
             try:
                 data = await io.pread(self.source, offset, length)

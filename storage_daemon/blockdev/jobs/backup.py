@@ -3,20 +3,23 @@
 Domain ring. The job puts a copy-before-write filter above the source and moves the source's
 users (exports, parent nodes) onto it, so a client's write first copies the old data of the
 clusters it hits to the target; the job copies every other cluster through the filter's copy
-state, then (in clean) moves the users back and deletes the filter. Arguments are checked with
+state, several chunks at once (the kernel copies between plain files), then (in clean) moves
+the users back and deletes the filter. Arguments are checked with
 qsd's texts, in qsd's order, before the job exists. Invariant: once the job has concluded,
 whatever its outcome, no filter is left and every user is back on the source.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import re
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import io
-from storage_daemon.blockdev.child import ChildRole
+from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.drivers.copy_before_write import (
     MAX_CHUNK,
     BlockCopyState,
@@ -41,6 +44,10 @@ log = logging.getLogger(__name__)
 FOREVER_NS = 3600 * 10**9
 INT_MAX = 2**31 - 1
 DEFAULT_MAX_WORKERS = 64
+# Chunks in flight at once (at most max-workers): a few keep reads and writes overlapping;
+# more only add Python overhead on the two or so cores this runs on.
+MAX_IN_FLIGHT = 8
+WRITEBACK_AHEAD = 256 * 1024 * 1024  # bytes copied between background flushes of the target
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
@@ -88,6 +95,8 @@ class BackupJob(BlockJob):
         self.on_source_error: str = wire(args.on_source_error) or "report"
         self.on_target_error: str = wire(args.on_target_error) or "report"
         self.max_chunk = 0
+        self.max_workers = DEFAULT_MAX_WORKERS
+        self.use_copy_range = True
         self.cbw: BlockNode | None = None
         self.bcs: BlockCopyState | None = None
         self._set_up = False
@@ -134,6 +143,8 @@ class BackupJob(BlockJob):
                 max_workers = perf.max_workers
             if perf.max_chunk is not None:
                 max_chunk = perf.max_chunk
+            if perf.use_copy_range is not None:
+                self.use_copy_range = bool(perf.use_copy_range)
         if not 1 <= max_workers <= INT_MAX:
             raise QmpError(f"max-workers must be between 1 and {INT_MAX}")
         if max_chunk < 0:
@@ -148,6 +159,7 @@ class BackupJob(BlockJob):
                 f"({cluster_size})"
             )
         self.max_chunk = max_chunk
+        self.max_workers = max_workers
         self._target = target
 
     @staticmethod
@@ -209,6 +221,7 @@ class BackupJob(BlockJob):
         bcs = self.bcs = driver.bcs
         bcs.skip_unallocated = self.sync == "top"
         bcs.compress = self.compress
+        bcs.use_copy_range = self.use_copy_range
         chunk = min(self.max_chunk or MAX_CHUNK, MAX_CHUNK)
         bcs.max_chunk = max(bcs.cluster_size, chunk - chunk % bcs.cluster_size)
         bcs.on_progress = self.progress_update
@@ -253,33 +266,81 @@ class BackupJob(BlockJob):
         await io.flush(bcs.target)
 
     async def _copy_loop(self, bcs: BlockCopyState) -> None:
+        """Copy every dirty cluster through the copy state, several chunks in flight (qsd's
+        block-copy runs up to max-workers). As in qsd, after a failure nothing new starts
+        until the copies in flight have ended; the error then goes through the policy once,
+        and the clusters not copied are tried again (after a pause for "stop")."""
         cursor = 0
         per_chunk = max(1, bcs.max_chunk // bcs.cluster_size)
-        while True:
-            await self.ratelimit_sleep()
-            c = bcs.next_dirty(cursor)
-            if c < 0:
-                if cursor:
-                    cursor = 0  # a failed copy of the filter may have left clusters behind
-                    continue
-                if bcs.idle():
-                    return
-                await bcs.wait_idle()
-                continue
-            end = c + 1
-            limit = min(bcs.clusters, c + per_chunk)
-            while end < limit and bcs.dirty[end]:
-                end += 1
+        tasks: set[asyncio.Task[None]] = set()
+        flushes: set[asyncio.Task[None]] = set()
+        failures: list[CopyFailed] = []
+        unflushed = 0
+        # The job ends with a flush of the target; its image file is flushed in the
+        # background (outside a format's metadata lock) as the copy goes, so that last flush
+        # finds little left to write.
+        file = bcs.target.node.child("file") or bcs.target
+
+        async def copy(first: int, end: int, waiter: asyncio.Future[None]) -> None:
+            nonlocal unflushed
             try:
-                copied = await bcs.copy_clusters(c, end)
+                copied = await bcs.copy_claimed(first, end, waiter)
             except CopyFailed as failure:
-                policy = self.on_source_error if failure.is_read else self.on_target_error
-                action = self.error_action(policy, failure.is_read, failure.err.errno or errno.EIO)
-                if action == "report":
-                    raise failure.err from None
-                continue  # "stop" parks at the next pause point; both retry the chunk
+                failures.append(failure)
+                return
             self.ratelimit_processed(copied)
-            cursor = end
+            unflushed += copied
+            if unflushed >= WRITEBACK_AHEAD:
+                unflushed = 0
+                flush = asyncio.get_running_loop().create_task(_flush_ahead(file))
+                flushes.add(flush)
+                flush.add_done_callback(flushes.discard)
+
+        try:
+            while True:
+                limit = 1 if self.speed else min(self.max_workers, MAX_IN_FLIGHT)
+                busy = tasks | flushes
+                if busy and (
+                    failures or self.should_pause() or self.is_cancelled or len(tasks) >= limit
+                ):
+                    # Pause points only with nothing in flight: a paused job does no I/O.
+                    await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if failures:
+                    failure = failures[0]
+                    failures.clear()
+                    policy = self.on_source_error if failure.is_read else self.on_target_error
+                    err = failure.err
+                    if self.error_action(policy, failure.is_read, err.errno or errno.EIO) == (
+                        "report"
+                    ):
+                        raise err from None
+                    cursor = 0  # "stop" parks at the next pause point; both copy again
+                    continue
+                if not busy:
+                    await self.ratelimit_sleep()
+                c = bcs.next_dirty(cursor)
+                if c < 0:
+                    if busy:
+                        await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
+                    elif cursor:
+                        cursor = 0  # clusters a failed copy of the filter left behind
+                    elif bcs.idle():
+                        return
+                    else:
+                        await bcs.wait_idle()
+                    continue
+                end = c + 1
+                stop = min(bcs.clusters, c + per_chunk)
+                while end < stop and bcs.dirty[end]:
+                    end += 1
+                waiter = bcs.claim(c, end)  # taken now: the filter's copies wait for it
+                task = asyncio.get_running_loop().create_task(copy(c, end, waiter))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                cursor = end
+        finally:
+            await _settle(tasks, flushes)
 
     # --- completion -----------------------------------------------------------------------
 
@@ -310,6 +371,24 @@ class BackupJob(BlockJob):
                     move_parents(self.graph, cbw, below.node, lambda edge: False)
                 except QmpError:
                     log.exception("backup %s: could not move users back", self.id)
+
+
+async def _settle(*groups: set[asyncio.Task[None]]) -> None:
+    """Until the tasks of every group have ended; a cancelled job cancels them first."""
+    try:
+        while any(groups):
+            await asyncio.wait(set().union(*groups))
+    except asyncio.CancelledError:
+        pending = set().union(*groups)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        raise
+
+
+async def _flush_ahead(edge: BdrvChild) -> None:
+    with contextlib.suppress(OSError):  # the job's own last flush reports errors
+        await io.flush(edge)
 
 
 QCOW2_MAGIC = b"QFI\xfb"

@@ -5,9 +5,11 @@ clusters needing no metadata change; `Metadata.inflight` keeps their refcounts u
 Order per cluster: allocate (refcount in the cache), write the data (with the copy-on-write
 head and tail), then update the cached L2 entry; `Metadata.writeback` later makes refblocks
 and data stable before the L2 table and applies the refcount drops of replaced clusters last.
-Invariant: a host cluster is written in place only when its L2 entry carries COPIED (refcount
-exactly 1). blkdebug events follow qsd's order (allocation, zero-fill or copy-on-write read,
-data write).
+Whole clusters that need new host clusters are allocated as one run and written with one
+request. In copy-up mode (`copy_range.copy_up_active()`, block-stream's copies) only the parts
+that read from the backing file are written. Invariant: a host cluster is written in place
+only when its L2 entry carries COPIED (refcount exactly 1). blkdebug events follow qsd's
+order (allocation, zero-fill or copy-on-write read, data write).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from storage_daemon.blockdev import io
+from storage_daemon.blockdev.copy_range import copy_up_active
 from storage_daemon.blockdev.drivers.blkdebug import debug_event
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2.alloc import (
@@ -107,8 +110,8 @@ class Writer:
         reused) before it ends."""
         cb = self.cb
         first = offset >> cb
-        if self.ext or not data:
-            return False
+        if self.ext or not data or copy_up_active():
+            return False  # a copy-up looks at the mapping under the lock
         last = (offset + len(data) - 1) >> cb
         l2_entries = self.l2_entries
         if first // l2_entries != last // l2_entries:
@@ -150,12 +153,37 @@ class Writer:
                     del inflight[cluster]
         return True
 
+    async def _unallocated(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """The parts of a range whose reads come from the backing file (a copy-up may write
+        there; what a guest wrote since the copy read it must stay)."""
+        runs: list[tuple[int, int]] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            ext = await self.mapper.extent(pos, end - pos)
+            step = max(1, ext.length)
+            if ext.kind in (ClusterType.UNALLOCATED, ClusterType.UNALLOCATED_ALLOC):
+                if runs and runs[-1][1] == pos:
+                    runs[-1] = (runs[-1][0], pos + step)
+                else:
+                    runs.append((pos, pos + step))
+            pos += step
+        return runs
+
     async def write(self, offset: int, data: memoryview) -> None:
+        if copy_up_active():
+            for start, stop in await self._unallocated(offset, len(data)):
+                await self._write(start, data[start - offset : stop - offset])
+            return
+        await self._write(offset, data)
+
+    async def _write(self, offset: int, data: memoryview) -> None:
         pos = offset
         end = offset + len(data)
         count = 0
         while pos < end:
             n = await self._write_fresh_run(pos, data[pos - offset :])
+            if not n:
+                n = await self._write_whole_run(pos, data[pos - offset :])
             if not n:
                 n = min(end - pos, self.cs - (pos & (self.cs - 1)))
                 await self._write_cluster(pos, data[pos - offset : pos - offset + n])
@@ -215,6 +243,44 @@ class Writer:
             fmt.l2_set(table, idx + i, False, (host + (i << cb)) | fmt.OFLAG_COPIED)
         meta.l2_dirty(l2_offset, table)
         return n
+
+    async def _write_whole_run(self, pos: int, data: memoryview) -> int:
+        """Whole clusters that need new host clusters (unallocated, zero, shared or
+        compressed: nothing of their old content survives a full overwrite), the way qsd
+        allocates them: one contiguous run, one data write straight from the caller's buffer
+        (no cluster-sized copy), then the L2 entries. The bytes written (whole clusters
+        within one L2 table), or 0 when `pos` is not at a cluster start, less than a cluster
+        is left, or the first cluster is written in place (nothing done then)."""
+        cb = self.cb
+        if self.ext or self.mapper.has_data_file or pos & (self.cs - 1) or len(data) < self.cs:
+            return 0
+        first = pos >> cb
+        l2_offset, table = await self._l2_for_write(first)
+        idx = first % self.l2_entries
+        count = min(len(data) >> cb, self.l2_entries - idx)
+        entries: list[fmt.L2Entry] = []
+        while len(entries) < count:
+            entry = fmt.l2_get(table, idx + len(entries), False)
+            kind = fmt.cluster_type(entry, False, False)
+            if kind in (ClusterType.NORMAL, ClusterType.ZERO_ALLOC) and entry.copied:
+                break  # written in place by the per-cluster path, as before
+            entries.append(entry)
+        run = len(entries)
+        if not run:
+            return 0
+        host = await self.meta.alloc_clusters(run)
+        span = run << cb
+        try:
+            self._event("write_aio")
+            await self._write_host(host, data[:span])
+        except BaseException:
+            self.meta.queue_free(host, run, FREE_OTHER)  # never referenced: give it back
+            raise
+        for i, entry in enumerate(entries):
+            fmt.l2_set(table, idx + i, False, (host + (i << cb)) | fmt.OFLAG_COPIED)
+            self._free_old(entry, FREE_OTHER)  # nothing for unallocated and plain zero
+        self.meta.l2_dirty(l2_offset, table)
+        return span
 
     async def _guest_fill(self, buf: bytearray, base: int, start: int, stop: int) -> None:
         """Copy the current guest content of [start, stop) into buf (which holds base...)."""
@@ -374,6 +440,13 @@ class Writer:
     # --- zeroes and discard -------------------------------------------------------------
 
     async def zero(self, offset: int, length: int, unmap: bool) -> None:
+        if copy_up_active():
+            for start, stop in await self._unallocated(offset, length):
+                await self._zero(start, stop - start, unmap)
+            return
+        await self._zero(offset, length, unmap)
+
+    async def _zero(self, offset: int, length: int, unmap: bool) -> None:
         size = self.mapper.size
         unit = self.sc
         pos = offset
@@ -411,7 +484,7 @@ class Writer:
                 kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
                 or (kind == ClusterType.UNALLOCATED and self.mapper.backing is None)
             ):
-                await self.write(start, memoryview(bytes(stop - start)))
+                await self._write(start, memoryview(bytes(stop - start)))
                 return
             pos += ext.length
 
@@ -471,7 +544,7 @@ class Writer:
         ):
             if not whole:
                 # Partial zeroing of a shared cluster: copy it first through a write.
-                await self.write(start, memoryview(bytes(stop - start)))
+                await self._write(start, memoryview(bytes(stop - start)))
                 return
             self._free_old(entry, FREE_OTHER)
             fmt.l2_set(table, idx, True, 0, fmt.ALL_SUBCLUSTERS << 32)
