@@ -381,3 +381,42 @@ async def test_copy_up_writes_only_where_the_image_reads_from_backing(
     daemon.graph.detach(edge)
     await daemon.run_command("blockdev-del", {"node-name": "top"})
     await check_image(scratch / "top.qcow2", expect)
+
+
+async def test_a_client_write_during_a_copy_on_read_is_kept(
+    daemon: Daemon, scratch: Path, raw_chain: bytearray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy-on-read filter's own copy-up (a guest read) follows the same rule: a write
+    that lands between the filter's read below the top and its copy-up write is kept."""
+    model = raw_chain
+    await add(
+        daemon,
+        {"driver": "qcow2", "node-name": "top",
+         "file": {"driver": "file", "filename": str(scratch / "top.qcow2")}},
+    )  # fmt: skip
+    cor = await add(daemon, {"driver": "copy-on-read", "node-name": "cor", "file": "top"})
+    client = daemon.graph.attach(User(), cor, "root", ChildRole.PRIMARY, RW, PERM_ALL)
+    entered, release = asyncio.Event(), asyncio.Event()
+    real_pread = io.pread
+
+    async def held_pread(edge: BdrvChild, offset: int, length: int) -> Any:
+        data = await real_pread(edge, offset, length)
+        if edge.parent is cor and not entered.is_set():
+            entered.set()  # the filter has the old data, its copy-up is still to come
+            await release.wait()
+        return data
+
+    monkeypatch.setattr(io, "pread", held_pread)
+    reader = asyncio.create_task(io.pread(client, 0, 4 * CS))
+    await entered.wait()
+    guest = b"\x5a" * 4096
+    await io.pwrite(client, CS + 512, guest)
+    release.set()
+    seen = bytes(await reader)
+    assert seen == bytes(model[: 4 * CS])  # the read returns what it read
+    model[CS + 512 : CS + 512 + 4096] = guest
+    assert bytes(await real_pread(client, 0, 4 * CS)) == bytes(model[: 4 * CS])
+    daemon.graph.detach(client)
+    await daemon.run_command("blockdev-del", {"node-name": "cor"})
+    await daemon.run_command("blockdev-del", {"node-name": "top"})
+    await check_image(scratch / "top.qcow2", model)

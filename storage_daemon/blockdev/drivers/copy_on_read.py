@@ -12,6 +12,7 @@ from typing import Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.copy_range import copy_up_write, copy_up_zeroes
 from storage_daemon.blockdev.driver import ChildOpener
 from storage_daemon.blockdev.drivers.throttle import FilterDriver
 from storage_daemon.blockdev.perm import Perm
@@ -73,7 +74,8 @@ class CopyOnReadDriver(FilterDriver):
         # A copy-up writes data the guest already sees, which QEMU allows with WRITE_UNCHANGED
         # alone; our generic path checks WRITE, so the write goes through a stand-in edge that
         # has it (never attached: the graph and its permissions do not see it). All-zero data
-        # becomes a zero write, as in QEMU.
+        # becomes a zero write, as in QEMU. A guest write that lands between our read and
+        # this write wins: copy-up writes skip what the node allocated meanwhile.
         writer = BdrvChild(
             parent=file.parent,
             node=file.node,
@@ -83,6 +85,6 @@ class CopyOnReadDriver(FilterDriver):
             shared=file.shared,
         )
         if io.is_zero(data):
-            await io.pwrite_zeroes(writer, offset, len(data))
+            await copy_up_zeroes(writer, offset, len(data))
         else:
-            await io.pwrite(writer, offset, data)
+            await copy_up_write(writer, offset, data)
