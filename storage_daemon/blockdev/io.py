@@ -3,8 +3,10 @@
 Domain ring. Checks run in QEMU's order (permission, bounds), then requests are split at the
 driver's max_transfer, padded to its request_alignment (read-modify-write, serialised through
 the node's tracker), zero payloads turned into zero writes (detect-zeroes), and accounted.
-Invariant: a driver only sees in-bounds requests whose offset is a multiple of its
-request_alignment, whose end is one too or is the node's EOF, and no longer than max_transfer.
+`pread_now`/`pwrite_now` do a request without waiting when every layer can, or nothing.
+Block status lives in `io_status` (re-exported here). Invariant: a driver only sees in-bounds
+requests whose offset is a multiple of its request_alignment, whose end is one too or is the
+node's EOF, and no longer than max_transfer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from contextvars import ContextVar
 from functools import partial
 
 from storage_daemon.blockdev.child import BdrvChild
-from storage_daemon.blockdev.driver import BlockDriver, BlockStatus
+from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.io_align import (
     RequestTracker,
     TrackedRequest,
@@ -29,6 +31,9 @@ from storage_daemon.blockdev.io_align import (
     is_aligned,
     split,
 )
+from storage_daemon.blockdev.io_status import allocation_depth as allocation_depth
+from storage_daemon.blockdev.io_status import block_status as block_status
+from storage_daemon.blockdev.io_status import block_status_now as block_status_now
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.perm import Perm
 from storage_daemon.clock import Clock, SystemClock
@@ -184,6 +189,45 @@ async def pread_live(edge: BdrvChild, offset: int, length: int) -> tuple[Buffer,
     return data, cell[0]
 
 
+def pread_now(edge: BdrvChild, offset: int, length: int, *, live: bool = False) -> Buffer | None:
+    """`pread` when every layer down can read without waiting, else None (nothing was
+    read, nothing counted: await `pread`). Drivers take part through an optional
+    `preadv_now(offset, length, live)` returning the data or None (tmpfs, page-cache hits,
+    cached qcow2 mappings). `live` asks for what `pread_live` gives (raw and file only).
+    Errors raise as from `pread`; requests outside the node are left to `pread`.
+    """
+    node = edge.node
+    drv = node.driver
+    probe = getattr(drv, "preadv_now", None)
+    if probe is None:
+        return None
+    eof = drv.getlength()
+    end = offset + length
+    if offset < 0 or length <= 0 or end > eof:
+        return None
+    align = drv.request_alignment
+    if align > 1 and (offset % align or (end % align and end != eof)):
+        return None
+    max_transfer = drv.max_transfer
+    if max_transfer and length > max_transfer:
+        return None
+    stats = node.stats
+    started = _now()
+    try:
+        data: Buffer | None = probe(offset, length, live and drv.name in _LIVE_OK)
+        if data is None:
+            return None
+        if len(data) != length:
+            raise _error(errno.EIO)
+    except Exception:
+        stats.failed_rd_operations += 1
+        raise
+    stats.rd_operations += 1
+    stats.rd_bytes += length
+    stats.rd_total_time_ns += _now() - started
+    return data
+
+
 async def _pread_sealed(
     drv: BlockDriver, offset: int, length: int, eof: int, align: int, max_transfer: int
 ) -> Buffer:
@@ -278,6 +322,49 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
+
+
+def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False) -> bool:
+    """`pwrite` done without waiting, or False when some layer would have to wait (nothing
+    was written, nothing counted: await `pwrite`). Drivers take part through an optional
+    `pwritev_now(offset, data, fua)` returning False when they cannot (tmpfs writes do).
+    Checks and errors as `pwrite`; detect-zeroes payloads are left to `pwrite`.
+    """
+    node = edge.node
+    drv = node.driver
+    probe = getattr(drv, "pwritev_now", None)
+    if probe is None:
+        return False
+    if not edge.perm._value_ & _WRITE or node.options.read_only:
+        raise _error(errno.EPERM)
+    length = len(data)
+    end = offset + length
+    if offset < 0 or not length or end > drv.getlength():
+        return False  # errors and growth: the awaited path's
+    opts = node.options
+    if opts.detect_zeroes != "off" or drv.request_alignment != 1:
+        return False
+    max_transfer = drv.max_transfer
+    if max_transfer and length > max_transfer:
+        return False
+    stats = node.stats
+    started = _now()
+    try:
+        if not probe(offset, data, fua):
+            return False
+    except Exception:
+        stats.failed_wr_operations += 1
+        node.io_state.write_gen += 1
+        if end > stats.wr_highest_offset:
+            stats.wr_highest_offset = end
+        raise
+    node.io_state.write_gen += 1
+    if end > stats.wr_highest_offset:
+        stats.wr_highest_offset = end
+    stats.wr_operations += 1
+    stats.wr_bytes += length
+    stats.wr_total_time_ns += _now() - started
+    return True
 
 
 async def _wait_conflicts(tracker: RequestTracker, req: TrackedRequest) -> None:
@@ -615,80 +702,6 @@ async def _flush_node(node: BlockNode) -> None:
     state.flushed_gen = max(state.flushed_gen, gen)
     stats.flush_operations += 1
     stats.flush_total_time_ns += _now() - started
-
-
-# --- block status ------------------------------------------------------------------------
-
-
-async def block_status(
-    edge: BdrvChild, offset: int, length: int, *, want_zero: bool = True
-) -> BlockStatus:
-    """The status of one extent starting at `offset`, at most `length` bytes (clipped at EOF).
-
-    `depth` is the allocation depth: 1 when this node (or the node whose data it passes
-    through, e.g. raw's file) holds the range, 1 + the backing child's depth when only the
-    backing chain does, 0 when nothing in the chain does. Allocated means data or zero.
-    `want_zero=False` tells that only allocation matters (no zero probing past backing EOF).
-    """
-    node = edge.node
-    drv = node.driver
-    eof = drv.getlength()
-    if offset < 0 or length < 0 or offset > eof:
-        raise _error(errno.EIO)
-    if offset + length > eof:
-        length = eof - offset
-    if not length:
-        return BlockStatus(length=0, data=False, zero=False, depth=0)
-    align = drv.request_alignment
-    end = offset + length
-    if align > 1 and not is_aligned(offset, end, align, eof):
-        start, stop = aligned_span(offset, end, align, eof)
-        status = await drv.block_status(start, stop - start)
-        count = min(status.length - (offset - start), length)
-        if count <= 0:
-            # The driver's extent ends before `offset`: claim data for the rest of the block.
-            count = min(start + align, eof) - offset
-            status = BlockStatus(length=count, data=True, zero=False)
-    else:
-        status = await drv.block_status(offset, length)
-        count = min(status.length, length)
-        if count <= 0:
-            count = length
-            status = BlockStatus(length=count, data=True, zero=False)
-    if status.data or status.zero:
-        if count == status.length:
-            return status
-        return BlockStatus(length=count, data=status.data, zero=status.zero, depth=status.depth)
-    return await _unallocated(node, drv, offset, count, want_zero)
-
-
-async def _unallocated(
-    node: BlockNode, drv: BlockDriver, offset: int, count: int, want_zero: bool
-) -> BlockStatus:
-    """Status of a range this node does not hold: its backing child's, one level deeper."""
-    backing = node.child("backing")
-    if backing is None:
-        # A driver that can have a backing file but has none reads unallocated ranges as
-        # zeroes (QEMU); other drivers (null-co without read-zeroes) promise nothing.
-        return BlockStatus(length=count, data=False, zero=drv.supports_backing, depth=0)
-    backing_len = backing.node.driver.getlength()
-    if offset >= backing_len:
-        return BlockStatus(length=count, data=False, zero=want_zero, depth=0)
-    below = await block_status(
-        backing, offset, min(count, backing_len - offset), want_zero=want_zero
-    )
-    return BlockStatus(
-        length=below.length,
-        data=below.data,
-        zero=below.zero,
-        depth=below.depth + 1 if below.depth else 0,
-    )
-
-
-async def allocation_depth(edge: BdrvChild, offset: int, length: int) -> tuple[int, int]:
-    """(extent length, depth) for NBD's qemu:allocation-depth; see `block_status`."""
-    status = await block_status(edge, offset, length, want_zero=False)
-    return status.length, status.depth
 
 
 # --- resize ------------------------------------------------------------------------------

@@ -624,3 +624,69 @@ def test_sparse_read_chunks(compat: Compat) -> None:
     assert kinds["top 0+4194304"][:4] == ["ok", "data", "data", "data"]  # base, top, base
     assert kinds["bad 65536+65536"] == ["ok", "hole"]  # a hole of a failing node reads fine
     assert kinds["bad 65536+4096 DF"] == ["EIO"]  # DF reads it
+
+
+# -- metadata preallocation: block status asks the file (QEMU's recursive block status) -------
+
+
+def _preallocated_images(d: Path) -> None:
+    """qcow2 images whose clusters are referenced but whose file has holes for most of them
+    (preallocation=metadata), written the same way on both sides; one falloc image, whose
+    file holds every cluster (not detected: its data clusters stay data)."""
+    pm = _qcow2(d, "pm.qcow2", "4M", "-o", "preallocation=metadata")
+    _qemu_io(pm, "qcow2", "write -P 0x55 64k 64k", "write -z 1M 64k", "write -P 0 2M 64k")
+    _qemu_io(pm, "qcow2", "write -P 7 3000k 5k")
+    pmx = _qcow2(d, "pmx.qcow2", "2M", "-o", "preallocation=metadata,extended_l2=on")
+    _qemu_io(pmx, "qcow2", "write -P 1 4k 4k", "write -z 256k 8k")
+    base = _qcow2(d, "pbase.qcow2", "4M")
+    _qemu_io(base, "qcow2", "write -P 0x66 0 1M")
+    top = _qcow2(
+        d, "ptop.qcow2", "4M", "-o", "preallocation=metadata,extended_l2=on",
+        "-b", "pbase.qcow2", "-F", "qcow2",
+    )  # fmt: skip
+    _qemu_io(top, "qcow2", "write -P 0x77 512k 64k")
+    small = _qcow2(d, "psmall.qcow2", "256k", "-o", "preallocation=metadata,cluster_size=512")
+    _qemu_io(small, "qcow2", "write -P 3 1k 3k")
+    r1 = _qcow2(d, "pr1.qcow2", "2M", "-o", "preallocation=metadata,refcount_bits=1")
+    _qemu_io(r1, "qcow2", "write -P 9 64k 64k")
+    fa = _qcow2(d, "pfa.qcow2", "2M", "-o", "preallocation=falloc")
+    _qemu_io(fa, "qcow2", "write -P 9 64k 64k")
+
+
+_PREALLOCATED = ["pm", "pmx", "ptop", "psmall", "pr1", "pfa"]
+
+
+def test_metadata_preallocation_block_status(compat: Compat) -> None:
+    """`nbdinfo --map` (base:allocation and qemu:allocation-depth) and the chunks of
+    structured reads of metadata-preallocated qcow2 images are qsd's: referenced clusters
+    over holes of the file read as zeroes (data and zero), and extents end where the file's
+    data does."""
+    args = ["--nbd-server", "addr.type=unix,addr.path=$D/nbd.sock"]
+    for name in _PREALLOCATED:
+        args += [
+            "--blockdev",
+            f"driver=qcow2,node-name={name},file.driver=file,file.filename=$D/{name}.qcow2",
+            "--export",
+            f"type=nbd,id=e-{name},node-name={name},allocation-depth=on",
+        ]
+    pair = compat.daemons(args, setup=_preallocated_images)
+    out: dict[str, str] = {}
+    for side, d in pair.items():
+        sock = d.workdir / "nbd.sock"
+        text = []
+        for name in _PREALLOCATED:
+            for how in ("--map", "--map=qemu:allocation-depth"):
+                done = subprocess.run(
+                    ["nbdinfo", how, f"nbd+unix:///{name}?socket={sock}"],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                text.append(f"{name} {how} {done.returncode}\n{done.stdout}{done.stderr}")
+        out[side] = "".join(text) + _libnbd(_CHUNKS, str(sock), "all", *_PREALLOCATED)
+    assert out["ours"] == out["reference"], diff_text(
+        out["reference"].splitlines(), out["ours"].splitlines()
+    )
+    # The case this is about: the first cluster is referenced, its file range a hole.
+    first = out["ours"].split("pm --map 0\n", 1)[1].splitlines()[0].split()
+    assert first == ["0", "65536", "2", "zero"]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import os
 import struct
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from storage_daemon.qapi.runtime import command_args
 # The schema visitor builds its tables on first use (~0.2 s): do it at import, not inside a
 # test, whose event loop would be reported as blocked.
 command_args("blockdev-add", {"driver": "null-co", "node-name": "warm-up"})
+command_args("blockdev-add", {"driver": "qcow2", "node-name": "warm-up", "file": "f"})
+importlib.import_module("storage_daemon.blockdev.drivers.qcow2.driver")
 Daemon()  # imports every command module
 
 IHAVEOPT = 0x49484156454F5054
@@ -470,7 +474,11 @@ async def test_read_errors_after_hole_chunks(
     async def fail(*args: Any, **kwargs: Any) -> Any:
         raise OSError(errno.ENOSPC, "injected")
 
+    def fail_now(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "injected")
+
     drv.preadv = fail
+    drv.preadv_now = fail_now  # a read done at once fails alike
     c = await Client.connect(sock)
     await c.go("r")
     read_request(c, 64 * KiB, 64 * KiB, 1)  # a hole: fine
@@ -519,3 +527,77 @@ async def test_fua_read_flushes_first(daemon: Daemon, scratch: Path, sparse_raw:
     assert read_chunks((await c.reply())[2]) == [("error", 5, 0x8001, b"flush failed")]
     assert flushed == [True]
     await c.close()
+
+
+@pytest.fixture
+def empty_qcow2(scratch: Path) -> Path:
+    img = scratch / "empty.qcow2"
+    done = subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(img), "4M"], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip("qemu-img is needed to make the image")
+    return img
+
+
+async def test_hole_reads_of_a_qcow2_image_are_answered_at_once(
+    daemon: Daemon, scratch: Path, empty_qcow2: Path
+) -> None:
+    """Reads that cached metadata says are all zeroes are one hole chunk each, answered in
+    the read callback (no task, no coroutine): a burst of them, unaligned ones included;
+    DF still gets one data chunk; written ranges become data; simple replies get zeroes."""
+    sock = await start(daemon, scratch)
+    await daemon.run_command(
+        "blockdev-add",
+        {"driver": "qcow2", "node-name": "q", "file": {"driver": "file", "filename": str(empty_qcow2)}},
+    )  # fmt: skip
+    await daemon.run_command(
+        "block-export-add", {"type": "nbd", "id": "e-q", "node-name": "q", "writable": True}
+    )
+    c = await Client.connect(sock)
+    await c.go("q")
+    assert daemon.nbd_server is not None
+    (conn,) = daemon.nbd_server.connections
+    started: list[Any] = []
+    start_request = conn._start
+
+    def counting_start(req: Any) -> None:
+        started.append(req)
+        start_request(req)
+
+    conn._start = counting_start  # type: ignore[method-assign]
+    read_request(c, 0, 4096, 999)  # the first one checks the image (awaited block status)
+    assert (await c.reply())[:2] == (999, 0)
+    started.clear()
+    ranges = [((i * 97 * KiB) % (4 * MiB - 8 * KiB), 512 + i * 100) for i in range(40)]
+    for cookie, (offset, length) in enumerate(ranges):
+        read_request(c, offset, length, cookie)
+    got = await replies(c, len(ranges))
+    assert got == {
+        cookie: (0, [(2, struct.pack(">QI", offset, length))])
+        for cookie, (offset, length) in enumerate(ranges)
+    }
+    assert not started and conn._core.in_flight == 0  # none became a coroutine
+    read_request(c, 4096, 4096, 100, flags=DF)
+    read_request(c, 4096, 4096, 101, flags=FUA)
+    flagged = {k: read_chunks(chunks) for k, (_, chunks) in (await replies(c, 2)).items()}
+    assert flagged == {
+        100: [("data", 4096, 4096, bytes(4096))],
+        101: [("hole", 4096, 4096, b"")],
+    }
+    c.send(WRITE, 3 * MiB + 8192, 4096, 102, b"\x5a" * 4096)
+    assert (await c.reply())[:2] == (102, 0)
+    read_request(c, 3 * MiB - 4096, 2 * 64 * KiB, 103)  # a hole, then the written cluster
+    cookie, error, chunks = await c.reply()
+    assert (cookie, error) == (103, 0)
+    assert read_chunks(chunks) == [
+        ("hole", 3 * MiB - 4096, 4096, b""),
+        ("data", 3 * MiB, 64 * KiB, bytes(8192) + b"\x5a" * 4096 + bytes(52 * KiB)),
+        ("hole", 3 * MiB + 64 * KiB, 60 * KiB, b""),
+    ]
+    await c.close()
+    plain = await Client.connect(sock)
+    await plain.go("q", structured=False)
+    read_request(plain, 0, 8192, 104)
+    assert await plain.reply(8192) == (104, 0, [(-1, bytes(8192))])
+    await plain.close()

@@ -943,6 +943,29 @@ def test_chunked_read_and_df_rules() -> None:
     )
 
 
+def test_reply_hole_answers_a_whole_read_with_one_final_hole() -> None:
+    c = go()
+    r = one(c, req(Cmd.READ, 4096, 8192, cookie=9))
+    assert c.in_flight == 1
+    assert tx_replies(c.reply_hole(r)) == [
+        Chunk(1, ReplyType.OFFSET_HOLE, 9, struct.pack(">QI", 4096, 8192))
+    ]
+    assert c.in_flight == 0
+    with pytest.raises(NbdUsageError):
+        c.reply_hole(r)  # answered already
+    partly = one(c, req(Cmd.READ, 0, 8192))
+    c.read_chunk_hole(partly, 0, 4096)
+    df = one(c, req(Cmd.READ, 0, 8192, flags=CmdFlag.DF))
+    empty = one(c, req(Cmd.READ, 0, 0))
+    write = one(c, req(Cmd.WRITE, 0, 1, data=b"a"))
+    for misuse in (partly, df, empty, write):
+        with pytest.raises(NbdUsageError):
+            c.reply_hole(misuse)
+    simple = go(sr=False)
+    with pytest.raises(NbdUsageError):
+        simple.reply_hole(one(simple, req(Cmd.READ, 0, 512)))
+
+
 def test_reply_misuse_raises_usage_error() -> None:
     c = go(ctx=[b"base:allocation"])
     r = one(c, req(Cmd.READ, 0, 1))

@@ -26,6 +26,7 @@ PURE_MODULES = [
     "export/nbd/transmission.py",
     "export/nbd/protocol.py",
     "export/nbd/buffers.py",
+    "export/nbd/replies.py",
     "blockdev/perm.py",
     "blockdev/io_align.py",
     "blockdev/throttle.py",

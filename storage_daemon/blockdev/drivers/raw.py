@@ -84,8 +84,22 @@ class RawDriver(BlockDriver):
     async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         return await io.pread(self._child(), self.offset + offset, length)
 
+    def preadv_now(
+        self, offset: int, length: int, live: bool
+    ) -> bytes | bytearray | memoryview | None:
+        file = self._file
+        if file is None:
+            return None
+        return io.pread_now(file, self.offset + offset, length, live=live)
+
     async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
         await io.pwrite(self._child(), self.offset + offset, data, fua=fua)
+
+    def pwritev_now(self, offset: int, data: bytes | memoryview, fua: bool) -> bool:
+        file = self._file
+        if file is None:
+            return False
+        return io.pwrite_now(file, self.offset + offset, data, fua=fua)
 
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
         await io.pwrite_zeroes(
@@ -97,6 +111,12 @@ class RawDriver(BlockDriver):
 
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         return await io.block_status(self._child(), self.offset + offset, length)
+
+    def block_status_now(self, offset: int, length: int) -> BlockStatus | None:
+        file = self._file
+        if file is None:
+            return None
+        return io.block_status_now(file, self.offset + offset, length)
 
     async def truncate(self, size: int) -> None:
         if self.size is not None:

@@ -31,7 +31,7 @@ is qsd's log wording). Misuse of this API by the caller raises `NbdUsageError`.
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -53,7 +53,6 @@ from storage_daemon.export.nbd.constants import (
     NbdErrno,
     Opt,
     Rep,
-    nbd_errno,
 )
 from storage_daemon.export.nbd.handshake import (
     ExportInfo,
@@ -71,15 +70,11 @@ from storage_daemon.export.nbd.handshake import (
     server_reply,
     unknown_export_message,
 )
+from storage_daemon.export.nbd.replies import Replies
 from storage_daemon.export.nbd.transmission import (
     REQUEST,
     Request,
-    block_status_chunks,
-    check_read_piece,
-    data_chunk_header,
     error_chunk,
-    hole_chunk,
-    none_chunk,
     simple_reply,
 )
 
@@ -188,7 +183,7 @@ class Close:
 Event = HandshakeDone | Request | Close
 
 
-class ServerConnection:
+class ServerConnection(Replies):
     """One NBD client connection, server side. See the module docstring for the protocol."""
 
     def __init__(self, exports: Mapping[str, ExportInfo], *, spec_errnos: bool = False) -> None:
@@ -703,96 +698,3 @@ class ServerConnection:
         if self.structured_replies:
             return error_chunk(cookie, err, message)
         return simple_reply(cookie, err)
-
-    def _finish(self, req: Request) -> None:
-        if req._reply_state == 2:
-            raise NbdUsageError(f"request {req.cookie:#x} already answered")
-        req._reply_state = 2
-        self.in_flight -= 1
-
-    def _chunk(self, req: Request, offset: int, length: int, done: bool) -> None:
-        if req._reply_state == 2:
-            raise NbdUsageError(f"request {req.cookie:#x} already answered")
-        if not self.structured_replies:
-            raise NbdUsageError("chunked replies need structured replies")
-        if req.command is not Cmd.READ:
-            raise NbdUsageError("data/hole chunks answer READ only")
-        if length >= 0:
-            check_read_piece(req, offset, length)
-        req._reply_state = 1
-        if done:
-            self._finish(req)
-
-    def _first(self, req: Request, command: Cmd | None) -> None:
-        if (req.command is command) is (command is None):
-            raise NbdUsageError(f"wrong reply method for {req.command.name}")
-        if req._reply_state:
-            raise NbdUsageError(f"request {req.cookie:#x} already (partly) answered")
-        self._finish(req)
-
-    def reply_ok(self, req: Request) -> bytes:
-        """Success for every command but READ and BLOCK_STATUS (a simple reply, as qsd sends)."""
-        if req.command is Cmd.BLOCK_STATUS or req.command is Cmd.READ:
-            raise NbdUsageError(f"use the dedicated reply method for {req.command.name}")
-        self._first(req, None)
-        return simple_reply(req.cookie, 0)
-
-    def reply_read(self, req: Request) -> bytes:
-        """Header of a complete READ answer; send it, then exactly `req.length` data bytes.
-
-        Simple mode: the 16-byte simple reply. Structured: one OFFSET_DATA chunk with DONE (a
-        NONE chunk, and no data, for a zero-length read). Honours DF trivially (one chunk).
-        """
-        self._first(req, Cmd.READ)
-        if not self.structured_replies:
-            return simple_reply(req.cookie, 0)
-        if not req.length:
-            return none_chunk(req.cookie)
-        return data_chunk_header(req.cookie, req.offset, req.length, True)
-
-    def read_chunk_data(self, req: Request, offset: int, length: int, done: bool = False) -> bytes:
-        """Header of one OFFSET_DATA chunk (structured only); send `length` data bytes after it."""
-        self._chunk(req, offset, length, done)
-        return data_chunk_header(req.cookie, offset, length, done)
-
-    def read_chunk_hole(self, req: Request, offset: int, length: int, done: bool = False) -> bytes:
-        """A complete OFFSET_HOLE chunk (structured only): `length` bytes reading as zeroes."""
-        self._chunk(req, offset, length, done)
-        return hole_chunk(req.cookie, offset, length, done)
-
-    def reply_done(self, req: Request) -> bytes:
-        """The final NONE chunk closing a chunked READ."""
-        self._chunk(req, 0, -1, True)
-        return none_chunk(req.cookie)
-
-    def reply_error(
-        self, req: Request, host_errno: int, message: str = "", offset: int | None = None
-    ) -> bytes:
-        """Final error answer: an ERROR (or ERROR_OFFSET) chunk, or a simple reply.
-
-        `host_errno` is an `OSError.errno`, mapped to the NBD value here. In simple mode a READ
-        error must be sent instead of `reply_read`'s header, never after it. Allowed after
-        data/hole chunks of a structured READ.
-        """
-        err = nbd_errno(host_errno)
-        if err == NbdErrno.OK:
-            raise NbdUsageError("reply_error needs a non-zero errno")
-        self._finish(req)
-        if not self.structured_replies:
-            return simple_reply(req.cookie, err)
-        return error_chunk(req.cookie, err, message, offset)
-
-    def reply_block_status(
-        self, req: Request, extents: Mapping[int, Sequence[tuple[int, int]]]
-    ) -> bytes:
-        """All BLOCK_STATUS chunks for `req`: `extents[context_id]` = [(length, flags), ...].
-
-        Every negotiated context must be present with at least one extent starting at
-        `req.offset`. Extents starting past the request are dropped, at most 2^20 are sent;
-        with REQ_ONE only the first is sent, clamped to the request length.
-        """
-        ids = [c.id for c in self.meta_contexts]
-        if sorted(extents) != sorted(ids):
-            raise NbdUsageError(f"extents for contexts {sorted(extents)}, negotiated {ids}")
-        self._first(req, Cmd.BLOCK_STATUS)
-        return block_status_chunks(req, ids, extents)

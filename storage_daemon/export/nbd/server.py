@@ -1,10 +1,11 @@
 """The NBD server edge: listeners, one protocol object per client, requests run as tasks.
 
 Edge ring. Bytes go from the socket straight into the sans-IO core's buffers (asyncio/uvloop
-`BufferedProtocol`); each request the core hands out starts at once (its first step runs in
-the read callback, within `EAGER_BUDGET`), continues as a task owned by its connection if it
-has to wait, and is answered as soon as it completes (out of order). Replies made in one loop
-iteration leave in one write. Invariants: at most `MAX_RUNNING` requests of a connection
+`BufferedProtocol`); each request the core hands out is answered in the read callback when
+every layer can do it without waiting (`io.*_now`), else starts there (its first step runs
+at once) and continues as a task owned by its connection; replies go out as requests
+complete (out of order), those of one loop iteration in one write. Invariants: one callback
+does at most `EAGER_BUDGET` of work, at most `MAX_RUNNING` requests of a connection
 execute at once, the rest wait in a queue while reading is paused, and reading also stops
 while the socket's send buffer is above its high-water mark, so a client that never reads
 its replies cannot make us buffer without bound; a connection is finished (export reference
@@ -56,9 +57,10 @@ DEFAULT_MAX_CONNECTIONS = 100
 MAX_RUNNING = 32
 """Requests of one connection executing at once; further ones queue, reading pauses."""
 EAGER_BUDGET = 512 * 1024
-"""How much request work one callback may start inline, in bytes (each request counts
-`EAGER_COST` plus its length): a request completing without waiting (a cached read) then
-needs no task, while a callback stays within a few hundred microseconds."""
+"""How much request work one callback may do, in bytes (each request counts `EAGER_COST`,
+plus its length when it moves data): requests answered at once (holes, cached reads, tmpfs
+writes) or started eagerly need no task, while a callback stays within a few hundred
+microseconds. What is left waits in the queue for the next callback (reading paused)."""
 EAGER_COST = 16 * 1024
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
@@ -71,6 +73,9 @@ LIVE_MIN = 65536
 """Data chunks from this size on may be sent from a live view of a tmpfs image (one copy,
 not two). Below it a plain read is cheaper: the copy is small, while a view costs an fstat
 and, in a mapping not touched there yet, a page fault per page."""
+CHUNKS_PER_STEP = 32
+"""A sparse READ yields to the loop after this many chunks (a 32 MiB read of 512-byte
+clusters could otherwise be 65536 chunks in one callback)."""
 MAX_EXTENTS = 8192
 """Extents per BLOCK_STATUS context in one reply (clients ask again for the rest)."""
 
@@ -262,6 +267,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.export: NbdExport | None = None
         self._edge: BdrvChild | None = None
         self._writethrough = False
+        self._sparse_reads = False  # structured replies: READs may be answered by holes
         self._tasks: set[asyncio.Task[None]] = set()
         self._queue: deque[Request] = deque()
         self._running = 0
@@ -272,6 +278,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._finished = False
         self._out: list[bytes | bytearray | memoryview] = []  # replies not yet written
         self._flush_soon = False  # a _flush is scheduled
+        self._pump_soon = False  # a _pump_deferred is scheduled
         self._batching = False  # inside _handle: it flushes when done
         self._budget = 0  # what _start may still run eagerly in this callback
 
@@ -384,39 +391,105 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.export = export
         self._edge = export.edge
         self._writethrough = export.writethrough
+        self._sparse_reads = event.structured_replies
 
     # --- requests ---------------------------------------------------------------------
 
     def _submit(self, req: Request) -> None:
         if self._closing:
             return  # aborted: the client is being dropped
-        if self._running < MAX_RUNNING and not self._queue and not self._write_paused:
+        if (
+            self._running < MAX_RUNNING
+            and not self._queue
+            and not self._write_paused
+            and self._budget > 0
+        ):
+            self._budget -= EAGER_COST  # (`_run`, inlined: this is the path of every request)
+            if not self._answer_now(req):
+                self._budget -= req.length
+                self._start(req)
+            return
+        self._queue.append(req)
+        self._pause_reading()
+        if self._budget <= 0:
+            self._pump_later()
+
+    def _run(self, req: Request) -> None:
+        """Answer `req` at once when every layer can without waiting, else start it."""
+        self._budget -= EAGER_COST
+        if not self._answer_now(req):
+            self._budget -= req.length
             self._start(req)
-        else:
-            self._queue.append(req)
-            self._pause_reading()
+
+    def _answer_now(self, req: Request) -> bool:
+        """A READ or WRITE completed synchronously: block status and data from memory, tmpfs
+        or the page cache (`io.*_now`); no coroutine, no task. False: nothing was done."""
+        edge = self._edge
+        if edge is None:
+            return False
+        cmd = req.command
+        try:
+            if cmd is Cmd.READ:
+                return self._read_now(edge, req)
+            if cmd is Cmd.WRITE and edge.node.options.active:
+                payload = req.payload
+                assert payload is not None
+                fua = self._writethrough or bool(req.flags & _FUA)
+                if not io.pwrite_now(edge, req.offset, payload, fua=fua):
+                    return False
+                self._budget -= req.length
+                req.payload = None
+                self._send(self._core.reply_ok(req))
+                return True
+        except OSError as err:
+            req.payload = None
+            self._fail(req, err.errno or errno.EIO)
+            return True
+        except Exception:
+            log.exception("NBD request %s failed unexpectedly", req.command.name)
+            req.payload = None
+            self._fail(req, errno.EIO)
+            return True
+        return False
+
+    def _read_now(self, edge: BdrvChild, req: Request) -> bool:
+        flags = req.flags
+        length = req.length
+        if flags & _FUA or not length:
+            return False
+        core = self._core
+        if self._sparse_reads and not flags & _DF:
+            # One block-status extent covering the read: one hole chunk, or one data chunk
+            # (as the awaited path would send them).
+            status = io.block_status_now(edge, req.offset, length)
+            if status is None or status.length != length:
+                return False
+            if status.zero:
+                self._send(core.reply_hole(req))
+                return True
+        data = io.pread_now(edge, req.offset, length, live=length >= LIVE_MIN)
+        if data is None:
+            return False
+        self._budget -= length
+        self._send(core.reply_read(req), data)
+        return True
 
     def _start(self, req: Request) -> None:
         self._running += 1
         coro = self._serve(req)
-        if self._budget > 0:
-            # Eager start (3.12's eager tasks, by hand): the first step runs here, and a
-            # request that never waits (a cached read, a tmpfs write) costs no task at all.
-            # Its own context, as a task would have, so context variables set before a
-            # wait are still there after it.
-            self._budget -= EAGER_COST + req.length
-            ctx = contextvars.copy_context()
-            try:
-                waiting = ctx.run(coro.send, None)
-            except StopIteration:
-                self._running -= 1
-                return
-            except BaseException:
-                self._running -= 1
-                raise
-            task = self._loop.create_task(_resume(coro, waiting), context=ctx)
-        else:
-            task = self._loop.create_task(coro)
+        # Eager start (3.12's eager tasks, by hand): the first step runs here, and a request
+        # that never waits costs no task at all. Its own context, as a task would have, so
+        # context variables set before a wait are still there after it.
+        ctx = contextvars.copy_context()
+        try:
+            waiting = ctx.run(coro.send, None)
+        except StopIteration:
+            self._running -= 1
+            return
+        except BaseException:
+            self._running -= 1
+            raise
+        task = self._loop.create_task(_resume(coro, waiting), context=ctx)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -427,10 +500,24 @@ class NbdConnection(asyncio.BufferedProtocol):
             log.error("NBD request task failed", exc_info=task.exception())
         self._pump()
 
+    def _pump_later(self) -> None:
+        """Continue with the queue in a later callback: this one used its budget."""
+        if not self._pump_soon:
+            self._pump_soon = True
+            self._loop.call_soon(self._pump_deferred)
+
+    def _pump_deferred(self) -> None:
+        self._pump_soon = False
+        if not self._lost:
+            self._pump()
+
     def _pump(self) -> None:
         self._budget = EAGER_BUDGET
         while self._queue and self._running < MAX_RUNNING and not self._write_paused:
-            self._start(self._queue.popleft())
+            if self._budget <= 0:
+                self._pump_later()
+                break
+            self._run(self._queue.popleft())
         if (
             self._read_paused
             and not self._queue
@@ -555,12 +642,18 @@ class NbdConnection(asyncio.BufferedProtocol):
         # fall where qsd's fall. A failure after some chunks ends the reply with an error
         # chunk (qsd drops the connection instead; see test_nbd_compat).
         pos, end = req.offset, req.offset + req.length
+        chunks = 0
         while pos < end:
-            try:
-                status = await io.block_status(edge, pos, end - pos)
-            except OSError as err:
-                self._fail(req, err.errno or errno.EIO, _HOLE_CHECK_FAILED)
-                return
+            chunks += 1
+            if chunks % CHUNKS_PER_STEP == 0:
+                await asyncio.sleep(0)  # many small extents: let the loop breathe between
+            status = io.block_status_now(edge, pos, end - pos)
+            if status is None:
+                try:
+                    status = await io.block_status(edge, pos, end - pos)
+                except OSError as err:
+                    self._fail(req, err.errno or errno.EIO, _HOLE_CHECK_FAILED)
+                    return
             count = status.length
             if count <= 0:  # no answer: read the rest as data
                 count = end - pos

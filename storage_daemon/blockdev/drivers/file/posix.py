@@ -338,6 +338,49 @@ class FileDriver(BlockDriver):
                 return buf
         return await self._run(syscalls.read_bytes, length, offset)
 
+    def preadv_now(
+        self, offset: int, length: int, live: bool
+    ) -> bytes | bytearray | memoryview | None:
+        """`preadv` when it needs no wait (tmpfs, or a page-cache hit), else None; `live`:
+        a view of the mapping may do (see `io.pread_now`)."""
+        if self.direct:
+            return None
+        if self._inline:
+            if live:
+                view = self._mapped(offset, length)
+                if view is not None:
+                    return view
+            if length <= INLINE_MAX:
+                return syscalls.read_bytes(self._live().fd, length, offset)
+            return None
+        if not self._nowait or length > NOWAIT_MAX:
+            return None
+        buf = bytearray(length)
+        try:
+            done = syscalls.try_read_nowait(self._live().fd, memoryview(buf), offset)
+        except OSError as err:
+            if err.errno not in syscalls.UNSUPPORTED and err.errno != errno.EINVAL:
+                raise
+            self._nowait = False
+            return None
+        return buf if done == length else None  # a partial hit: the awaited path reads
+
+    def pwritev_now(self, offset: int, data: bytes | memoryview, fua: bool) -> bool:
+        """`pwritev` when it runs inline (tmpfs, small enough), else False (nothing done)."""
+        if self.direct or not self._inline or len(data) > INLINE_MAX or (fua and not self._dsync):
+            return False
+        flags = os.RWF_DSYNC if fua else 0
+        try:
+            syscalls.write_full(self._live().fd, memoryview(data).cast("B"), offset, flags)
+        except OSError as err:
+            if flags and err.errno in syscalls.UNSUPPORTED:
+                self._dsync = False  # no pwritev2 RWF_DSYNC here: the awaited path syncs
+                return False
+            raise
+        if offset + len(data) > self.length:
+            self.length = offset + len(data)
+        return True
+
     def _mapped(self, offset: int, length: int) -> memoryview | None:
         """A view of `[offset, offset+length)` in the mapping, or None to read it instead.
 
@@ -502,7 +545,7 @@ class FileDriver(BlockDriver):
             probe = max(length, self.length - offset)
             data, count = await self._run(syscalls.find_allocation, offset, probe)
             if data and gen == self._holes_gen:
-                self._data_cache = (offset, offset + count)
+                self._cache_data(offset, offset + count)
             count = min(count, length)
         align = self.request_alignment
         if align > 1 and offset + count < self.length:
@@ -514,6 +557,31 @@ class FileDriver(BlockDriver):
                 aligned = (offset + count) // align * align - offset
                 data, count = (True, min(align, length)) if aligned <= 0 else (False, aligned)
         return BlockStatus(length=count, data=data, zero=not data)
+
+    def block_status_now(self, offset: int, length: int) -> BlockStatus | None:
+        """`block_status` inside the cached data extent (no probe), else None."""
+        cache = self._data_cache
+        if cache is None or not cache[0] <= offset < cache[1]:
+            return None
+        count = min(cache[1] - offset, length)
+        align = self.request_alignment
+        if align > 1 and offset + count < self.length:
+            count = min(-(-(offset + count) // align) * align - offset, length)
+        return BlockStatus(length=count, data=True, zero=False)
+
+    def _cache_data(self, start: int, end: int) -> None:
+        """Remember `[start, end)` as data, merged with the cached range when they touch.
+
+        Probes run concurrently (nbdcopy's four connections each ask from where they are);
+        replacing the range with the last answer made every client below it miss, and each
+        miss rescanned the page cache to EOF (16 ms per GiB on tmpfs): 40 such scans per
+        1 GiB nbdcopy were 40% of the daemon's CPU. Two data ranges that overlap or touch
+        are one data range (no hole can be inside either).
+        """
+        cache = self._data_cache
+        if cache is not None and start <= cache[1] and cache[0] <= end:
+            start, end = min(start, cache[0]), max(end, cache[1])
+        self._data_cache = (start, end)
 
     def _may_punch(self) -> None:
         """A range may become a hole (or the file shorter): forget the cached data extent,

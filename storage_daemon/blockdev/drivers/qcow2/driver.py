@@ -23,6 +23,7 @@ from storage_daemon.blockdev.child import ROLE_BACKING, ROLE_FILE_OF_FORMAT, Bdr
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
 from storage_daemon.blockdev.drivers.blkdebug import debug_event
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
+from storage_daemon.blockdev.drivers.qcow2 import status
 from storage_daemon.blockdev.drivers.qcow2.alloc import (
     FREE_OTHER,
     FREE_REQUEST,
@@ -40,7 +41,6 @@ from storage_daemon.blockdev.drivers.qcow2.cache import (
     TableCache,
     cache_config,
 )
-from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
 from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
 from storage_daemon.blockdev.drivers.qcow2.writer import Writer
 from storage_daemon.blockdev.perm import Perm, cow_child_perm
@@ -122,6 +122,7 @@ class Qcow2Driver(BlockDriver):
         self._clean_interval_s = 0
         self._last_clean_ns = 0
         self._clean_timer: asyncio.TimerHandle | None = None
+        self._prealloc: bool | None = None  # metadata preallocation (None: not checked yet)
 
     # --- opening ------------------------------------------------------------------------
 
@@ -221,6 +222,8 @@ class Qcow2Driver(BlockDriver):
         await self._open_backing(options, opener)
         if writable:
             await self._prepare_writable()
+            # Before our first write (see _check_preallocation).
+            await self._check_preallocation()
         self._start_cache_cleaner(options.cache_clean_interval)
 
     def _check_options(self, options: Any, hdr: fmt.Header) -> CacheConfig:
@@ -602,18 +605,35 @@ class Qcow2Driver(BlockDriver):
         except Corruption as err:
             raise await self.signal_corruption(err) from err
 
+    def preadv_now(
+        self, offset: int, length: int, live: bool
+    ) -> bytes | bytearray | memoryview | None:
+        mapper = self.mapper
+        if self._fenced or mapper is None:
+            return None
+        return status.read_now(mapper, offset, length)
+
     async def block_status(self, offset: int, length: int) -> BlockStatus:
         mapper = self._mapper()
+        if self._prealloc is None:
+            await self._check_preallocation()
         try:
-            ext = await mapper.extent(offset, length)
+            return await status.block_status(mapper, bool(self._prealloc), offset, length)
         except Corruption as err:
             raise await self.signal_corruption(err) from err
-        kind = ext.kind
-        if kind in (ClusterType.NORMAL, ClusterType.COMPRESSED):
-            return BlockStatus(length=ext.length, data=True, zero=False)
-        if kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC):
-            return BlockStatus(length=ext.length, data=False, zero=True)
-        return BlockStatus(length=ext.length, data=False, zero=False, depth=0)
+
+    def block_status_now(self, offset: int, length: int) -> BlockStatus | None:
+        mapper = self.mapper
+        if self._fenced or self._prealloc is None or mapper is None:
+            return None
+        return status.block_status_now(mapper, self._prealloc, offset, length)
+
+    async def _check_preallocation(self) -> None:
+        """Once per open: a writable image at open, else at the first block status (see
+        `status.preallocated`)."""
+        async with self._lock:
+            if self._prealloc is None and self.meta is not None and self._file is not None:
+                self._prealloc = await status.preallocated(self.meta, self._file)
 
     async def _run_write(self, op: Callable[[Writer], Any], fua: bool) -> None:
         self._check_fenced()
