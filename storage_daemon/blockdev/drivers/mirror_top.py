@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from storage_daemon.blockdev import io
-from storage_daemon.blockdev.driver import ChildOpener
+from storage_daemon.blockdev.driver import BlockStatus, ChildOpener
 from storage_daemon.blockdev.drivers.throttle import FilterDriver
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
@@ -68,6 +68,18 @@ class MirrorTopDriver(FilterDriver):
         """The job attached the source as this node's `backing` child."""
         self._file = edge
         self.refresh_limits()
+
+    # Reads and block status pass through untouched (only writes concern the job), so they
+    # keep the NBD server's synchronous path (`io.pread_now`) while a mirror runs.
+    def preadv_now(
+        self, offset: int, length: int, live: bool
+    ) -> bytes | bytearray | memoryview | None:
+        file = self._file
+        return None if file is None else io.pread_now(file, offset, length, live=live)
+
+    def block_status_now(self, offset: int, length: int) -> BlockStatus | None:
+        file = self._file
+        return None if file is None else io.block_status_now(file, offset, length)
 
     def child_perm(self, child: Any, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         if self.is_commit:
