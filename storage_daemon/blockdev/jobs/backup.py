@@ -12,14 +12,13 @@ whatever its outcome, no filter is left and every user is back on the source.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import re
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import io
-from storage_daemon.blockdev.child import BdrvChild, ChildRole
+from storage_daemon.blockdev.child import ChildRole
 from storage_daemon.blockdev.drivers.copy_before_write import (
     MAX_CHUNK,
     BlockCopyState,
@@ -31,6 +30,7 @@ from storage_daemon.blockdev.graph import NODE_NAME_MAX
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.filters import check_not_busy, move_parents
 from storage_daemon.blockdev.jobs.job import JobCancelled, JobTxn
+from storage_daemon.blockdev.jobs.writeback import WritebackAhead
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE
 from storage_daemon.errors import QmpError
@@ -47,7 +47,6 @@ DEFAULT_MAX_WORKERS = 64
 # Chunks in flight at once (at most max-workers): a few keep reads and writes overlapping;
 # more only add Python overhead on the two or so cores this runs on.
 MAX_IN_FLIGHT = 8
-WRITEBACK_AHEAD = 256 * 1024 * 1024  # bytes copied between background flushes of the target
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 
 
@@ -273,28 +272,22 @@ class BackupJob(BlockJob):
         cursor = 0
         per_chunk = max(1, bcs.max_chunk // bcs.cluster_size)
         tasks: set[asyncio.Task[None]] = set()
-        flushes: set[asyncio.Task[None]] = set()
+        writeback = WritebackAhead()
+        flushes = writeback.tasks
         failures: list[CopyFailed] = []
-        unflushed = 0
         # The job ends with a flush of the target; its image file is flushed in the
         # background (outside a format's metadata lock) as the copy goes, so that last flush
         # finds little left to write.
         file = bcs.target.node.child("file") or bcs.target
 
         async def copy(first: int, end: int, waiter: asyncio.Future[None]) -> None:
-            nonlocal unflushed
             try:
                 copied = await bcs.copy_claimed(first, end, waiter)
             except CopyFailed as failure:
                 failures.append(failure)
                 return
             self.ratelimit_processed(copied)
-            unflushed += copied
-            if unflushed >= WRITEBACK_AHEAD:
-                unflushed = 0
-                flush = asyncio.get_running_loop().create_task(_flush_ahead(file))
-                flushes.add(flush)
-                flush.add_done_callback(flushes.discard)
+            writeback.copied(copied, file)
 
         try:
             while True:
@@ -384,11 +377,6 @@ async def _settle(*groups: set[asyncio.Task[None]]) -> None:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         raise
-
-
-async def _flush_ahead(edge: BdrvChild) -> None:
-    with contextlib.suppress(OSError):  # the job's own last flush reports errors
-        await io.flush(edge)
 
 
 QCOW2_MAGIC = b"QFI\xfb"
