@@ -1,8 +1,9 @@
 """The composition root: builds the daemon from its command line and runs it until exit.
 
 Edge ring. Options are applied strictly left to right through the same handlers QMP uses.
-Shutdown (quit, SIGTERM, SIGINT, SIGHUP) closes monitors after flushing their replies, then
-closes every node, removes the sockets we created and the pidfile, and exits with status 0.
+Shutdown (quit, SIGTERM, SIGINT, SIGHUP) runs qsd's exit: exports closed, every job drained
+and then cancelled, nodes closed, and only then `quit`'s reply and the monitors' last output
+flushed; sockets we created and the pidfile are removed, and the exit status is 0.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class Daemon:
         )
         self.events.subscribe(self.monitor_server.broadcast)
         self._exit = asyncio.Event()
+        self._monitors_closing = asyncio.Event()  # qsd's monitor_cleanup: replies go out
 
     # --- facts ------------------------------------------------------------------------
 
@@ -60,6 +62,12 @@ class Daemon:
 
     def request_exit(self) -> None:
         self._exit.set()
+
+    async def wait_monitor_cleanup(self) -> None:
+        """Until shutdown reaches the monitors. qsd runs `quit` in the main loop, which then
+        ends, and its reply is only sent by the monitor cleanup at the very end of the exit:
+        after the jobs' and exports' last events."""
+        await self._monitors_closing.wait()
 
     async def wait_exit(self) -> None:
         await self._exit.wait()
@@ -82,21 +90,33 @@ class Daemon:
         self.monitor_server.add(chardev, pretty=pretty, id=monitor_id)
 
     async def shutdown(self) -> None:
-        """Stop the NBD server and every export (their BLOCK_EXPORT_DELETED events still reach
-        the monitors, as with qsd), close monitors (replies flushed), then chardevs, then
-        nodes, newest first. Unlike qsd, the NBD server's unix socket file is removed."""
-        server, self.nbd_server = self.nbd_server, None
-        if server is not None:
-            await server.stop()
-        for export in self.exports:
-            export.request_shutdown()
-        # qsd force-cancels every job (their events still reach the monitors) before closing.
-        await self.jobs.shutdown()
-        await self.graph.settle()  # nodes freed when their last export went away are closed
+        """qsd's exit, in its order: the exports go (their BLOCK_EXPORT_DELETED events still
+        reach the monitors), every node is drained, which pauses the block jobs, and every
+        job is force-cancelled and waited for, newest first (transaction.drain_all_order,
+        JobManager.shutdown); then the nodes are closed, newest first, and only then the
+        monitors are cleaned up: `quit`'s reply is written, output flushed, chardevs closed.
+        Unlike qsd, the NBD server's unix socket file is removed."""
+        from storage_daemon.blockdev.transaction import drain_all_order
+
+        try:
+            server, self.nbd_server = self.nbd_server, None
+            if server is not None:
+                await server.stop()
+            for export in self.exports:
+                export.request_shutdown()
+            drained, _resumed = drain_all_order(self)
+            await self.jobs.shutdown(drained)
+            await self.graph.settle()  # nodes freed when their last export went away
+            await self._close_nodes()
+        finally:
+            self._monitors_closing.set()
         await self.monitor_server.close()
         for chardev in reversed(list(self.chardevs.values())):
             await chardev.close()
         self.chardevs.clear()
+        self.objects.close_all()  # throttle timers and the like
+
+    async def _close_nodes(self) -> None:
         for node in reversed(list(self.graph)):
             if node.monitor_owned and self.graph.find(node.name) is node:
                 try:
@@ -105,4 +125,3 @@ class Daemon:
                     pass  # still used by another node: closed with its parent
         for node in reversed(list(self.graph)):
             await self.graph.remove(node)
-        self.objects.close_all()  # throttle timers and the like

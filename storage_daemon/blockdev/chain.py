@@ -120,11 +120,12 @@ def backing_name_for(node: BlockNode | None) -> tuple[str | None, str | None]:
 
 async def set_backing(graph: BlockGraph, node: BlockNode, new: BlockNode | None) -> None:
     """Make `new` the backing child of `node` (None: no backing); the old backing node is
-    closed when it was implicit and nobody else uses it. Permission conflicts raise QmpError
-    and change nothing."""
+    closed when it was implicit and nobody else uses it. A frozen backing link (a job works
+    on the chain) and permission conflicts raise QmpError and change nothing."""
     old = cow_child(node)
     if old is not None and old.node is new:
         return
+    graph.check_link_change(old)
     edge = graph.attach(node, new, "backing", ROLE_BACKING) if new is not None else None
     if old is not None:
         # The new edge was inserted last among the children; drop the old one.

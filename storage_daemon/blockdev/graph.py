@@ -3,6 +3,9 @@
 Domain ring. All changes to edges go through `attach`/`detach`/`set_edge_perm`, which check
 the permissions of every affected node first and commit only if all agree, so a failed change
 leaves the graph as it was. Node names follow qsd's rules; implicit children get `#blockNNN`.
+Jobs freeze the links of the chain they work on (`freeze_chain`, QEMU's BdrvChild.frozen):
+whatever would point a frozen edge elsewhere checks `check_link_change`/`check_links_movable`
+first and gets qsd's refusal.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from collections.abc import Callable, Iterator
 from enum import Enum
 from typing import Any
 
+from storage_daemon.blockdev import chain
 from storage_daemon.blockdev.child import BdrvChild, BlockParent, ChildRole
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.drivers import DRIVERS
@@ -102,6 +106,36 @@ def op_blocker(node: BlockNode) -> str | None:
     return None
 
 
+class FrozenLinks:
+    """The links one freeze made frozen (`BlockGraph.freeze_chain`), given back to
+    `BlockGraph.unfreeze`; unfreezing twice is harmless."""
+
+    def __init__(self, edges: list[BdrvChild]) -> None:
+        self.edges = edges
+
+
+def chain_links(top: BlockNode, base: BlockNode | None) -> list[tuple[BlockNode, BdrvChild]]:
+    """(node, its filtered child) for every node from `top` down to `base` (exclusive; None:
+    to the bottom): the links QEMU's bdrv_freeze_backing_chain(top, base) covers."""
+    links: list[tuple[BlockNode, BdrvChild]] = []
+    node: BlockNode | None = top
+    while node is not None and node is not base:
+        edge = chain.filtered_child(node)
+        if edge is None:
+            break
+        links.append((node, edge))
+        node = edge.node
+    return links
+
+
+def _never_freeze(node: BlockNode) -> bool:
+    """QEMU's never_freeze: a mirror's filter may go away at any time, so no link to it may
+    be frozen (active commit freezes the links below it, not the one to it)."""
+    from storage_daemon.blockdev.drivers.mirror_top import MirrorTopDriver
+
+    return isinstance(node.driver, MirrorTopDriver)
+
+
 def check_not_blocked(node: BlockNode) -> None:
     """Raise qsd's "Node 'X' is busy: ..." when an op blocker holds `node`."""
     reason = op_blocker(node)
@@ -128,6 +162,8 @@ class BlockGraph:
         self._jobs: dict[Job, None] = {}
         # Closing nodes freed by `detach` (their last user, an export, went away).
         self._closing: set[asyncio.Task[None]] = set()
+        # Frozen links (QEMU's BdrvChild.frozen): no command may point them elsewhere.
+        self._frozen: set[BdrvChild] = set()
 
     # --- events and failures reported by nodes -----------------------------------------
 
@@ -362,6 +398,11 @@ class BlockGraph:
         """
         if edge in edge.node.parents:
             edge.node.parents.remove(edge)
+        if edge in self._frozen:
+            # QEMU asserts a removed link is not frozen; a freezer that went away without
+            # unfreezing must not keep the edge (and its nodes) alive here.
+            _log.warning("frozen link '%s' of '%s' removed", edge.name, edge.describe())
+            self._frozen.discard(edge)
         parent_node = edge.parent_node
         if parent_node is not None and edge in parent_node.children:
             parent_node.children.remove(edge)
@@ -399,6 +440,58 @@ class BlockGraph:
         """Wait until the nodes `detach` freed are closed (daemon shutdown, tests)."""
         while self._closing:
             await asyncio.gather(*list(self._closing), return_exceptions=True)
+
+    # --- frozen links -----------------------------------------------------------------
+
+    def is_frozen(self, edge: BdrvChild) -> bool:
+        return edge in self._frozen
+
+    def check_chain_not_frozen(self, top: BlockNode, base: BlockNode | None) -> None:
+        """QEMU's bdrv_is_backing_chain_frozen: qsd's refusal naming the first frozen link
+        from `top` down to `base` (exclusive)."""
+        for node, edge in chain_links(top, base):
+            if edge in self._frozen:
+                raise QmpError(
+                    f"Cannot change '{edge.name}' link from '{node.name}' to '{edge.node.name}'"
+                )
+
+    def freeze_chain(self, top: BlockNode, base: BlockNode | None) -> FrozenLinks:
+        """Freeze the links from `top` down to `base` (exclusive), as QEMU's
+        bdrv_freeze_backing_chain: refused, and nothing frozen, when one already is or one
+        leads to a mirror's filter."""
+        links = chain_links(top, base)
+        self.check_chain_not_frozen(top, base)
+        for _node, edge in links:
+            if _never_freeze(edge.node):
+                raise QmpError(f"Cannot freeze '{edge.name}' link to '{edge.node.name}'")
+        edges = [edge for _node, edge in links]
+        self._frozen.update(edges)
+        return FrozenLinks(edges)
+
+    def unfreeze(self, frozen: FrozenLinks | None) -> None:
+        if frozen is None:
+            return
+        for edge in frozen.edges:
+            self._frozen.discard(edge)
+        frozen.edges = []
+
+    def check_link_change(self, edge: BdrvChild | None) -> None:
+        """Before a parent's child link is pointed at another node or dropped (QEMU's
+        bdrv_set_file_or_backing_noperm)."""
+        if edge is not None and edge in self._frozen:
+            parent = edge.parent_node
+            parent_name = parent.name if parent is not None else ""
+            raise QmpError(
+                f"Cannot change frozen '{edge.name}' link from '{parent_name}' to "
+                f"'{edge.node.name}'"
+            )
+
+    def check_links_movable(self, edges: list[BdrvChild], old: BlockNode) -> None:
+        """Before the users `edges` of `old` are moved onto another node (QEMU's
+        bdrv_replace_node: an external snapshot, a job's filter going in or a pivot)."""
+        for edge in edges:
+            if edge in self._frozen:
+                raise QmpError(f"Cannot change '{edge.name}' link to '{old.name}'")
 
     def set_edge_perm(self, edge: BdrvChild, perm: Perm, shared: Perm) -> None:
         """Change what a non-node parent (export, job) uses; all-or-nothing."""

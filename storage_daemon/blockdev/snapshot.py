@@ -102,8 +102,9 @@ class Appended:
 
 async def append_overlay(graph: BlockGraph, overlay: BlockNode, node: BlockNode) -> Appended:
     """QEMU's bdrv_append: `node` becomes the backing of `overlay`, and the users of `node`
-    that are not jobs and not below `overlay` use `overlay` instead. Permission conflicts
-    raise QmpError and change nothing."""
+    that are not jobs and not below `overlay` use `overlay` instead. A frozen link among those
+    users (qsd: "Cannot change 'file' link to 'X'") and permission conflicts raise QmpError
+    and change nothing."""
     if any(n is overlay for n in _subtree(node)):
         raise QmpError(
             f"Making '{node.name}' a backing child of '{overlay.name}' would create a cycle"
@@ -116,6 +117,12 @@ async def append_overlay(graph: BlockGraph, overlay: BlockNode, node: BlockNode)
         if isinstance(edge.parent, Job) or (parent is not None and id(parent) in below):
             continue
         state.moved.append(edge)
+    try:
+        graph.check_links_movable(state.moved, node)
+    except QmpError:
+        state.moved.clear()
+        await state.undo()
+        raise
     for edge in state.moved:
         node.parents.remove(edge)
         edge.node = overlay

@@ -78,13 +78,31 @@ class DrainedSection:
             await job.drain_resume()
 
 
+def drain_all_order(daemon: Daemon) -> tuple[list[Job], list[Job]]:
+    """The jobs QEMU's bdrv_drain_all reaches: (the order they pause in, the order they
+    resume in). The drain visits every node in creation order and, on each, the jobs holding
+    it, newest edge first; a job pauses at its first node and resumes at its last."""
+    graph = getattr(daemon, "graph", None)  # phase tests run actions without a daemon
+    visits = [
+        edge.parent
+        for node in (graph or ())
+        for edge in list(node.parents)
+        if isinstance(edge.parent, Job)
+    ]
+    pause = list(dict.fromkeys(visits))
+    resume = list(reversed(dict.fromkeys(reversed(visits))))
+    return pause, resume
+
+
 async def drain_all(daemon: Daemon) -> None:
-    """QEMU's bdrv_drain_all at the start of a transaction: every job pauses, then resumes."""
-    manager = getattr(daemon, "jobs", None)  # phase tests run actions without a daemon
-    jobs = [job for job in reversed(list(manager or ())) if isinstance(job, Job)]
-    for job in jobs:
+    """QEMU's bdrv_drain_all at the start of a transaction: every job pauses, then each
+    resumes. (QEMU asks them all, then polls; a job of ours that is busy between two of its
+    pause points is waited for before the next is asked, which is what qsd shows for jobs
+    that wait for their I/O outside their coroutine, as a backup does.)"""
+    pause, resume = drain_all_order(daemon)
+    for job in pause:
         await job.drain_pause()
-    for job in jobs:
+    for job in resume:
         await job.drain_resume()
 
 

@@ -375,11 +375,5 @@ def test_quit_while_ready(compat: Compat) -> None:
         ],
         setup=make_chain,
     )
-    # Known gap outside the job: qsd drains every node before it cancels the jobs at exit,
-    # so the job first goes to standby and back to ready; our shutdown cancels at once.
-    events = result.norm["reference"][-1]["unclaimed-events"]
-    drained = [e["data"]["status"] for e in events[:2] if e["event"] == "JOB_STATUS_CHANGE"]
-    assert drained == ["standby", "ready"]
-    del events[:2]
     result.assert_same()
     check_images(compat)

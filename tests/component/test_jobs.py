@@ -499,7 +499,9 @@ async def test_shutdown_cancels_every_job() -> None:
     rec.take()
     await d.shutdown()
     assert len(d.jobs) == 0
-    assert rec.take() == ["null", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"]
+    assert rec.take() == [
+        "paused", "null", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"
+    ]  # fmt: skip
     assert d.graph.find("n0") is None
 
 

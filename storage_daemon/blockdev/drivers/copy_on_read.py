@@ -8,7 +8,7 @@ job's lifetime. Invariant: the copy writes exactly the bytes the read returned.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild
@@ -18,6 +18,9 @@ from storage_daemon.blockdev.drivers.throttle import FilterDriver
 from storage_daemon.blockdev.perm import Perm
 from storage_daemon.errors import QmpError
 
+if TYPE_CHECKING:
+    from storage_daemon.blockdev.graph import FrozenLinks
+
 
 class CopyOnReadDriver(FilterDriver):
     name = "copy-on-read"
@@ -26,6 +29,7 @@ class CopyOnReadDriver(FilterDriver):
         super().__init__(node)
         self.bottom: str | None = None
         self.max_depth = 0  # 0: the whole chain
+        self.frozen: FrozenLinks | None = None  # with `bottom`: the links down to it
 
     async def open(self, options: Any, opener: ChildOpener) -> None:
         file = await self.open_filtered(options.file, opener)
@@ -40,6 +44,18 @@ class CopyOnReadDriver(FilterDriver):
                 node = backing.node
             self.bottom = options.bottom
             self.max_depth = depth
+            # As qsd: the links from the filter down to its bottom are frozen while it lives.
+            self.frozen = self.node.graph.freeze_chain(self.node, node)
+
+    def unfreeze(self) -> None:
+        """The chain is free again (qsd's bdrv_cor_filter_drop does this first)."""
+        frozen, self.frozen = self.frozen, None
+        if frozen is not None:
+            self.node.graph.unfreeze(frozen)
+
+    async def close(self) -> None:
+        self.unfreeze()
+        await super().close()
 
     @property
     def passes_filename(self) -> bool:  # type: ignore[override]

@@ -2,8 +2,9 @@
 
 Domain ring. Committing an intermediate image copies, then (in prepare) relinks the overlay of
 `top` onto `base` and rewrites its header. Committing the active layer (or a top someone
-writes) is the mirror job in commit mode (commit_active.py). Invariant: a read-only base is
-made writable for an intermediate commit only and read-only again after it.
+writes) is the mirror job in commit mode (commit_active.py). Invariants: a read-only base is
+made writable for an intermediate commit only and read-only again after it; the links from the
+job's filter down to the base stay frozen from the job's setup until prepare or abort.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
-    from storage_daemon.blockdev.graph import BlockGraph
+    from storage_daemon.blockdev.graph import BlockGraph, FrozenLinks
     from storage_daemon.blockdev.node import BlockNode
     from storage_daemon.daemon import Daemon
 
@@ -131,6 +132,7 @@ class IntermediateCommitJob(BlockJob):
         self.backends: list[BdrvChild] = []  # the job's own backends (base, top)
         self.filter: BlockNode | None = None
         self.filter_node_name: str | None = args.filter_node_name
+        self.frozen: FrozenLinks | None = None  # commit_top down to the base, while it runs
         super().__init__(
             daemon.jobs,
             args.job_id,
@@ -147,6 +149,7 @@ class IntermediateCommitJob(BlockJob):
         try:
             self._take_nodes()
         except BaseException:
+            self.graph.unfreeze(self.frozen)
             self._drop_filter()
             raise
 
@@ -161,6 +164,9 @@ class IntermediateCommitJob(BlockJob):
             if not chain.is_filter(node):
                 self.layers.append(edge)
             node = chain.below(node)
+        # qsd freezes the chain from its filter down to the base until the job ends.
+        assert self.filter is not None
+        self.frozen = self.graph.freeze_chain(self.filter, self.base)
         self.grant.grant()
         try:
             # As qsd: the job holds the base without permissions and writes it through a
@@ -207,16 +213,17 @@ class IntermediateCommitJob(BlockJob):
         self.progress_set_remaining(length)
         offset = 0
         while offset < length:
-            await self.ratelimit_sleep()
+            await self.ratelimit_sleep_once()
             copy, n = await allocated_above(self.layers, offset, min(CHUNK, length - offset))
             if copy:
                 if not await copy_with_policy(self, self.on_error, top_edge, base_edge, offset, n):
                     continue  # retried after the pause the policy asked for
-                self.ratelimit_processed(n)
+                self.ratelimit_account(n)
             offset += n
             self.progress_update(n)
 
     async def prepare(self) -> None:
+        self.graph.unfreeze(self.frozen)
         self._drop_filter()
         overlay = chain.find_overlay(self.device, self.top)
         self.remove_all_nodes()
@@ -232,6 +239,9 @@ class IntermediateCommitJob(BlockJob):
             raise QmpError(f"Could not change the backing file: {err.strerror}") from err
         await chain.set_backing(self.graph, overlay, self.base)
 
+    async def abort(self) -> None:
+        self.graph.unfreeze(self.frozen)
+
     async def clean(self) -> None:
         if self.base_edge is not None and self.grant.saved:
             try:
@@ -242,6 +252,7 @@ class IntermediateCommitJob(BlockJob):
         self._drop_filter()
 
     def release(self) -> None:
+        self.graph.unfreeze(self.frozen)
         super().release()
         self._drop_backends()
         self._drop_filter()

@@ -4,7 +4,8 @@ Domain ring. The top's users move onto a `mirror_top` filter, which marks every 
 dirty; the job copies what the layers from the top down to just above the base hold into the
 base (grown first if smaller), becomes READY, and on job-complete converges and moves every
 user of the top onto the base (qsd's pivot). A cancel in READY, soft or forced, leaves the
-chain as it was. Invariant: the base is made writable before anything else and stays so
+chain as it was. The links from the filter down to the base are frozen while the job runs.
+Invariant: the base is made writable before anything else and stays so
 afterwards (as qsd), unless the job never started: then it is read-only again.
 """
 
@@ -114,6 +115,10 @@ class ActiveCommitJob(MirrorJob):
             if not chain.is_filter(node):
                 self.layers.append(edge)
             node = chain.below(node)
+        # As qsd: the links from the filter down to the base stay as they are until the
+        # job's exit (MirrorJob.prepare/abort unfreeze them before any pivot).
+        assert self.filter_node is not None
+        self.frozen = self.graph.freeze_chain(self.filter_node, self.target)
 
     async def _check_target_length(self, target: BdrvChild, length: int) -> None:
         if io.length(target) < length:

@@ -65,6 +65,7 @@ def move_parents(
         for edge in old.parents
         if not keep(edge) and (edge.parent_node is None or edge.parent_node not in below)
     ]
+    graph.check_links_movable(edges, old)  # qsd: "Cannot change 'backing' link to 'X'"
     for edge in edges:
         old.parents.remove(edge)
         edge.node = new

@@ -83,6 +83,9 @@ class JobTxn:
     def __init__(self) -> None:
         self.jobs: list[Job] = []
         self.aborting = False
+        # Set while the transaction is being finalized (prepare, commit or abort, clean):
+        # qsd does that in one go, so a cancel waits for it to be over.
+        self.finalizing: asyncio.Event | None = None
 
     def add(self, job: Job) -> None:
         self.jobs.append(job)
@@ -128,6 +131,7 @@ class Job:
         self.deferred_to_main_loop = False  # run() is over; completion is the manager's
         self.speed = 0
         self.limit = RateLimit()
+        self._next_delay_ns = 0  # ratelimit_account -> ratelimit_sleep_once
         self._status_before_pause = S.RUNNING
         self._wake: asyncio.Future[None] | None = None
         self._deadline_ns: int | None = None  # a sleep's timer is pending
@@ -242,8 +246,23 @@ class Job:
         """Account bytes the job copied; the next `ratelimit_sleep()` waits for them."""
         self.limit.delay_ns(nbytes, self._now_ns())
 
+    def ratelimit_account(self, nbytes: int) -> None:
+        """qsd 7.2's stream and commit (block_job_ratelimit_get_delay): account bytes the
+        job copied and remember the delay they ask for; `ratelimit_sleep_once()` sleeps it."""
+        self._next_delay_ns = self.limit.delay_ns(nbytes, self._now_ns())
+
+    async def ratelimit_sleep_once(self) -> None:
+        """qsd 7.2's stream and commit: one sleep of the delay the last chunk asked for (a
+        pause point even without one). Woken early by a resume or a faster speed, the job
+        goes on at once: each drained section a rate-limited job sits through lets it copy
+        one more chunk, as on qsd."""
+        delay, self._next_delay_ns = self._next_delay_ns, 0
+        await self.sleep(delay)
+
     async def ratelimit_sleep(self) -> None:
-        """Wait as long as the speed limit asks (at least one pause point even without one)."""
+        """Wait as long as the speed limit asks (at least one pause point even without one);
+        woken early, sleep again until the limit allows the next request (block-copy's, for
+        backup)."""
         while True:
             delay = self.limit.delay_ns(0, self._now_ns())
             await self.sleep(delay)
@@ -294,6 +313,10 @@ class Job:
                     async with asyncio.timeout(max(0, deadline - self._now_ns()) / 1e9):
                         await wake
                 except TimeoutError:
+                    if self._deadline_ns is None:
+                        # The timer was deleted: `_enter()` parked the job as paused while
+                        # it slept (a pause or drain), and only a resume may wake it now.
+                        continue
                     self._deadline_ns = None
                     self._enter()
         finally:
@@ -349,6 +372,10 @@ class Job:
         the pause count rises, and a job in the middle of its work is waited for until it
         parks at its next pause point, so its `paused` event precedes what follows."""
         self.pause()
+        await self.wait_quiet()
+
+    async def wait_quiet(self) -> None:
+        """The poll of a drain: until a paused job in the middle of its work has parked."""
         while self.should_pause() and not self.is_quiet() and not self.is_cancelled:
             waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._quiet_waiters.append(waiter)
@@ -396,6 +423,10 @@ class Job:
 
     async def user_cancel(self, force: bool) -> None:
         self._apply_verb(JobVerb.CANCEL)
+        finalizing = self.txn.finalizing
+        if finalizing is not None:
+            await finalizing.wait()
+            self._apply_verb(JobVerb.CANCEL)  # as qsd sees it: after the finalization
         await self.cancel(force)
 
     async def user_finalize(self) -> None:
@@ -430,6 +461,11 @@ class Job:
 
     async def cancel(self, force: bool) -> None:
         """QEMU's job_cancel (no verb check): also used at shutdown."""
+        finalizing = self.txn.finalizing
+        if finalizing is not None:
+            await finalizing.wait()
+        if self.status is S.NULL:
+            return
         if self.status is S.CONCLUDED:
             self._do_dismiss()
             return
@@ -532,12 +568,19 @@ class Job:
         return not self.failed
 
     async def _do_finalize(self) -> None:
-        for job in list(self.txn.jobs):
-            if not await job._prepare():
-                await self._txn_abort()
-                return
-        for job in list(self.txn.jobs):
-            await job._finalize_single()
+        txn = self.txn
+        done = txn.finalizing = asyncio.Event()
+        try:
+            for job in list(txn.jobs):
+                if not await job._prepare():
+                    await self._txn_abort()
+                    return
+            for job in list(txn.jobs):
+                await job._finalize_single()
+        finally:
+            done.set()
+            if txn.finalizing is done:
+                txn.finalizing = None
 
     async def _txn_abort(self) -> None:
         txn = self.txn

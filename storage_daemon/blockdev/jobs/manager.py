@@ -9,10 +9,9 @@ qsd's query-jobs and query-block-jobs show them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.clock import Clock, SystemClock
@@ -114,26 +113,48 @@ class JobManager:
             raise
         await job.start()
 
-    async def shutdown(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """qsd's job_cancel_sync_all: force-cancel every job and wait for each to end."""
-        for job in list(self):
-            with contextlib.suppress(QmpError):
-                await job.cancel(True)
-        tasks = list(self._tasks)
-        if tasks:
+    async def shutdown(self, drained: Sequence[Job] = (), grace: float = SHUTDOWN_GRACE) -> None:
+        """qsd's exit: bdrv_drain_all_begin, then job_cancel_sync_all.
+
+        `drained` are the jobs the drain reaches, in the order it reaches them (the block
+        jobs, by the graph's node order): each is paused (a sleeping one parks as paused, or
+        standby when READY) and waited for until it parks (transaction.drain_all says why
+        one at a time). The drain never ends. Then, newest first, each job is force-cancelled
+        (leaving the pause: its `running`/`ready` event) and waited for until its completion
+        is over, a concluded one dismissed, before the next one is taken, so the jobs' events
+        do not interleave. A job that ignores the cancel for `grace` seconds has its task
+        cancelled."""
+        for job in drained:
+            await self._bounded(job.drain_pause(), grace)
+        tries: dict[Job, int] = {}
+        while self._jobs:
+            job = self._jobs[-1]
+            tries[job] = tries.get(job, 0) + 1
+            if tries[job] > 2:  # neither cancelled nor dismissed: give up on it
+                await self._abandon(job)
+                continue
             try:
-                async with asyncio.timeout(grace):
-                    await asyncio.gather(*tasks, return_exceptions=True)
-            except TimeoutError:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        for job in list(self):
-            # Jobs whose cancel ended in CONCLUDED (auto-dismiss off), or abandoned ones.
-            try:
-                await job.cancel(True)
-            except Exception:  # an abandoned job may be in no state to cancel cleanly
+                # (The cancel first lets a finalization in progress end, as qsd's would.)
+                cancelled = await self._bounded(job.cancel(True), grace)
+            except Exception:  # a job in no state to cancel cleanly is abandoned next round
                 log.exception("job %s: cancel at shutdown failed", job.id)
-            if job in self._jobs:
-                self.unregister(job)
-                job.release()
+                continue
+            if not cancelled or (job.started and not await self._bounded(job.wait_done(), grace)):
+                await self._abandon(job)
+
+    @staticmethod
+    async def _bounded(wait: Coroutine[Any, Any, None], grace: float) -> bool:
+        try:
+            async with asyncio.timeout(grace):
+                await wait
+        except TimeoutError:
+            return False
+        return True
+
+    async def _abandon(self, job: Job) -> None:
+        for task in [task for task, owner in self._tasks.items() if owner is job]:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if job in self._jobs:
+            self.unregister(job)
+            job.release()

@@ -28,11 +28,12 @@ from storage_daemon.blockdev.jobs.filters import move_parents
 from storage_daemon.blockdev.jobs.fsm import READY_STATES
 from storage_daemon.blockdev.jobs.job import SLICE_NS
 from storage_daemon.blockdev.jobs.mirror_bitmap import DirtyBitmap, InFlight
+from storage_daemon.blockdev.jobs.writeback import WritebackAhead
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
-    from storage_daemon.blockdev.graph import BlockGraph
+    from storage_daemon.blockdev.graph import BlockGraph, FrozenLinks
     from storage_daemon.blockdev.node import BlockNode
     from storage_daemon.daemon import Daemon
 
@@ -179,10 +180,14 @@ class MirrorJob(BlockJob):
         self.initialised = False  # the first scan is over: write-blocking may start
         self.target_edge: BdrvChild | None = None  # the unnamed backend writing the target
         self._ops: set[asyncio.Task[None]] = set()
+        self.writeback = WritebackAhead()  # background flushes of the target as it fills
         self._bytes_in_flight = 0
         self._op_waiters: list[asyncio.Future[None]] = []
         self._error: BaseException | None = None
         self._cursor = 0
+        # Active commit freezes the chain from its filter down to the base (commit_active.py)
+        # until the job's exit (qsd's mirror_exit_common), before any pivot.
+        self.frozen: FrozenLinks | None = None
         # The filter goes in before the job exists, as in qsd (its name errors come first).
         self.filter_node: BlockNode | None = graph.add_internal(filter_node_name, MirrorTopDriver)
         self.filter = self._filter_driver(self.filter_node)
@@ -314,12 +319,14 @@ class MirrorJob(BlockJob):
         self.filter_node = None
 
     async def prepare(self) -> None:
+        self.graph.unfreeze(self.frozen)
         if self.target_backing is not None:
             await chain.set_backing(self.graph, self.target, self.target_backing)
         self._switch_graph(pivot=self.should_complete)
         await self._finish_filter()
 
     async def abort(self) -> None:
+        self.graph.unfreeze(self.frozen)
         self._switch_graph(pivot=False)
         await self._finish_filter()
 
@@ -332,6 +339,7 @@ class MirrorJob(BlockJob):
                 await self.graph.remove(self.target)
 
     def release(self) -> None:
+        self.graph.unfreeze(self.frozen)
         self._remove_filter_now()
         self._drop_target_edge()
         super().release()
@@ -408,6 +416,8 @@ class MirrorJob(BlockJob):
     async def _drain_ops(self) -> None:
         while self._ops:
             await self._wait_op()
+        if self.writeback.tasks:
+            await asyncio.gather(*self.writeback.tasks, return_exceptions=True)
 
     def _io_error(self, err: OSError, *, is_read: bool) -> None:
         policy = self.on_source_error if is_read else self.on_target_error
@@ -495,6 +505,7 @@ class MirrorJob(BlockJob):
             # Between plain files the kernel copies (copy_file_range); on an error the copy
             # is done again by hand, which tells a read error from a write error.
             if await copy_range(source, pos, target, pos, n):
+                self.writeback.copied(n, target)
                 return True
         except OSError:
             pass
@@ -508,6 +519,7 @@ class MirrorJob(BlockJob):
         except OSError as err:
             self._io_error(err, is_read=False)
             return False
+        self.writeback.copied(n, target)
         return True
 
     async def _zero_target(self, target: BdrvChild, offset: int, length: int) -> None:
@@ -558,7 +570,7 @@ class MirrorJob(BlockJob):
             raise
         finally:
             # Requests in flight end first (qsd waits for them too, even when cancelled).
-            tasks = list(self._ops)
+            tasks = [*self._ops, *self.writeback.tasks]
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
 

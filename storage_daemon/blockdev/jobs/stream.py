@@ -23,6 +23,7 @@ from storage_daemon.blockdev import chain, io
 from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.copy_range import copy_up_write, copy_up_zeroes
+from storage_daemon.blockdev.drivers.copy_on_read import CopyOnReadDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.filters import (
     check_not_busy,
@@ -266,6 +267,9 @@ class StreamJob(BlockJob):
         """Check the arguments, put the copy-on-read filter above the top (its name errors
         come before the job exists, as in qsd), then create the job on the filter."""
         job = cls(daemon, args)
+        if job.top.read_only:
+            # qsd holds the chain frozen while it reopens a read-only top read-write.
+            daemon.graph.unfreeze(daemon.graph.freeze_chain(job.top, job.above_base))
         job.grant.grant()  # qsd reopens a read-only top read-write for the job
         try:
             await job._insert_filter()
@@ -302,8 +306,16 @@ class StreamJob(BlockJob):
             spec["node-name"] = self.filter_node_name
         self.filter = await insert_filter(self.block_graph, spec, self.top, lambda edge: False)
 
+    def _unfreeze_filter(self) -> None:
+        """The filter freezes the chain down to `base_overlay` (its `bottom`) while it lives;
+        qsd's bdrv_cor_filter_drop unfreezes it first."""
+        driver = self.filter.driver if self.filter is not None else None
+        if isinstance(driver, CopyOnReadDriver):
+            driver.unfreeze()
+
     async def _drop_filter(self) -> None:
         """The filter's users back onto the top, the job's edges on it gone, the filter closed."""
+        self._unfreeze_filter()
         cor, self.filter = self.filter, None
         if cor is None:
             return
@@ -319,6 +331,7 @@ class StreamJob(BlockJob):
         """qsd's end of the job (bdrv_cor_filter_drop): the filter's users back onto the top
         and the job's own backend gone; the filter loses its child but stays in the graph,
         held as the job's main node (with the job's other edges) until the job is freed."""
+        self._unfreeze_filter()
         cor = self.filter
         if cor is None:
             return
@@ -418,6 +431,7 @@ class StreamJob(BlockJob):
         return len(layers) - 1
 
     async def prepare(self) -> None:
+        self._unfreeze_filter()  # the top's backing link changes below
         top = self.top
         if chain.cow_child(top) is None:
             return
@@ -459,6 +473,7 @@ class StreamJob(BlockJob):
         """The job is freed (dismissed): its edges go, and with them the filter and the
         implicit nodes of the old chain that nobody else uses."""
         held = [edge.node for edge in self.edges]
+        self._unfreeze_filter()
         super().release()
         cor, self.filter = self.filter, None
         if cor is not None and cor.children:

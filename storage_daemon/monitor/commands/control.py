@@ -31,4 +31,6 @@ async def query_qmp_schema(ctx: CommandContext, args: Any) -> list[dict[str, Any
 
 @command("quit")
 async def quit_(ctx: CommandContext, args: Any) -> None:
+    """The reply waits for the end of the exit (the jobs' cancel events come first), as qsd's."""
     ctx.daemon.request_exit()
+    await ctx.daemon.wait_monitor_cleanup()
