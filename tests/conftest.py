@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -142,3 +143,26 @@ def built_models() -> None:
 def scratch(tmp_path: Path) -> Path:
     """A scratch directory short enough for unix socket paths (108-byte limit)."""
     return tmp_path
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[Path]:
+    """A fresh directory on /dev/shm (skips where /dev/shm is missing or not tmpfs): the
+    file driver's tmpfs paths (live reads, inline requests) only run there."""
+    from storage_daemon.blockdev.drivers.file import syscalls
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm")
+    fd = os.open(shm, os.O_RDONLY)
+    try:
+        if syscalls.filesystem_type(fd) != syscalls.TMPFS_MAGIC:
+            pytest.skip("/dev/shm is not tmpfs")
+    finally:
+        os.close(fd)
+    made = shm / f"sd-test-{os.getpid()}-{id(object())}"
+    made.mkdir()
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made)

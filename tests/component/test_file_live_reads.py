@@ -10,7 +10,6 @@ shares no open file description with the node's descriptor.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,27 +80,6 @@ def image(path: Path, data: bytes, size: int) -> Path:
         f.write(data)
         f.truncate(size)
     return path
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm")
-    fd = os.open(shm, os.O_RDONLY)
-    try:
-        if syscalls.filesystem_type(fd) != syscalls.TMPFS_MAGIC:
-            pytest.skip("/dev/shm is not tmpfs")
-    finally:
-        os.close(fd)
-    made = shm / f"sd-live-{os.getpid()}-{id(object())}"
-    made.mkdir()
-    try:
-        yield made
-    finally:
-        for child in made.iterdir():
-            child.unlink()
-        made.rmdir()
 
 
 def test_freed_buffers_stay_in_the_heap() -> None:

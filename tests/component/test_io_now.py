@@ -296,23 +296,11 @@ async def test_data_extent_cache_merges_probes_from_different_offsets(
 
 
 @pytest.fixture
-def shm_data() -> Iterator[Path]:
+def shm_data(shm_dir: Path) -> Path:
     """4 MiB of random data on tmpfs (where reads and writes run inline)."""
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm")
-    fd = os.open(shm, os.O_RDONLY)
-    try:
-        if syscalls.filesystem_type(fd) != syscalls.TMPFS_MAGIC:
-            pytest.skip("/dev/shm is not tmpfs")
-    finally:
-        os.close(fd)
-    path = shm / f"sd-io-now-{os.getpid()}-{id(object())}.img"
+    path = shm_dir / "io-now.img"
     path.write_bytes(os.urandom(4 * MiB))
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
+    return path
 
 
 async def open_raw(daemon: Daemon, path: Path, write: bool, **file_opts: Any) -> BdrvChild:

@@ -11,37 +11,16 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from storage_daemon.blockdev.drivers.file import syscalls
 from tests.integration.daemon import ours_command
 from tests.integration.test_nbd_clients import SIZE, daemon, export_args, make_image, run, uri
 
 pytestmark = pytest.mark.skipif(
     any(shutil.which(t) is None for t in ("nbdcopy", "nbdinfo")), reason="nbdcopy not installed"
 )
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm")
-    fd = os.open(shm, os.O_RDONLY)
-    try:
-        if syscalls.filesystem_type(fd) != syscalls.TMPFS_MAGIC:
-            pytest.skip("/dev/shm is not tmpfs")
-    finally:
-        os.close(fd)
-    made = shm / f"sd-nbd-{os.getpid()}-{id(object())}"
-    made.mkdir()
-    try:
-        yield made
-    finally:
-        shutil.rmtree(made)
 
 
 def test_nbdcopy_out_and_in_on_tmpfs(shm_dir: Path, tmp_path: Path) -> None:

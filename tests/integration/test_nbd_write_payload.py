@@ -24,7 +24,6 @@ from pathlib import Path
 
 import pytest
 
-from storage_daemon.blockdev.drivers.file import syscalls
 from tests.integration.daemon import DaemonProcess, RawQmp, ours_command
 from tests.integration.test_nbd_bad_clients import READ, WRITE, Client
 
@@ -35,25 +34,6 @@ pytestmark = pytest.mark.skipif(
 MiB = 1 << 20
 SIZE = 8 * MiB
 AT = 2 * MiB  # where the 1 MiB writes go (inside the image's one data extent)
-
-
-@pytest.fixture
-def shm_dir() -> Iterator[Path]:
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        pytest.skip("no /dev/shm")
-    fd = os.open(shm, os.O_RDONLY)
-    try:
-        if syscalls.filesystem_type(fd) != syscalls.TMPFS_MAGIC:
-            pytest.skip("/dev/shm is not tmpfs")
-    finally:
-        os.close(fd)
-    made = shm / f"sd-wp-{os.getpid()}-{id(object())}"
-    made.mkdir()
-    try:
-        yield made
-    finally:
-        shutil.rmtree(made)
 
 
 @contextmanager
