@@ -11,7 +11,6 @@ top with the base equal to it. Daemons and clients are stopped by PID.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,31 +19,15 @@ from typing import Any
 import pytest
 
 from tests.integration.daemon import DaemonProcess, RawQmp, ours_command
+from tests.integration.jobtools import cmd, needs_tools, qemu_io, run, wait_status
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in ("qemu-io", "qemu-img", "fio")),
-    reason="qemu-io, qemu-img or fio missing",
-)
-
-
-def run(*argv: str, timeout: float = 120) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{argv}: {result.stderr}{result.stdout}"
-    return result.stdout
+pytestmark = needs_tools
 
 
 def uri(sock: Path) -> str:
     return f"nbd+unix:///top?socket={sock}"
-
-
-def qemu_io(target: str, fmt: str, *cmds: str) -> None:
-    args = ["qemu-io", "-f", fmt]
-    for c in cmds:
-        args += ["-c", c]
-    out = run(*args, target)
-    assert "Pattern verification failed" not in out, out
 
 
 class Chain:
@@ -59,15 +42,10 @@ class Chain:
         qemu_io(str(self.d / "expect.raw"), "raw", *cmds)
 
     def cmd(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        reply = self.qmp.cmd(name, args)
-        assert "return" in reply, reply
-        return reply["return"]
+        return cmd(self.qmp, name, args)
 
     def wait_status(self, status: str) -> None:
-        while True:
-            event = self.qmp.wait_event("JOB_STATUS_CHANGE", timeout=60)
-            if event["data"]["status"] == status:
-                return
+        wait_status(self.qmp, status)
 
     def compare(self, a: str, b: str, fmt_a: str = "qcow2", fmt_b: str = "raw") -> None:
         run("qemu-img", "compare", "-U", "-f", fmt_a, "-F", fmt_b, a, b)

@@ -10,28 +10,18 @@ every byte written before it. Daemons and clients are stopped by PID.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.integration.daemon import DaemonProcess, RawQmp, ours_command
+from tests.integration.jobtools import cmd, needs_tools, qemu_io, run, wait_status
 
 MiB = 1 << 20
 SIZE = 16 * MiB
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in ("qemu-io", "qemu-img", "fio")),
-    reason="qemu-io, qemu-img or fio missing",
-)
-
-
-def run(*argv: str, timeout: float = 120) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{argv}: {result.stderr}{result.stdout}"
-    return result.stdout
+pytestmark = needs_tools
 
 
 def uri(sock: Path) -> str:
@@ -39,11 +29,7 @@ def uri(sock: Path) -> str:
 
 
 def qemu_io_nbd(sock: Path, *cmds: str) -> None:
-    args = ["qemu-io", "-f", "raw"]
-    for c in cmds:
-        args += ["-c", c]
-    out = run(*args, uri(sock))
-    assert "Pattern verification failed" not in out, out
+    qemu_io(uri(sock), "raw", *cmds)
 
 
 @pytest.fixture
@@ -69,19 +55,6 @@ def mirrored(tmp_path: Path) -> Iterator[tuple[DaemonProcess, RawQmp, Path]]:
             yield proc, qmp, sock
     finally:
         proc.stop()
-
-
-def cmd(qmp: RawQmp, name: str, args: dict[str, Any] | None = None) -> Any:
-    reply = qmp.cmd(name, args)
-    assert "return" in reply, reply
-    return reply["return"]
-
-
-def wait_status(qmp: RawQmp, status: str) -> None:
-    while True:
-        event = qmp.wait_event("JOB_STATUS_CHANGE", timeout=60)
-        if event["data"]["status"] == status:
-            return
 
 
 def test_qemu_io_writes_during_mirror_then_pivot(
