@@ -4,6 +4,7 @@ Every asyncio test runs its loop in debug mode with `slow_callback_duration` at 
 then logs each callback that held the loop longer. The autouse fixture below collects those
 records and fails the test that caused them, so blocking the event loop is a test failure.
 Another autouse fixture fails a test that leaves a child process (a daemon, a client) running.
+Subprocesses import this checkout's package, whichever checkout the venv was installed from.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from hypothesis import HealthCheck, settings
 # in bench/, never in tests.
 settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("suite")
+
+# Daemons started as `python -m storage_daemon` from a scratch directory would import the
+# package the venv was installed from (an editable install of another checkout); put this
+# checkout first so that every subprocess runs the code under test.
+_CHECKOUT = str(Path(__file__).resolve().parents[1])
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [_CHECKOUT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 
 SLOW_CALLBACK_SECONDS = 0.05
 
