@@ -61,6 +61,7 @@ class Daemon:
     # --- lifecycle --------------------------------------------------------------------
 
     def request_exit(self) -> None:
+        self.monitor_server.stop_dispatching()
         self._exit.set()
 
     async def wait_monitor_cleanup(self) -> None:

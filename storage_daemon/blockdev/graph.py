@@ -15,6 +15,7 @@ import logging
 import random
 import re
 from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from enum import Enum
 from typing import Any
 
@@ -37,6 +38,8 @@ from storage_daemon.blockdev.perm import (
 from storage_daemon.errors import QmpError
 
 _log = logging.getLogger(__name__)
+# Set while blockdev-add runs: an existing node it names as a child is drained (qsd's attach).
+USER_ADD: ContextVar[bool] = ContextVar("user_add", default=False)
 _NODE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*\Z")
 NODE_NAME_MAX = 31
 _INT64_MAX = (1 << 63) - 1
@@ -617,6 +620,10 @@ class _Opener:
             self._graph.register_early(parent)
         if isinstance(ref, str):
             child = self._graph.lookup(ref)
+            if USER_ADD.get():
+                from storage_daemon.blockdev.transaction import drain_twice
+
+                await drain_twice(child)  # as qsd's attach: the jobs above pause twice
             return self._graph.attach(parent, child, name, role)
         # qsd 10.0: a backing file an inactive node opens comes up inactive, and so does
         # everything below a node that was made inactive that way; an inline child of a node

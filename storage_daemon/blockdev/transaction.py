@@ -78,6 +78,16 @@ class DrainedSection:
             await job.drain_resume()
 
 
+async def drain_twice(node: BlockNode) -> None:
+    """What qsd does to a node when a user adds a parent edge to it (blockdev-add of a node
+    that names it as a child, even one that fails to attach) or removes an export's: two
+    drained sections in a row, so each job above it pauses and resumes twice."""
+    for _ in range(2):
+        section = DrainedSection(node)
+        await section.begin()
+        await section.end()
+
+
 def drain_all_order(daemon: Daemon) -> tuple[list[Job], list[Job]]:
     """The jobs QEMU's bdrv_drain_all reaches: (the order they pause in, the order they
     resume in). The drain visits every node in creation order and, on each, the jobs holding

@@ -123,6 +123,13 @@ class Monitor:
             while event is not None:
                 if isinstance(event, SendBytes):
                     writer.write(event.data)
+                elif not owner.dispatching:
+                    # The daemon is exiting: as qsd, whose monitors dispatch nothing once its
+                    # main loop has ended, no command runs or gets a reply any more (events
+                    # still go out) until the monitors are closed.
+                    await writer.drain()
+                    await owner.closed.wait()
+                    return
                 else:
                     writer.write(await self._execute(context, session, event))
                 if self._closing:
@@ -215,6 +222,13 @@ class MonitorServer:
         self.commands = commands
         self.max_output_buffer = max_output_buffer
         self.monitors: list[Monitor] = []
+        self.dispatching = True  # False once the daemon exits: commands are left unanswered
+        self.closed = asyncio.Event()
+
+    def stop_dispatching(self) -> None:
+        """The daemon is exiting (quit, a signal): no monitor runs another command; a command
+        in flight (`quit` itself) still gets its reply."""
+        self.dispatching = False
 
     def add(self, chardev: Chardev, *, pretty: bool = False, id: str | None = None) -> Monitor:
         """Attach and start a monitor on a started chardev (call from the running loop)."""
@@ -240,4 +254,6 @@ class MonitorServer:
     async def close(self, grace: float = CLOSE_GRACE) -> None:
         """Stop every monitor, letting in-flight replies be written and flushed first."""
         monitors, self.monitors = self.monitors, []
+        self.dispatching = False
+        self.closed.set()
         await asyncio.gather(*(m.close(grace) for m in monitors))

@@ -100,6 +100,9 @@ def images(scratch: Path) -> Path:
     for name in (*IMAGES, "ro"):
         _run("qemu-img", "create", "-f", "qcow2", f"{scratch}/{name}.qcow2", "1M")
     _run("qemu-io", "-c", "write -P 1 0 64k", f"{scratch}/base.qcow2")
+    # Data after a hole: a rate-limited backup of b2 copies the hole in one request, then
+    # sleeps before this extent (an empty image would be done at once, as on qsd).
+    _run("qemu-io", "-c", "write -P 2 512k 64k", f"{scratch}/b2.qcow2")
     return scratch
 
 

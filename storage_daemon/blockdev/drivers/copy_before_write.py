@@ -73,6 +73,7 @@ class BlockCopyState:
         self.on_progress: Callable[[int], None] | None = None
         self.on_reset: Callable[[int], None] | None = None
         self._inflight: dict[int, asyncio.Future[None]] = {}  # cluster -> its copy's end
+        self._known: dict[int, tuple[str, int]] = {}  # claimed first cluster -> its extent
         self._readers: dict[int, int] = {}  # cluster -> snapshot reads of the source
         self._reader_done: asyncio.Event | None = None
 
@@ -113,7 +114,7 @@ class BlockCopyState:
     async def reset_unallocated(self, c: int) -> int:
         """sync=top: drop the clusters from `c` on that the top image does not allocate;
         returns the next cluster to look at."""
-        kind, n = await self._extent(c, self.clusters)
+        kind, n = await self.extent(c, self.clusters)
         if kind == "skip":
             self.reset(c, c + n)
         return c + n
@@ -148,11 +149,16 @@ class BlockCopyState:
         (0 for clusters sync=top drops as unallocated)."""
         return await self.copy_claimed(first, end, self.claim(first, end))
 
-    def claim(self, first: int, end: int) -> asyncio.Future[None]:
+    def claim(
+        self, first: int, end: int, known: tuple[str, int] | None = None
+    ) -> asyncio.Future[None]:
         """Take clusters [first, end) (all dirty, none in flight) for a copy that follows
         with `copy_claimed`: from now on nobody else copies them, and a write to them waits
         for the returned future. Synchronous, so a job can claim a range and start its copy
-        as a task without anyone taking the range in between."""
+        as a task without anyone taking the range in between. `known`: the `extent` of
+        `first` the caller asked for before it claimed (not asked again)."""
+        if known is not None:
+            self._known[first] = known
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         inflight = self._inflight
         dirty = self.dirty
@@ -165,7 +171,7 @@ class BlockCopyState:
         """Copy the clusters `claim` took; on failure those not copied are dirty again."""
         cursor = [first]  # clusters below it are copied (or dropped) for good
         try:
-            return await self._copy_run(first, end, cursor)
+            return await self._copy_run(first, end, cursor, self._known.pop(first, None))
         except BaseException:
             self.dirty[cursor[0] : end] = b"\x01" * (end - cursor[0])
             raise
@@ -174,7 +180,7 @@ class BlockCopyState:
                 self._inflight.pop(c, None)
             waiter.set_result(None)
 
-    async def _extent(self, c: int, end: int) -> tuple[str, int]:
+    async def extent(self, c: int, end: int) -> tuple[str, int]:
         """How to copy the clusters from `c` on (below `end`), and how many the answer holds
         for: "data", "zero" (a zero write, nothing read), or "skip" (sync=top: the top image
         does not allocate them). As QEMU's block-copy, a status extent shorter than a cluster
@@ -194,12 +200,18 @@ class BlockCopyState:
             return "skip", n
         return ("zero" if st.zero else "data"), n
 
-    async def _copy_run(self, first: int, end: int, cursor: list[int]) -> int:
+    async def _copy_run(
+        self, first: int, end: int, cursor: list[int], known: tuple[str, int] | None
+    ) -> int:
         copied = 0
         c = first
         while c < end:
             cursor[0] = c
-            kind, n = await self._extent(c, end)
+            if known is not None:
+                kind, n = known[0], min(known[1], end - c)
+                known = None
+            else:
+                kind, n = await self.extent(c, end)
             nbytes = self._bytes(c, c + n)
             if kind == "skip":
                 if self.on_reset is not None:

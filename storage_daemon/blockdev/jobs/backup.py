@@ -12,6 +12,7 @@ whatever its outcome, no filter is left and every user is back on the source.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import logging
 import re
@@ -272,6 +273,7 @@ class BackupJob(BlockJob):
         cursor = 0
         per_chunk = max(1, bcs.max_chunk // bcs.cluster_size)
         tasks: set[asyncio.Task[None]] = set()
+        extents = _Extents(bcs)
         writeback = WritebackAhead()
         flushes = writeback.tasks
         failures: list[CopyFailed] = []
@@ -310,9 +312,12 @@ class BackupJob(BlockJob):
                         raise err from None
                     cursor = 0  # "stop" parks at the next pause point; both copy again
                     continue
-                if not busy:
-                    await self.ratelimit_sleep()
                 c = bcs.next_dirty(cursor)
+                if c >= 0 and not busy:
+                    # A pause point, and the rate limit's wait, only before a request (qsd's
+                    # block-copy: a job whose last request is done ends without a sleep).
+                    await self.ratelimit_sleep()
+                    c = bcs.next_dirty(cursor)
                 if c < 0:
                     if busy:
                         await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
@@ -323,11 +328,18 @@ class BackupJob(BlockJob):
                     else:
                         await bcs.wait_idle()
                     continue
+                # As qsd's block-copy, a request covers one block-status extent (one layer's
+                # data, or zeroes) of at most a chunk: the progress (and the rate limit)
+                # moves in the same steps.
+                kind, n = await extents.at(c)
+                if not bcs.dirty[c]:
+                    continue  # the filter took it meanwhile
+                known = (kind, min(n, per_chunk))
                 end = c + 1
-                stop = min(bcs.clusters, c + per_chunk)
+                stop = c + known[1]
                 while end < stop and bcs.dirty[end]:
                     end += 1
-                waiter = bcs.claim(c, end)  # taken now: the filter's copies wait for it
+                waiter = bcs.claim(c, end, known)  # taken now: the filter's copies wait
                 task = asyncio.get_running_loop().create_task(copy(c, end, waiter))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -364,6 +376,43 @@ class BackupJob(BlockJob):
                     move_parents(self.graph, cbw, below.node, lambda edge: False)
                 except QmpError:
                     log.exception("backup %s: could not move users back", self.id)
+
+
+class _Extents:
+    """The source's block-status extents from some cluster on, read ahead a batch at a time.
+
+    qsd's block-copy asks the status of each request before it starts it, without yielding:
+    its requests start back to back. Ours are answered on the thread pool, so a batch read
+    ahead lets the job start its requests back to back as well (an error in one of them is
+    then seen only after the others have started, as on qsd). The clusters still to copy
+    cannot change on the source meanwhile: every write to them goes through the filter,
+    which copies them first."""
+
+    BATCH = 16
+
+    def __init__(self, bcs: BlockCopyState) -> None:
+        self.bcs = bcs
+        self.starts: list[int] = []  # contiguous extents: starts[i] .. starts[i + 1]
+        self.kinds: list[str] = []
+        self.end = 0
+
+    async def at(self, c: int) -> tuple[str, int]:
+        """The kind of the extent holding cluster `c` and how many clusters of it remain."""
+        if not self.starts or not self.starts[0] <= c < self.end:
+            await self._scan(c)
+        i = bisect.bisect_right(self.starts, c) - 1
+        stop = self.starts[i + 1] if i + 1 < len(self.starts) else self.end
+        return self.kinds[i], stop - c
+
+    async def _scan(self, c: int) -> None:
+        bcs = self.bcs
+        self.starts, self.kinds = [], []
+        while c < bcs.clusters and len(self.starts) < self.BATCH:
+            kind, n = await bcs.extent(c, bcs.clusters)
+            self.starts.append(c)
+            self.kinds.append(kind)
+            c += n
+        self.end = c
 
 
 async def _settle(*groups: set[asyncio.Task[None]]) -> None:

@@ -74,6 +74,19 @@ async def allocated_above(layers: list[BdrvChild], offset: int, length: int) -> 
     return False, n
 
 
+def overlay_of(device: BlockNode, base: BlockNode) -> BlockNode | None:
+    """The first non-filter node above `base` in `device`'s chain, filters skipped on both
+    sides (QEMU's bdrv_find_overlay); None when `base` is the device's own image."""
+    target = chain.skip_filters(base)
+    active = chain.skip_filters(device)
+    while active is not None:
+        nxt = chain.skip_filters(chain.below(active))
+        if nxt is target:
+            return active
+        active = nxt
+    return None
+
+
 class CopyError(Exception):
     def __init__(self, err: OSError, is_read: bool) -> None:
         super().__init__(str(err))
@@ -126,10 +139,11 @@ class _Copier:
         source = chain.cow_child(job.top)
         assert source is not None and job.filter is not None and job.filter.primary is not None
         self.source = source
-        # The filter's edge on the top holds WRITE_UNCHANGED, which QEMU's copy-on-read
-        # write needs; the generic path checks WRITE, so a stand-in edge that has it writes
+        # The edge above the top holds WRITE_UNCHANGED, which QEMU's copy-on-read write
+        # needs; the generic path checks WRITE, so a stand-in edge that has it writes
         # (never attached: the graph and its permissions do not see it).
-        edge = job.filter.primary
+        edge = job.writer_edge
+        assert edge is not None
         self.writer = BdrvChild(
             parent=edge.parent,
             node=edge.node,
@@ -206,8 +220,11 @@ class StreamJob(BlockJob):
         device = graph.lookup(args.device)
         base: BlockNode | None = None
         bottom: BlockNode | None = None
+        top = chain.skip_filters(device)
+        assert top is not None
         if args.base is not None:
-            base = chain.find_by_filename(device, args.base)
+            # Only the backing images of the first non-filter node (bdrv_find_backing_image).
+            base = chain.find_by_filename(top, args.base)
             if base is None:
                 raise QmpError(f"Can't find '{args.base}' in the backing chain")
         if args.base_node is not None:
@@ -226,13 +243,13 @@ class StreamJob(BlockJob):
                 )
         if base is None and args.backing_file is not None:
             raise QmpError("backing file specified, but streaming the entire chain")
-        top = chain.skip_filters(device)
-        assert top is not None
         if bottom is not None:
             base_overlay = bottom
         elif base is not None:
-            found = chain.find_overlay(device, base)
-            assert found is not None
+            found = overlay_of(device, base)
+            if found is None:
+                # A base-node that is the device's own (filtered) image.
+                raise QmpError(f"'{base.name}' is not in the backing chain of '{device.name}'")
             base_overlay = found
         else:
             base_overlay = chain.bottom(device)
@@ -248,7 +265,8 @@ class StreamJob(BlockJob):
         while node is not None and node is not new_base:
             check_not_busy(node)
             node = chain.below(node)
-        self.top = top
+        self.device = device  # qsd's job target: the filter goes above it, even a filter
+        self.top = top  # the first non-filter node from the device down: what is copied into
         self.base_overlay = base_overlay
         self.above_base = above_base
         self.backing_file: str | None = args.backing_file
@@ -261,6 +279,7 @@ class StreamJob(BlockJob):
         self.copier: _Copier | None = None  # the copies in flight, while run() runs
         self.block_graph = graph
         self.grant = chain.WritableGrant(graph, top)
+        self.writer_edge: BdrvChild | None = None  # the edge above the top (copy-up writes)
 
     @classmethod
     async def create(cls, daemon: Daemon, args: Any) -> StreamJob:
@@ -269,7 +288,7 @@ class StreamJob(BlockJob):
         job = cls(daemon, args)
         if job.top.read_only:
             # qsd holds the chain frozen while it reopens a read-only top read-write.
-            daemon.graph.unfreeze(daemon.graph.freeze_chain(job.top, job.above_base))
+            daemon.graph.unfreeze(daemon.graph.freeze_chain(job.device, job.above_base))
         job.grant.grant()  # qsd reopens a read-only top read-write for the job
         try:
             await job._insert_filter()
@@ -299,12 +318,12 @@ class StreamJob(BlockJob):
     async def _insert_filter(self) -> None:
         spec: dict[str, Any] = {
             "driver": "copy-on-read",
-            "file": self.top.name,
+            "file": self.device.name,
             "bottom": self.base_overlay.name,
         }
         if self.filter_node_name is not None:
             spec["node-name"] = self.filter_node_name
-        self.filter = await insert_filter(self.block_graph, spec, self.top, lambda edge: False)
+        self.filter = await insert_filter(self.block_graph, spec, self.device, lambda edge: False)
 
     def _unfreeze_filter(self) -> None:
         """The filter freezes the chain down to `base_overlay` (its `bottom`) while it lives;
@@ -338,7 +357,7 @@ class StreamJob(BlockJob):
         if self.blk is not None:
             self.block_graph.detach(self.blk)
             self.blk = None
-        move_parents(self.block_graph, cor, self.top, lambda edge: edge.parent is self)
+        move_parents(self.block_graph, cor, self.device, lambda edge: edge.parent is self)
         for edge in list(cor.children):
             self.block_graph.detach(edge)
 
@@ -355,17 +374,24 @@ class StreamJob(BlockJob):
         self.blk = graph.attach(
             UnnamedBackend(), self.filter, "root", ChildRole(0), Perm.CONSISTENT_READ, BLK_SHARED
         )
-        self.top_edge = self.add_node("active node", self.top, PERM_NONE, BLK_SHARED)
-        if self.top is self.base_overlay:
-            return
-        node = chain.below(self.top)
-        while node is not None:
+        # As qsd: the device is the "active node", every node below it down to the new
+        # base an "intermediate node" (the top itself too when the device is a filter).
+        self.top_edge = self.add_node("active node", self.device, PERM_NONE, BLK_SHARED)
+        new_base = chain.below(self.above_base)
+        node = chain.below(self.device)
+        while node is not None and node is not new_base:
             edge = self.add_node("intermediate node", node, PERM_NONE, INTERMEDIATE_SHARED)
-            if not chain.is_filter(node):
+            if node is self.top:
+                self.top_edge = edge
+            elif not chain.is_filter(node):
                 self.layers.append(edge)
-            if node is self.above_base:
-                break
             node = chain.below(node)
+        # Copy-ups are written into the top through the edge of the node right above it
+        # (qsd writes them through the device's filters, throttled by a throttle filter).
+        above: BdrvChild | None = self.filter.primary
+        while above is not None and above.node is not self.top:
+            above = chain.filtered_child(above.node)
+        self.writer_edge = above
 
     async def run(self) -> None:
         top_edge = self.top_edge
@@ -483,7 +509,7 @@ class StreamJob(BlockJob):
                 self.block_graph.detach(self.blk)
                 self.blk = None
             with contextlib.suppress(QmpError):
-                move_parents(self.block_graph, cor, self.top, lambda edge: False)
+                move_parents(self.block_graph, cor, self.device, lambda edge: False)
             if not cor.parents:
                 self.block_graph.remove_internal(cor)
         self._free_old_chain(held)

@@ -8,6 +8,7 @@ from typing import Any
 from storage_daemon.blockdev import activity, io
 from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import ChildRole
+from storage_daemon.blockdev.graph import USER_ADD
 from storage_daemon.blockdev.info import block_stats, debug_block_graph, named_block_nodes
 from storage_daemon.blockdev.node_query import query_block_node
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
@@ -19,7 +20,11 @@ from storage_daemon.monitor.dispatch import CommandContext, command
 async def blockdev_add(ctx: CommandContext, options: Any) -> None:
     if options.node_name is None:
         raise QmpError("'node-name' must be specified for the root node")
-    await ctx.daemon.graph.add(options, monitor_owned=True)
+    token = USER_ADD.set(True)
+    try:
+        await ctx.daemon.graph.add(options, monitor_owned=True)
+    finally:
+        USER_ADD.reset(token)
 
 
 @command("blockdev-del")

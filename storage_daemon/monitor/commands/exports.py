@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from storage_daemon.blockdev import activity, io
+from storage_daemon.blockdev.transaction import drain_twice
 from storage_daemon.errors import QmpError
 from storage_daemon.export.nbd.handshake import ExportInfo
 from storage_daemon.export.nbd.listen import Endpoint
@@ -177,7 +178,19 @@ def _check_bitmap(ctx: CommandContext, bitmap: Any) -> None:
 @command("block-export-del")
 async def block_export_del(ctx: CommandContext, args: Any) -> None:
     hard = args.mode is not None and str(_wire(args.mode)) == "hard"
-    ctx.daemon.exports.delete(args.id, hard)
+    exports = ctx.daemon.exports
+    export = exports.find(args.id)
+    if (
+        export is not None
+        and export.edge is not None
+        and not export.shutting_down
+        and export.clients == 0
+    ):
+        # Deleted at once: as qsd's removal of the export's backend, the jobs above the node
+        # pause and resume twice first. (With clients, qsd drains when the last one leaves;
+        # not modelled.)
+        await drain_twice(export.edge.node)
+    exports.delete(args.id, hard)
 
 
 @command("query-block-exports")
