@@ -632,3 +632,32 @@ async def test_a_write_to_a_chunk_in_flight_waits_for_its_copy(
     data = (images / "s.raw").read_bytes()
     assert data[MiB + 4096 : MiB + 4608] == b"\x99" * 512
     assert data[2 * MiB : 2 * MiB + 512] == b"\x98" * 512
+
+
+async def test_a_copy_failing_with_a_bug_ends_the_job(
+    daemon: Daemon, images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that raises something other than an I/O error (a bug) fails the job with it,
+    once: it is neither swallowed nor retried forever."""
+    from storage_daemon.blockdev.drivers.copy_before_write import BlockCopyState
+
+    real = BlockCopyState._copy_run
+    calls = 0
+
+    async def broken(self: BlockCopyState, *args: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected bug")
+        return await real(self, *args)
+
+    monkeypatch.setattr(BlockCopyState, "_copy_run", broken)
+    rec = Recorder(daemon)
+    await daemon.run_command(
+        "blockdev-backup", {"job-id": "b0", "device": "src", "target": "tgt", "sync": "full"}
+    )
+    async with asyncio.timeout(30):  # a bound: without the fix the job never ends
+        await wait_gone(daemon, "b0")
+    completed = next(data for name, data in rec.data if name == "BLOCK_JOB_COMPLETED")
+    assert completed["error"] == "internal error: injected bug"
+    assert not any(n.driver.name == "copy-before-write" for n in daemon.graph)

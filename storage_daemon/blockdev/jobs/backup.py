@@ -277,6 +277,7 @@ class BackupJob(BlockJob):
         writeback = WritebackAhead()
         flushes = writeback.tasks
         failures: list[CopyFailed] = []
+        fatal: list[Exception] = []  # not an I/O error: the job fails with it, no retry
         # The job ends with a flush of the target; its image file is flushed in the
         # background (outside a format's metadata lock) as the copy goes, so that last flush
         # finds little left to write.
@@ -288,6 +289,9 @@ class BackupJob(BlockJob):
             except CopyFailed as failure:
                 failures.append(failure)
                 return
+            except Exception as exc:  # a bug, not an I/O error: ends the job below
+                fatal.append(exc)
+                return
             self.ratelimit_processed(copied)
             writeback.copied(copied, file)
 
@@ -296,11 +300,17 @@ class BackupJob(BlockJob):
                 limit = 1 if self.speed else min(self.max_workers, MAX_IN_FLIGHT)
                 busy = tasks | flushes
                 if busy and (
-                    failures or self.should_pause() or self.is_cancelled or len(tasks) >= limit
+                    failures
+                    or fatal
+                    or self.should_pause()
+                    or self.is_cancelled
+                    or len(tasks) >= limit
                 ):
                     # Pause points only with nothing in flight: a paused job does no I/O.
                     await asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED)
                     continue
+                if fatal:
+                    raise fatal[0]
                 if failures:
                     failure = failures[0]
                     failures.clear()
