@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from storage_daemon.blockdev import write_threshold
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.drivers.throttle import FilterDriver
@@ -130,7 +131,7 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
             "direct": opts.cache_direct,
             "no-flush": opts.cache_no_flush,
         },
-        "write_threshold": 0,
+        "write_threshold": write_threshold.threshold(node),
     }
     if backing is not None and not node.driver.is_filter:
         # A filter's "backing" child (mirror_top's) is no backing file named in a header.

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from functools import partial
 
+from storage_daemon.blockdev import write_threshold as _threshold
 from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.io_align import (
@@ -299,6 +300,8 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
         raise _error(errno.EIO)
     if not length:
         return
+    if _threshold.ARMED:
+        _threshold_check(node, drv, end)
     stats = node.stats
     opts = node.options
     started = _now()
@@ -342,7 +345,7 @@ def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False)
     if offset < 0 or not length or end > drv.getlength():
         return False  # errors and growth: the awaited path's
     opts = node.options
-    if opts.detect_zeroes != "off" or drv.request_alignment != 1:
+    if opts.detect_zeroes != "off" or drv.request_alignment != 1 or _threshold.ARMED:
         return False
     max_transfer = drv.max_transfer
     if max_transfer and length > max_transfer:
@@ -365,6 +368,13 @@ def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False)
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
     return True
+
+
+def _threshold_check(node: BlockNode, drv: BlockDriver, end: int) -> None:
+    """block-set-write-threshold: qsd checks a write's end after padding it to the node's
+    request_alignment."""
+    align = drv.request_alignment
+    _threshold.check(node, align_up(end, align) if align > 1 else end)
 
 
 async def _wait_conflicts(tracker: RequestTracker, req: TrackedRequest) -> None:
@@ -495,6 +505,8 @@ async def pwrite_zeroes(
         raise _error(errno.EIO)
     if not length:
         return
+    if _threshold.ARMED:
+        _threshold_check(node, drv, end)
     fast_only = fast_only or _NO_FALLBACK.get()
     unmap = may_unmap and node.options.discard == "unmap"
     stats = node.stats
@@ -628,6 +640,8 @@ async def pdiscard(edge: BdrvChild, offset: int, length: int) -> None:
     started = _now()
     try:
         if node.options.discard == "unmap":
+            if _threshold.ARMED:
+                _threshold.check(node, end)  # unpadded: qsd checks discards as asked
             await _discard(node, drv, offset, end, eof)
     except Exception:
         stats.failed_unmap_operations += 1
@@ -668,6 +682,11 @@ async def flush(edge: BdrvChild) -> None:
     option unless set otherwise); a read-only node has nothing to flush.
     """
     await _flush_node(edge.node)
+
+
+async def flush_node(node: BlockNode) -> None:
+    """`flush` for a caller holding no edge (blockdev-reopen, before a node turns read-only)."""
+    await _flush_node(node)
 
 
 async def _flush_node(node: BlockNode) -> None:

@@ -39,6 +39,11 @@ def _wire(value: Any) -> Any:
     return value
 
 
+def set_members(value: Any) -> Any:
+    """A typed model's members as a client sent them (wire names, set members only)."""
+    return _wire(value)
+
+
 def node_options_dict(node: BlockNode) -> dict[str, Any]:
     """BlockdevOptions as the node was opened, base options as in effect, children by name."""
     out: dict[str, Any] = {"driver": node.driver.name, "node-name": node.name}

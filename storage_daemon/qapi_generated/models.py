@@ -2379,6 +2379,12 @@ if TYPE_CHECKING:
         id: str
 
 
+    class BlockdevReopenArgs(QapiModel):
+        """Members of BlockdevReopenArgs."""
+
+        options: list[BlockdevOptions]
+
+
     class BlockdevDelArgs(QapiModel):
         """Members of BlockdevDelArgs."""
 
@@ -2481,6 +2487,21 @@ if TYPE_CHECKING:
         node_name: str = Field(alias="node-name")
         amount_exceeded: int = Field(alias="amount-exceeded")
         write_threshold: int = Field(alias="write-threshold")
+
+
+    class BlockSetWriteThresholdArgs(QapiModel):
+        """Members of BlockSetWriteThresholdArgs."""
+
+        node_name: str = Field(alias="node-name")
+        write_threshold: int = Field(alias="write-threshold")
+
+
+    class XBlockdevSetIothreadArgs(QapiModel):
+        """Members of XBlockdevSetIothreadArgs."""
+
+        node_name: str = Field(alias="node-name")
+        iothread: StrOrNull
+        force: bool | None = None
 
 
     class QuorumFailureEvent(QapiModel):
@@ -2727,6 +2748,9 @@ if TYPE_CHECKING:
 
 
     BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]
+
+
+    StrOrNull: TypeAlias = Union[str, None]
 
 else:
     # name -> (names its class statement needs first, source)
@@ -3005,6 +3029,7 @@ else:
         'BlockJobCompleteArgs': (('QapiModel',), 'class BlockJobCompleteArgs(QapiModel):\n    """Members of BlockJobCompleteArgs."""\n\n    device: str\n'),
         'BlockJobDismissArgs': (('QapiModel',), 'class BlockJobDismissArgs(QapiModel):\n    """Members of BlockJobDismissArgs."""\n\n    id: str\n'),
         'BlockJobFinalizeArgs': (('QapiModel',), 'class BlockJobFinalizeArgs(QapiModel):\n    """Members of BlockJobFinalizeArgs."""\n\n    id: str\n'),
+        'BlockdevReopenArgs': (('QapiModel',), 'class BlockdevReopenArgs(QapiModel):\n    """Members of BlockdevReopenArgs."""\n\n    options: list[BlockdevOptions]\n'),
         'BlockdevDelArgs': (('QapiModel',), 'class BlockdevDelArgs(QapiModel):\n    """Members of BlockdevDelArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
         'BlockdevSetActiveArgs': (('QapiModel',), 'class BlockdevSetActiveArgs(QapiModel):\n    """Members of BlockdevSetActiveArgs."""\n\n    node_name: str | None = Field(default=None, alias="node-name")\n    active: bool\n'),
         'BlockdevCreateArgs': (('QapiModel',), 'class BlockdevCreateArgs(QapiModel):\n    """Members of BlockdevCreateArgs."""\n\n    job_id: str = Field(alias="job-id")\n    options: BlockdevCreateOptions\n'),
@@ -3017,6 +3042,8 @@ else:
         'BlockJobReadyEvent': (('QapiModel',), 'class BlockJobReadyEvent(QapiModel):\n    """Members of BlockJobReadyEvent."""\n\n    type: JobType\n    device: str\n    len: int\n    offset: int\n    speed: int\n'),
         'BlockJobPendingEvent': (('QapiModel',), 'class BlockJobPendingEvent(QapiModel):\n    """Members of BlockJobPendingEvent."""\n\n    type: JobType\n    id: str\n'),
         'BlockWriteThresholdEvent': (('QapiModel',), 'class BlockWriteThresholdEvent(QapiModel):\n    """Members of BlockWriteThresholdEvent."""\n\n    node_name: str = Field(alias="node-name")\n    amount_exceeded: int = Field(alias="amount-exceeded")\n    write_threshold: int = Field(alias="write-threshold")\n'),
+        'BlockSetWriteThresholdArgs': (('QapiModel',), 'class BlockSetWriteThresholdArgs(QapiModel):\n    """Members of BlockSetWriteThresholdArgs."""\n\n    node_name: str = Field(alias="node-name")\n    write_threshold: int = Field(alias="write-threshold")\n'),
+        'XBlockdevSetIothreadArgs': (('QapiModel',), 'class XBlockdevSetIothreadArgs(QapiModel):\n    """Members of XBlockdevSetIothreadArgs."""\n\n    node_name: str = Field(alias="node-name")\n    iothread: StrOrNull\n    force: bool | None = None\n'),
         'QuorumFailureEvent': (('QapiModel',), 'class QuorumFailureEvent(QapiModel):\n    """Members of QuorumFailureEvent."""\n\n    reference: str\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
         'QuorumReportBadEvent': (('QapiModel',), 'class QuorumReportBadEvent(QapiModel):\n    """Members of QuorumReportBadEvent."""\n\n    type: QuorumOpType\n    error: str | None = None\n    node_name: str = Field(alias="node-name")\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
         'JobStatusChangeEvent': (('QapiModel',), 'class JobStatusChangeEvent(QapiModel):\n    """Members of JobStatusChangeEvent."""\n\n    id: str\n    status: JobStatus\n'),
@@ -3063,6 +3090,7 @@ else:
         'Qcow2OverlapChecks': (('Qcow2OverlapCheckFlags', 'Qcow2OverlapCheckMode', 'QapiModel'), 'Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]\n'),
         'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),
         'BlockdevRefOrNull': (('BlockdevOptions', 'QapiModel'), 'BlockdevRefOrNull: TypeAlias = Union[BlockdevOptions, str, None]\n'),
+        'StrOrNull': (('QapiModel',), 'StrOrNull: TypeAlias = Union[str, None]\n'),
     }
 
     def __getattr__(name: str) -> Any:
