@@ -156,6 +156,8 @@ async def copy_range(
         return False
     src_drv: Any = src_node.driver
     dst_drv: Any = dst_node.driver
+    for level in dst_levels:
+        io.write_prepare(level.edge.node, level.offset + length)
     started = io._now()
     try:
         copied = await _run_pair(
@@ -194,13 +196,9 @@ async def copy_range(
 
 
 def _written(levels: list[_Level], length: int) -> None:
-    """What io.pwrite records after every attempt: the node changed, the highest offset."""
+    """What io.pwrite records after every attempt, on every node the write went through."""
     for level in levels:
-        node = level.edge.node
-        node.io_state.write_gen += 1
-        stats = node.stats
-        if level.offset + length > stats.wr_highest_offset:
-            stats.wr_highest_offset = level.offset + length
+        io.write_done(level.edge.node, level.offset, level.offset + length)
 
 
 def _run_pair(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from storage_daemon.blockdev import write_threshold
+from storage_daemon.blockdev.bitmaps import registry as bitmap_registry
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.drivers.throttle import FilterDriver
@@ -136,8 +137,9 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
     if backing is not None and not node.driver.is_filter:
         # A filter's "backing" child (mirror_top's) is no backing file named in a header.
         info["backing_file"] = backing.node.filename()
-    # A mirror job's dirty bitmap lives on its source node (jobs/mirror.py `dirty_info`).
-    bitmaps = [
+    # The node's named bitmaps (newest first), then a mirror job's, which lives on its
+    # source node (jobs/mirror.py `dirty_info`).
+    bitmaps = bitmap_registry.infos(node) + [
         edge.parent.dirty_info()
         for edge in node.parents
         if edge.name == "source" and hasattr(edge.parent, "dirty_info")

@@ -19,6 +19,7 @@ from contextvars import ContextVar
 from functools import partial
 
 from storage_daemon.blockdev import write_threshold as _threshold
+from storage_daemon.blockdev.bitmaps import registry as _bitmaps
 from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.io_align import (
@@ -318,10 +319,13 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
         stats.failed_wr_operations += 1
         raise
     finally:
-        # QEMU bumps the generation and the highest offset whether or not the write worked.
+        # QEMU bumps the generation and the highest offset whether or not the write worked,
+        # and marks the dirty bitmaps too.
         node.io_state.write_gen += 1
         if end > stats.wr_highest_offset:
             stats.wr_highest_offset = end
+        if _bitmaps.ARMED:
+            _mark_dirty(node, drv, offset, end)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
@@ -360,14 +364,44 @@ def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False)
         node.io_state.write_gen += 1
         if end > stats.wr_highest_offset:
             stats.wr_highest_offset = end
+        if _bitmaps.ARMED:
+            _bitmaps.mark(node, offset, length)
         raise
     node.io_state.write_gen += 1
+    if _bitmaps.ARMED:
+        _bitmaps.mark(node, offset, length)
     if end > stats.wr_highest_offset:
         stats.wr_highest_offset = end
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
     return True
+
+
+def write_prepare(node: BlockNode, end: int) -> None:
+    """What `pwrite` does before a write that takes another way to the driver (copy offload,
+    compressed writes): the write threshold."""
+    if _threshold.ARMED:
+        _threshold_check(node, node.driver, end)
+
+
+def write_done(node: BlockNode, offset: int, end: int) -> None:
+    """What `pwrite` records after such a write, whether or not it worked: the node's write
+    generation, its highest offset, and its dirty bitmaps."""
+    node.io_state.write_gen += 1
+    stats = node.stats
+    if end > stats.wr_highest_offset:
+        stats.wr_highest_offset = end
+    if _bitmaps.ARMED:
+        _mark_dirty(node, node.driver, offset, end)
+
+
+def _mark_dirty(node: BlockNode, drv: BlockDriver, offset: int, end: int) -> None:
+    """Dirty bitmaps: qsd marks a write's range after padding it to request_alignment."""
+    align = drv.request_alignment
+    if align > 1:
+        offset, end = align_down(offset, align), align_up(end, align)
+    _bitmaps.mark(node, offset, end - offset)
 
 
 def _threshold_check(node: BlockNode, drv: BlockDriver, end: int) -> None:
@@ -523,6 +557,8 @@ async def pwrite_zeroes(
         node.io_state.write_gen += 1
         if end > stats.wr_highest_offset:
             stats.wr_highest_offset = end
+        if _bitmaps.ARMED:
+            _mark_dirty(node, drv, offset, end)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
@@ -642,7 +678,11 @@ async def pdiscard(edge: BdrvChild, offset: int, length: int) -> None:
         if node.options.discard == "unmap":
             if _threshold.ARMED:
                 _threshold.check(node, end)  # unpadded: qsd checks discards as asked
-            await _discard(node, drv, offset, end, eof)
+            try:
+                await _discard(node, drv, offset, end, eof)
+            finally:
+                if _bitmaps.ARMED:
+                    _bitmaps.mark(node, offset, length)  # as asked, like qsd
     except Exception:
         stats.failed_unmap_operations += 1
         raise
@@ -744,3 +784,5 @@ async def truncate(edge: BdrvChild, size: int, *, exact: bool = False) -> None:
         await node.driver.truncate(size)
     finally:
         node.io_state.write_gen += 1
+        if _bitmaps.ARMED:
+            _bitmaps.resize(node)

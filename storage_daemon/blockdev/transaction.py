@@ -183,6 +183,7 @@ def register_action(cls: type[Action]) -> type[Action]:
 def _load_actions() -> None:
     # The modules that define actions register them when imported.
     from storage_daemon.blockdev import snapshot, transaction_backup  # noqa: F401
+    from storage_daemon.blockdev.bitmaps import actions  # noqa: F401
 
 
 def action_class(kind: str) -> type[Action]:

@@ -496,9 +496,15 @@ if TYPE_CHECKING:
 
 
     class TransactionActionKind(enum.StrEnum):
-        """The actions a transaction can contain. qsd 7.2 also has the dirty bitmap actions and blockdev-snapshot-internal-sync; this daemon has no dirty bitmaps and cannot create internal snapshots yet, so it does not offer them (clients that read the schema see what works)."""
+        """The actions a transaction can contain. qsd 7.2 also has blockdev-snapshot-internal-sync; this daemon cannot create internal snapshots yet, so it does not offer it (clients that read the schema see what works)."""
 
         ABORT = "abort"
+        BLOCK_DIRTY_BITMAP_ADD = "block-dirty-bitmap-add"
+        BLOCK_DIRTY_BITMAP_REMOVE = "block-dirty-bitmap-remove"
+        BLOCK_DIRTY_BITMAP_CLEAR = "block-dirty-bitmap-clear"
+        BLOCK_DIRTY_BITMAP_ENABLE = "block-dirty-bitmap-enable"
+        BLOCK_DIRTY_BITMAP_DISABLE = "block-dirty-bitmap-disable"
+        BLOCK_DIRTY_BITMAP_MERGE = "block-dirty-bitmap-merge"
         BLOCKDEV_BACKUP = "blockdev-backup"
         BLOCKDEV_SNAPSHOT = "blockdev-snapshot"
         BLOCKDEV_SNAPSHOT_SYNC = "blockdev-snapshot-sync"
@@ -1042,6 +1048,30 @@ if TYPE_CHECKING:
 
         node: str
         name: str
+
+
+    class BlockDirtyBitmapAdd(QapiModel):
+        """Arguments of block-dirty-bitmap-add."""
+
+        node: str
+        name: str
+        granularity: int | None = None
+        persistent: bool | None = None
+        disabled: bool | None = None
+
+
+    class BlockDirtyBitmapMerge(QapiModel):
+        """Arguments of block-dirty-bitmap-merge."""
+
+        node: str
+        target: str
+        bitmaps: list[BlockDirtyBitmapOrStr]
+
+
+    class BlockDirtyBitmapSha256(QapiModel):
+        """The hash of a dirty bitmap's bits."""
+
+        sha256: str
 
 
     class BlockdevCacheOptions(QapiModel):
@@ -2156,6 +2186,24 @@ if TYPE_CHECKING:
         data: Abort
 
 
+    class BlockDirtyBitmapAddWrapper(QapiModel):
+        """Wrapper of the arguments of a dirty bitmap action."""
+
+        data: BlockDirtyBitmapAdd
+
+
+    class BlockDirtyBitmapWrapper(QapiModel):
+        """Wrapper of the arguments of a dirty bitmap action."""
+
+        data: BlockDirtyBitmap
+
+
+    class BlockDirtyBitmapMergeWrapper(QapiModel):
+        """Wrapper of the arguments of a dirty bitmap action."""
+
+        data: BlockDirtyBitmapMerge
+
+
     class BlockdevBackupWrapper(QapiModel):
         """Wrapper of the blockdev-backup action's arguments."""
 
@@ -2191,6 +2239,48 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | AbortWrapper.qapi_nullable
 
         type: Literal[TransactionActionKind.ABORT] = TransactionActionKind.ABORT
+
+
+    class TransactionAction_block_dirty_bitmap_add(TransactionActionBase, BlockDirtyBitmapAddWrapper):
+        """TransactionAction with type=block-dirty-bitmap-add."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapAddWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD] = TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD
+
+
+    class TransactionAction_block_dirty_bitmap_remove(TransactionActionBase, BlockDirtyBitmapWrapper):
+        """TransactionAction with type=block-dirty-bitmap-remove."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE
+
+
+    class TransactionAction_block_dirty_bitmap_clear(TransactionActionBase, BlockDirtyBitmapWrapper):
+        """TransactionAction with type=block-dirty-bitmap-clear."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR] = TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR
+
+
+    class TransactionAction_block_dirty_bitmap_enable(TransactionActionBase, BlockDirtyBitmapWrapper):
+        """TransactionAction with type=block-dirty-bitmap-enable."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE
+
+
+    class TransactionAction_block_dirty_bitmap_disable(TransactionActionBase, BlockDirtyBitmapWrapper):
+        """TransactionAction with type=block-dirty-bitmap-disable."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE
+
+
+    class TransactionAction_block_dirty_bitmap_merge(TransactionActionBase, BlockDirtyBitmapMergeWrapper):
+        """TransactionAction with type=block-dirty-bitmap-merge."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapMergeWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE
 
 
     class TransactionAction_blockdev_backup(TransactionActionBase, BlockdevBackupWrapper):
@@ -2735,7 +2825,7 @@ if TYPE_CHECKING:
     ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_listfile, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]
 
 
-    TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]
+    TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_block_dirty_bitmap_add, TransactionAction_block_dirty_bitmap_remove, TransactionAction_block_dirty_bitmap_clear, TransactionAction_block_dirty_bitmap_enable, TransactionAction_block_dirty_bitmap_disable, TransactionAction_block_dirty_bitmap_merge, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]
 
 
     BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
@@ -2863,6 +2953,9 @@ else:
         'XBlockNodeParent': (('QapiModel',), 'class XBlockNodeParent(QapiModel):\n    """One user of a node."""\n\n    parent: str\n    child: str\n    perm: list[BlockPermission]\n    shared_perm: list[BlockPermission] = Field(alias="shared-perm")\n'),
         'XBlockNodeInfo': (('QapiModel',), 'class XBlockNodeInfo(QapiModel):\n    """Everything about one node, structured (see x-query-block-node)."""\n\n    options: BlockdevOptions\n    permissions: XBlockNodePermissions\n    parents: list[XBlockNodeParent]\n    active: bool\n'),
         'BlockDirtyBitmap': (('QapiModel',), 'class BlockDirtyBitmap(QapiModel):\n    """Names a dirty bitmap: the node it belongs to and its own name."""\n\n    node: str\n    name: str\n'),
+        'BlockDirtyBitmapAdd': (('QapiModel',), 'class BlockDirtyBitmapAdd(QapiModel):\n    """Arguments of block-dirty-bitmap-add."""\n\n    node: str\n    name: str\n    granularity: int | None = None\n    persistent: bool | None = None\n    disabled: bool | None = None\n'),
+        'BlockDirtyBitmapMerge': (('QapiModel',), 'class BlockDirtyBitmapMerge(QapiModel):\n    """Arguments of block-dirty-bitmap-merge."""\n\n    node: str\n    target: str\n    bitmaps: list[BlockDirtyBitmapOrStr]\n'),
+        'BlockDirtyBitmapSha256': (('QapiModel',), 'class BlockDirtyBitmapSha256(QapiModel):\n    """The hash of a dirty bitmap\'s bits."""\n\n    sha256: str\n'),
         'BlockdevCacheOptions': (('QapiModel',), 'class BlockdevCacheOptions(QapiModel):\n    """Cache mode of a node."""\n\n    direct: bool | None = None\n    no_flush: bool | None = Field(default=None, alias="no-flush")\n'),
         'BlockdevOptionsFile': (('QapiModel',), 'class BlockdevOptionsFile(QapiModel):\n    """Options of the \'file\' protocol driver."""\n\n    filename: str\n    pr_manager: str | None = Field(default=None, alias="pr-manager")\n    locking: OnOffAuto | None = None\n    aio: BlockdevAioOptions | None = None\n    aio_max_batch: int | None = Field(default=None, alias="aio-max-batch")\n    drop_cache: bool | None = Field(default=None, alias="drop-cache")\n    x_check_cache_dropped: bool | None = Field(default=None, alias="x-check-cache-dropped")\n'),
         'BlockdevOptionsError': (('QapiModel',), 'class BlockdevOptionsError(QapiModel):\n    """Options of the \'error\' driver (our extension): a node of @size bytes that fails every request (read, write, zeroes, discard, flush, block status, resize) with @errno. It has no children and stores nothing."""\n\n    size: int\n    errno: BlockdevErrorErrno | None = None\n'),
@@ -3002,12 +3095,21 @@ else:
         'ObjectOptions_throttle_group': (('ObjectOptionsBase', 'ThrottleGroupProperties', 'ObjectType'), 'class ObjectOptions_throttle_group(ObjectOptionsBase, ThrottleGroupProperties):\n    """ObjectOptions with qom-type=throttle-group."""\n    qapi_nullable: ClassVar[frozenset[str]] = ObjectOptionsBase.qapi_nullable | ThrottleGroupProperties.qapi_nullable\n\n    qom_type: Literal[ObjectType.THROTTLE_GROUP] = Field(default=ObjectType.THROTTLE_GROUP, alias="qom-type")\n'),
         'Abort': (('QapiModel',), 'class Abort(QapiModel):\n    """The abort action: it always fails, so the whole transaction is rolled back (a way to test that every other action can be undone)."""\n'),
         'AbortWrapper': (('QapiModel',), 'class AbortWrapper(QapiModel):\n    """Wrapper of the abort action\'s (empty) arguments."""\n\n    data: Abort\n'),
+        'BlockDirtyBitmapAddWrapper': (('QapiModel',), 'class BlockDirtyBitmapAddWrapper(QapiModel):\n    """Wrapper of the arguments of a dirty bitmap action."""\n\n    data: BlockDirtyBitmapAdd\n'),
+        'BlockDirtyBitmapWrapper': (('QapiModel',), 'class BlockDirtyBitmapWrapper(QapiModel):\n    """Wrapper of the arguments of a dirty bitmap action."""\n\n    data: BlockDirtyBitmap\n'),
+        'BlockDirtyBitmapMergeWrapper': (('QapiModel',), 'class BlockDirtyBitmapMergeWrapper(QapiModel):\n    """Wrapper of the arguments of a dirty bitmap action."""\n\n    data: BlockDirtyBitmapMerge\n'),
         'BlockdevBackupWrapper': (('QapiModel',), 'class BlockdevBackupWrapper(QapiModel):\n    """Wrapper of the blockdev-backup action\'s arguments."""\n\n    data: BlockdevBackup\n'),
         'BlockdevSnapshotWrapper': (('QapiModel',), 'class BlockdevSnapshotWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot action\'s arguments."""\n\n    data: BlockdevSnapshot\n'),
         'BlockdevSnapshotSyncWrapper': (('QapiModel',), 'class BlockdevSnapshotSyncWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot-sync action\'s arguments."""\n\n    data: BlockdevSnapshotSync\n'),
         'DriveBackupWrapper': (('QapiModel',), 'class DriveBackupWrapper(QapiModel):\n    """Wrapper of the drive-backup action\'s arguments."""\n\n    data: DriveBackup\n'),
         'TransactionActionBase': (('QapiModel',), 'class TransactionActionBase(QapiModel):\n    """Members of TransactionActionBase."""\n\n    type: TransactionActionKind\n'),
         'TransactionAction_abort': (('TransactionActionBase', 'AbortWrapper', 'TransactionActionKind'), 'class TransactionAction_abort(TransactionActionBase, AbortWrapper):\n    """TransactionAction with type=abort."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | AbortWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.ABORT] = TransactionActionKind.ABORT\n'),
+        'TransactionAction_block_dirty_bitmap_add': (('TransactionActionBase', 'BlockDirtyBitmapAddWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_add(TransactionActionBase, BlockDirtyBitmapAddWrapper):\n    """TransactionAction with type=block-dirty-bitmap-add."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapAddWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD] = TransactionActionKind.BLOCK_DIRTY_BITMAP_ADD\n'),
+        'TransactionAction_block_dirty_bitmap_remove': (('TransactionActionBase', 'BlockDirtyBitmapWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_remove(TransactionActionBase, BlockDirtyBitmapWrapper):\n    """TransactionAction with type=block-dirty-bitmap-remove."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_REMOVE\n'),
+        'TransactionAction_block_dirty_bitmap_clear': (('TransactionActionBase', 'BlockDirtyBitmapWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_clear(TransactionActionBase, BlockDirtyBitmapWrapper):\n    """TransactionAction with type=block-dirty-bitmap-clear."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR] = TransactionActionKind.BLOCK_DIRTY_BITMAP_CLEAR\n'),
+        'TransactionAction_block_dirty_bitmap_enable': (('TransactionActionBase', 'BlockDirtyBitmapWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_enable(TransactionActionBase, BlockDirtyBitmapWrapper):\n    """TransactionAction with type=block-dirty-bitmap-enable."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_ENABLE\n'),
+        'TransactionAction_block_dirty_bitmap_disable': (('TransactionActionBase', 'BlockDirtyBitmapWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_disable(TransactionActionBase, BlockDirtyBitmapWrapper):\n    """TransactionAction with type=block-dirty-bitmap-disable."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_DISABLE\n'),
+        'TransactionAction_block_dirty_bitmap_merge': (('TransactionActionBase', 'BlockDirtyBitmapMergeWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_merge(TransactionActionBase, BlockDirtyBitmapMergeWrapper):\n    """TransactionAction with type=block-dirty-bitmap-merge."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapMergeWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE\n'),
         'TransactionAction_blockdev_backup': (('TransactionActionBase', 'BlockdevBackupWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_backup(TransactionActionBase, BlockdevBackupWrapper):\n    """TransactionAction with type=blockdev-backup."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevBackupWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = TransactionActionKind.BLOCKDEV_BACKUP\n'),
         'TransactionAction_blockdev_snapshot': (('TransactionActionBase', 'BlockdevSnapshotWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot(TransactionActionBase, BlockdevSnapshotWrapper):\n    """TransactionAction with type=blockdev-snapshot."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT] = TransactionActionKind.BLOCKDEV_SNAPSHOT\n'),
         'TransactionAction_blockdev_snapshot_sync': (('TransactionActionBase', 'BlockdevSnapshotSyncWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot_sync(TransactionActionBase, BlockdevSnapshotSyncWrapper):\n    """TransactionAction with type=blockdev-snapshot-sync."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotSyncWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC] = TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC\n'),
@@ -3085,7 +3187,7 @@ else:
         'ChardevOptions': (('ChardevOptions_file', 'ChardevOptions_socket', 'ChardevOptions_null', 'ChardevOptions_stdio', 'ChardevOptions_ringbuf', 'ChardevOptions_memory', 'QapiModel'), 'ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]\n'),
         'SchemaInfo': (('SchemaInfo_builtin', 'SchemaInfo_enum', 'SchemaInfo_array', 'SchemaInfo_object', 'SchemaInfo_alternate', 'SchemaInfo_command', 'SchemaInfo_event', 'QapiModel'), 'SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]\n'),
         'ObjectOptions': (('ObjectOptions_authz_list', 'ObjectOptions_authz_listfile', 'ObjectOptions_authz_simple', 'ObjectOptions_iothread', 'ObjectOptions_secret', 'ObjectOptions_throttle_group', 'QapiModel'), 'ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_listfile, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]\n'),
-        'TransactionAction': (('TransactionAction_abort', 'TransactionAction_blockdev_backup', 'TransactionAction_blockdev_snapshot', 'TransactionAction_blockdev_snapshot_sync', 'TransactionAction_drive_backup', 'QapiModel'), 'TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]\n'),
+        'TransactionAction': (('TransactionAction_abort', 'TransactionAction_block_dirty_bitmap_add', 'TransactionAction_block_dirty_bitmap_remove', 'TransactionAction_block_dirty_bitmap_clear', 'TransactionAction_block_dirty_bitmap_enable', 'TransactionAction_block_dirty_bitmap_disable', 'TransactionAction_block_dirty_bitmap_merge', 'TransactionAction_blockdev_backup', 'TransactionAction_blockdev_snapshot', 'TransactionAction_blockdev_snapshot_sync', 'TransactionAction_drive_backup', 'QapiModel'), 'TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_block_dirty_bitmap_add, TransactionAction_block_dirty_bitmap_remove, TransactionAction_block_dirty_bitmap_clear, TransactionAction_block_dirty_bitmap_enable, TransactionAction_block_dirty_bitmap_disable, TransactionAction_block_dirty_bitmap_merge, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]\n'),
         'BlockDirtyBitmapOrStr': (('BlockDirtyBitmap', 'QapiModel'), 'BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]\n'),
         'Qcow2OverlapChecks': (('Qcow2OverlapCheckFlags', 'Qcow2OverlapCheckMode', 'QapiModel'), 'Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]\n'),
         'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),

@@ -92,6 +92,32 @@ async def test_raw_to_raw_is_copied_by_the_kernel_and_accounted(
     assert daemon.graph.lookup("dst-file").io_state.write_gen > 0
 
 
+async def test_a_kernel_copy_marks_bitmaps_and_fires_the_write_threshold(
+    daemon: Daemon, scratch: Path
+) -> None:
+    """The copy bypasses io.pwrite but not what it does around a write: the destination's
+    dirty bitmaps (at each node's own offsets) and its write threshold."""
+    events: list[tuple[str, Any]] = []
+    daemon.events.subscribe(lambda name, data, ts: events.append((name, data)))
+    src = await raw_on_file(daemon, "src", make_file(scratch / "src.img", 4 * MIB, pattern(MIB)))
+    dst = await raw_on_file(daemon, "dst", make_file(scratch / "dst.img", 4 * MIB), offset=MIB)
+    for node in ("dst", "dst-file"):
+        await daemon.run_command("block-dirty-bitmap-add", {"node": node, "name": "b"})
+    await daemon.run_command(
+        "block-set-write-threshold", {"node-name": "dst-file", "write-threshold": 2 * MIB}
+    )
+    assert await cr.copy_range(attach(daemon, src), 0, attach(daemon, dst), 512 * 1024, MIB)
+    infos = await daemon.run_command("query-named-block-nodes", {"flat": True})
+    counts = {
+        i["node-name"]: i["dirty-bitmaps"][0]["count"] for i in infos if i.get("dirty-bitmaps")
+    }
+    assert counts == {"dst": MIB, "dst-file": MIB}
+    threshold = [data for name, data in events if name == "BLOCK_WRITE_THRESHOLD"]
+    assert threshold == [
+        {"node-name": "dst-file", "amount-exceeded": MIB // 2, "write-threshold": 2 * MIB}
+    ]
+
+
 async def test_raw_offsets_are_added(daemon: Daemon, scratch: Path) -> None:
     data = pattern(2 * MIB, seed=3)
     src = await raw_on_file(

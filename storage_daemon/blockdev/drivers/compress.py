@@ -50,6 +50,7 @@ async def pwrite_compressed(
         await io.pwrite_zeroes(edge, offset, length, may_unmap=detect == "unmap", fua=fua)
         return
     stats = node.stats
+    io.write_prepare(node, end)
     started = io._now()  # the clock io.use_clock() installed
     try:
         await write(offset, data)
@@ -59,9 +60,7 @@ async def pwrite_compressed(
         stats.failed_wr_operations += 1
         raise
     finally:
-        node.io_state.write_gen += 1
-        if end > stats.wr_highest_offset:
-            stats.wr_highest_offset = end
+        io.write_done(node, offset, end)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += io._now() - started

@@ -19,6 +19,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import io
+from storage_daemon.blockdev.bitmaps import registry as bitmap_registry
 from storage_daemon.blockdev.child import ChildRole
 from storage_daemon.blockdev.drivers.copy_before_write import (
     MAX_CHUNK,
@@ -55,17 +56,34 @@ def wire(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def check_bitmap_args(args: Any) -> None:
-    """The sync/bitmap combinations, in qsd's order. Dirty bitmaps do not exist here yet, so
-    every bitmap name is one qsd would not find."""
+def check_bitmap_args(args: Any, source: BlockNode) -> None:
+    """The sync/bitmap combinations, in qsd's order. A backup that passes them all with a
+    bitmap is refused: copying by dirty bitmap is not implemented yet."""
     sync = wire(args.sync)
     if sync in ("bitmap", "incremental") and args.bitmap is None:
         raise QmpError(f"must provide a valid bitmap name for '{sync}' sync mode")
     mode = wire(args.bitmap_mode)
-    if sync == "incremental" and mode is not None and mode != "on-success":
-        raise QmpError("Bitmap sync mode must be 'on-success' when using sync mode 'incremental'")
+    if sync == "incremental":
+        if mode is not None and mode != "on-success":
+            raise QmpError(
+                "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'"
+            )
+        mode = "on-success"
     if args.bitmap is not None:
-        raise QmpError(f"Bitmap '{args.bitmap}' could not be found")
+        bitmap = bitmap_registry.find(source, args.bitmap)
+        if bitmap is None:
+            raise QmpError(f"Bitmap '{args.bitmap}' could not be found")
+        if mode is None:
+            raise QmpError("Bitmap sync mode must be given when providing a bitmap")
+        bitmap.check_usable()
+        if sync == "none":
+            raise QmpError(f"sync mode '{sync}' does not produce meaningful bitmap outputs")
+        if mode == "never" and sync != "bitmap":
+            raise QmpError(
+                f"Bitmap sync mode '{mode}' has no meaningful effect when combined with "
+                f"sync mode '{sync}'"
+            )
+        raise QmpError("Backups with a dirty bitmap are not supported by this daemon yet")
     if args.bitmap_mode is not None:
         raise QmpError("Cannot specify bitmap sync mode without a bitmap")
 
@@ -84,7 +102,7 @@ class BackupJob(BlockJob):
         graph = daemon.graph
         source = graph.lookup(args.device)
         target = self._find_target(daemon, args)
-        check_bitmap_args(args)
+        check_bitmap_args(args, source)
         self.daemon = daemon
         self.args = args
         self.source = source

@@ -2,6 +2,7 @@
 
 from storage_daemon.monitor.commands import (
     backup,
+    bitmaps,
     block,
     block_jobs,
     chardev,
@@ -17,6 +18,7 @@ from storage_daemon.monitor.commands import (
 
 __all__ = [
     "backup",
+    "bitmaps",
     "block",
     "block_jobs",
     "chardev",

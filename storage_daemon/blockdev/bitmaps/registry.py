@@ -1,0 +1,184 @@
+"""The named dirty bitmaps of each node: lookups and checks with qsd's texts, the write-path
+hook, and what query-named-block-nodes shows.
+
+Domain ring, no I/O. io.py reads `ARMED` before marking, so a daemon without bitmaps pays
+one module attribute read per write. Invariant: ARMED is True whenever some live node has a
+bitmap (it may stay True after such a node is freed); names are unique per node; a node's
+list is newest first, the order qsd reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from weakref import WeakKeyDictionary
+
+from storage_daemon.blockdev.bitmaps.core import Bits
+from storage_daemon.blockdev.node import BlockNode
+from storage_daemon.errors import QmpError
+
+SECTOR = 512
+MIN_GRANULARITY = 512
+MAX_NAME = 1023  # bytes (QEMU's BDRV_BITMAP_MAX_NAME_SIZE)
+DEFAULT_GRANULARITY = 65536
+
+ARMED = False  # read by io.py before every write; True while some node may have a bitmap
+_bitmaps: WeakKeyDictionary[BlockNode, list[DirtyBitmap]] = WeakKeyDictionary()
+
+
+@dataclass(eq=False)
+class DirtyBitmap:
+    """One named bitmap of a node (QEMU's BdrvDirtyBitmap)."""
+
+    name: str
+    bits: Bits
+    enabled: bool = True
+    persistent: bool = False
+    busy: bool = False  # held by an operation (a transaction removing it)
+
+    def info(self) -> dict[str, Any]:
+        """One BlockDirtyInfo entry, members in qsd's order."""
+        return {
+            "name": self.name,
+            "recording": self.enabled,
+            "persistent": self.persistent,
+            "busy": self.busy,
+            "granularity": self.bits.granularity,
+            "count": self.bits.count,
+        }
+
+    def check_usable(self) -> None:
+        """qsd's bdrv_dirty_bitmap_check: in-memory bitmaps are never read-only or
+        inconsistent, so only `busy` can refuse."""
+        if self.busy:
+            raise QmpError(
+                f"Bitmap '{self.name}' is currently in use by another operation and cannot be used"
+            )
+
+
+def node_length(node: BlockNode) -> int:
+    """The length a bitmap covers: the node's, in whole sectors (as qsd's bdrv_getlength)."""
+    return -(-node.driver.getlength() // SECTOR) * SECTOR
+
+
+def default_granularity(node: BlockNode) -> int:
+    """qsd's default: the node's cluster size within [4 KiB, 64 KiB], else 64 KiB."""
+    cluster = node.driver.image_info_extra().get("cluster-size")
+    if isinstance(cluster, int) and cluster > 0:
+        return min(DEFAULT_GRANULARITY, max(4096, cluster))
+    return DEFAULT_GRANULARITY
+
+
+def bitmaps(node: BlockNode) -> list[DirtyBitmap]:
+    """The node's bitmaps, newest first (empty when it has none)."""
+    return _bitmaps.get(node, [])
+
+
+def find(node: BlockNode, name: str) -> DirtyBitmap | None:
+    for bitmap in _bitmaps.get(node, ()):
+        if bitmap.name == name:
+            return bitmap
+    return None
+
+
+def lookup(graph: Any, node_name: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
+    """qsd's block_dirty_bitmap_lookup: the node, then the bitmap, with its texts."""
+    node = graph.find(node_name)
+    if node is None:
+        raise QmpError(f"Node '{node_name}' not found")
+    bitmap = find(node, name)
+    if bitmap is None:
+        raise QmpError(f"Dirty bitmap '{name}' not found")
+    return node, bitmap
+
+
+def create(
+    graph: Any,
+    node_name: str,
+    name: str,
+    granularity: int | None,
+    persistent: bool,
+    disabled: bool,
+) -> tuple[BlockNode, DirtyBitmap]:
+    """block-dirty-bitmap-add, its checks in qsd's order; returns the new bitmap."""
+    if not name:
+        raise QmpError("Bitmap name cannot be empty")
+    node: BlockNode = graph.lookup(node_name)
+    if granularity is None:
+        granularity = default_granularity(node)
+    elif granularity < MIN_GRANULARITY or granularity & (granularity - 1):
+        raise QmpError("Granularity must be power of 2 and at least 512")
+    if persistent:
+        if node.driver.name != "qcow2":
+            raise QmpError(
+                f"Can't store persistent bitmaps to {node.name}: Operation not supported"
+            )
+        # qsd writes them into the qcow2 image at close; this daemon cannot yet.
+        raise QmpError("Persistent dirty bitmaps are not supported by this daemon yet")
+    if find(node, name) is not None:
+        raise QmpError(f"Bitmap already exists: {name}")
+    if len(name.encode()) > MAX_NAME:
+        raise QmpError(f"Bitmap name too long: {name}")
+    bitmap = DirtyBitmap(name, Bits(node_length(node), granularity), enabled=not disabled)
+    attach(node, bitmap)
+    return node, bitmap
+
+
+def attach(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    global ARMED
+    _bitmaps.setdefault(node, []).insert(0, bitmap)
+    ARMED = True
+
+
+def release(node: BlockNode, bitmap: DirtyBitmap) -> None:
+    """Drop the bitmap from its node (no check: callers made qsd's)."""
+    global ARMED
+    found = _bitmaps.get(node)
+    if found is not None and bitmap in found:
+        found.remove(bitmap)
+        if not found:
+            del _bitmaps[node]
+    ARMED = bool(_bitmaps)
+
+
+def merge(graph: Any, node_name: str, target: str, sources: list[Any]) -> tuple[DirtyBitmap, Bits]:
+    """block-dirty-bitmap-merge: every source into `target`, all or nothing. Sources are
+    names on `node_name` or objects with `node` and `name`. Returns the target and a copy
+    of its bits before the merge (a transaction's undo)."""
+    node, dst = lookup(graph, node_name, target)
+    scratch = Bits(dst.bits.length, dst.bits.granularity)
+    for source in sources:
+        if isinstance(source, str):
+            src = find(node, source)
+            if src is None:
+                raise QmpError(f"Dirty bitmap '{source}' not found")
+        else:
+            src = lookup(graph, source.node, source.name)[1]
+        if src.bits.length != scratch.length:
+            raise QmpError(
+                f"Bitmaps are of different sizes (destination size is {scratch.length}, "
+                f"source size is {src.bits.length}) and can't be merged"
+            )
+        scratch.merge_from(src.bits)
+    dst.check_usable()
+    backup = dst.bits.copy()
+    dst.bits.merge_from(scratch)
+    return dst, backup
+
+
+def mark(node: BlockNode, offset: int, length: int) -> None:
+    """A write, zero write or discard covered `[offset, offset+length)` of `node`."""
+    for bitmap in _bitmaps.get(node, ()):
+        if bitmap.enabled:
+            bitmap.bits.set(offset, length)
+
+
+def resize(node: BlockNode) -> None:
+    """The node changed size (block_resize): its bitmaps follow."""
+    length = node_length(node)
+    for bitmap in _bitmaps.get(node, ()):
+        bitmap.bits.resize(length)
+
+
+def infos(node: BlockNode) -> list[dict[str, Any]]:
+    return [bitmap.info() for bitmap in _bitmaps.get(node, ())]
