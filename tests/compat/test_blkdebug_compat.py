@@ -188,6 +188,21 @@ SCENARIOS = [
         inject=({"event": "cluster_alloc_space", "iotype": "write", "errno": 28, "once": True},),
     ),
     Scenario(
+        # The zero-fill of a new cluster around a partial write is a write-zeroes request
+        # (qsd on tmpfs and ext4 alike); a failing one fails the guest write.
+        "qcow2-pwritev-zero",
+        "qcow2",
+        (("w", 0, 512), ("w", 0, 65536), ("w", 1 << 20, 4096), ("w", 2 << 20, 65536)),
+        inject=({"event": "pwritev_zero", "iotype": "write-zeroes", "errno": 28, "once": True},),
+    ),
+    Scenario(
+        # Whole-cluster writes zero-fill nothing; a zero-fill arms the rule for the data.
+        "qcow2-pwritev-zero-arms",
+        "qcow2",
+        (("w", 65536, 65536), ("r", 65536, 512), ("w", 3 << 20, 512), ("r", 65536, 512)),
+        inject=({"event": "pwritev_zero", "errno": 28},),
+    ),
+    Scenario(
         "qcow2-compressed-read",
         "qcow2",
         (("r", 0, 512), ("r", 1 << 20, 512), ("r", 65536, 512)),

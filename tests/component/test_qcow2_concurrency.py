@@ -8,6 +8,7 @@ sleeps; every image must pass `qemu-img check` and `qemu-img compare` with a mod
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import shutil
 import subprocess
@@ -139,11 +140,16 @@ async def test_a_cluster_written_in_place_is_not_reused_until_the_write_ends(
     await finish(daemon, edge, path, model)
 
 
+@pytest.mark.parametrize("defer_min", [writer_module.DEFER_MIN_BYTES, 0])
 @pytest.mark.parametrize("seed", [1, 2, 3])
-async def test_many_concurrent_writers_sharing_clusters(scratch: Path, seed: int) -> None:
+async def test_many_concurrent_writers_sharing_clusters(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch, seed: int, defer_min: int
+) -> None:
     """Rounds of concurrent requests; within a round no two touch the same byte, but many
     share clusters (fresh allocations, in-place writes, copies of zero clusters), and whole
-    clusters are discarded or zeroed beside them."""
+    clusters are discarded or zeroed beside them. `defer_min` 0: every allocation's data is
+    written outside the metadata lock (by default only the large ones)."""
+    monkeypatch.setattr(writer_module, "DEFER_MIN_BYTES", defer_min)
     rng = random.Random(seed)
     path = scratch / f"c{seed}.qcow2"
     daemon, edge, _ = await start(path)
@@ -186,4 +192,109 @@ async def test_many_concurrent_writers_sharing_clusters(scratch: Path, seed: int
         if round_number % 4 == 3:
             await io.flush(edge)
     assert await io.pread(edge, 0, SIZE) == model
+    await finish(daemon, edge, path, model)
+
+
+def hold_data(
+    monkeypatch: pytest.MonkeyPatch, marker: bytes, fail: bool = False
+) -> tuple[asyncio.Event, asyncio.Event]:
+    """The first file write whose data starts with `marker` waits for the second event once
+    the first is set (nothing reached the file yet); `fail`: it then fails with EIO."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def pwrite(child: BdrvChild, offset: int, data: Any, **kw: Any) -> None:
+        if bytes(data[: len(marker)]) == marker and not entered.is_set():
+            entered.set()
+            await release.wait()
+            if fail:
+                raise OSError(errno.EIO, "injected")
+        await io.pwrite(child, offset, data, **kw)
+
+    namespace = SimpleNamespace(pwrite=pwrite, pwrite_zeroes=io.pwrite_zeroes)
+    monkeypatch.setattr(writer_module, "io", namespace)
+    return entered, release
+
+
+async def test_allocating_writes_overlap_and_a_write_into_the_same_new_cluster_waits(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data of a first allocation is written outside the metadata lock: allocations
+    elsewhere go on meanwhile, and a second write into the same new cluster waits for the
+    first's L2 entry instead of allocating the cluster a second time (that would leak one
+    host cluster and lose one of the two writes)."""
+    monkeypatch.setattr(writer_module, "DEFER_MIN_BYTES", 0)  # small writes too
+    path = scratch / "d.qcow2"
+    daemon, edge, driver = await start(path)
+    # The allocator's hint reaches the end of the file: later partial first allocations
+    # take the fast path (guest data only, in fresh space).
+    await io.pwrite(edge, 20 * CS, b"W" * 512)
+    entered, release = hold_data(monkeypatch, b"A")
+    first = asyncio.create_task(io.pwrite(edge, 0, b"A" * 4096))
+    await entered.wait()
+    tracker = driver.writer.tracker
+    assert tracker.blocker(8192, 4096) is not None  # guest cluster 0 is being allocated
+    second = asyncio.create_task(io.pwrite(edge, 8192, b"B" * 4096))
+    async with asyncio.timeout(10):  # under a lock held across the data write: forever
+        await io.pwrite(edge, 5 * CS, b"C" * (3 * CS))  # a whole run
+        await io.pwrite(edge, 9 * CS + 512, b"D" * 512)  # a partial first allocation
+        assert await io.pread(edge, 5 * CS, 3 * CS) == b"C" * (3 * CS)
+    assert not second.done()
+    assert await io.pread(edge, 0, 4096) == bytes(4096)  # not linked yet: still a hole
+    release.set()
+    await first
+    await second
+    assert not tracker.pending
+    model = bytearray(SIZE)
+    model[0:4096] = b"A" * 4096
+    model[8192 : 8192 + 4096] = b"B" * 4096
+    model[5 * CS : 8 * CS] = b"C" * (3 * CS)
+    model[9 * CS + 512 : 9 * CS + 1024] = b"D" * 512
+    model[20 * CS : 20 * CS + 512] = b"W" * 512
+    assert await io.pread(edge, 0, SIZE) == model
+    await finish(daemon, edge, path, model)  # qemu-img check: no leak, no double reference
+
+
+async def test_a_failed_allocating_write_gives_its_clusters_back(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data write of new clusters fails (outside the lock): the request fails, nothing
+    points at the clusters, their refcounts fall back (no leak), and the write that waited
+    for the same cluster allocates it afresh."""
+    path = scratch / "e.qcow2"
+    daemon, edge, driver = await start(path)
+    entered, release = hold_data(monkeypatch, b"A", fail=True)
+    failing = asyncio.create_task(io.pwrite(edge, 0, b"A" * (2 * CS)))
+    await entered.wait()
+    waiting = asyncio.create_task(io.pwrite(edge, CS + 4096, b"B" * 4096))
+    release.set()
+    with pytest.raises(OSError) as caught:
+        await failing
+    assert caught.value.errno == errno.EIO
+    await waiting
+    await io.flush(edge)  # applies the queued refcount drops
+    model = bytearray(SIZE)
+    model[CS + 4096 : CS + 8192] = b"B" * 4096
+    assert await io.pread(edge, 0, 2 * CS) == model[: 2 * CS]
+    assert not driver.writer.tracker.pending
+    await finish(daemon, edge, path, model)
+
+
+async def test_a_cancelled_allocating_write_leaves_no_reference(
+    scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client gone while the data of new clusters is written (its request cancelled):
+    the clusters are given back and later writes of the same area work."""
+    path = scratch / "f.qcow2"
+    daemon, edge, driver = await start(path)
+    entered, _ = hold_data(monkeypatch, b"A")
+    cancelled = asyncio.create_task(io.pwrite(edge, 0, b"A" * CS))
+    await entered.wait()
+    cancelled.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await cancelled
+    assert not driver.writer.tracker.pending
+    await io.pwrite(edge, 0, b"E" * 4096)
+    await io.flush(edge)
+    model = bytearray(SIZE)
+    model[:4096] = b"E" * 4096
     await finish(daemon, edge, path, model)

@@ -21,22 +21,23 @@ ITERATIONS = 20
 SIZE = 32 << 20
 BLOCK = 4096
 
-# Runs under the system python (libnbd's binding). argv: socket, seed. Prints "F off,off,..."
-# after each completed flush, listing the blocks written since the previous flush.
+# Runs under the system python (libnbd's binding). argv: socket, seed; BLOCK_SIZE is replaced
+# by the block size. Prints "F off,off,..." after each completed flush, listing the blocks
+# written since the previous flush.
 CLIENT = r"""
 import random, sys, nbd
-sock, seed = sys.argv[1], int(sys.argv[2])
+sock, seed, size = sys.argv[1], int(sys.argv[2]), BLOCK_SIZE
 rng = random.Random(seed)
 h = nbd.NBD()
 h.connect_uri(f"nbd+unix:///disk0?socket={sock}")
-blocks = list(range(h.get_size() // 4096))
+blocks = list(range(h.get_size() // size))
 rng.shuffle(blocks)
 pending = []
 for n, block in enumerate(blocks):
     count = 3 if n % 7 == 0 and block + 3 <= len(blocks) else 1
-    data = b"".join(((block + i) * 2654435761 % (1 << 32) ^ seed).to_bytes(4, "big") * 1024
-                    for i in range(count))
-    h.pwrite(data, block * 4096)
+    data = b"".join(((block + i) * 2654435761 % (1 << 32) ^ seed).to_bytes(4, "big")
+                    * (size // 4) for i in range(count))
+    h.pwrite(data, block * size)
     pending.extend(range(block, block + count))
     if n % 16 == 15:
         h.flush()
@@ -45,11 +46,11 @@ for n, block in enumerate(blocks):
 """
 
 
-def pattern(block: int, seed: int) -> bytes:
-    return ((block * 2654435761 % (1 << 32)) ^ seed).to_bytes(4, "big") * 1024
+def pattern(block: int, seed: int, size: int = BLOCK) -> bytes:
+    return ((block * 2654435761 % (1 << 32)) ^ seed).to_bytes(4, "big") * (size // 4)
 
 
-def one_crash(workdir: Path, iteration: int) -> tuple[int, int, str]:
+def one_crash(workdir: Path, iteration: int, size: int = BLOCK) -> tuple[int, int, str]:
     """Returns (qemu-img check exit code, flushed blocks verified, check output)."""
     workdir.mkdir()
     image = workdir / "crash.qcow2"
@@ -60,8 +61,9 @@ def one_crash(workdir: Path, iteration: int) -> tuple[int, int, str]:
     )
     seed = 1000 + iteration
     # crash after a varying number of completed flushes
-    flushed = crash_once(workdir, args, CLIENT, seed, kill_after=2 + iteration % 6)
-    rc, out = check_and_verify(image, flushed, BLOCK, lambda block: pattern(block, seed))
+    client = CLIENT.replace("BLOCK_SIZE", str(size))
+    flushed = crash_once(workdir, args, client, seed, kill_after=2 + iteration % 6)
+    rc, out = check_and_verify(image, flushed, size, lambda block: pattern(block, seed, size))
     return rc, len(flushed), out
 
 
@@ -76,3 +78,12 @@ def test_kill9_during_flushed_writes(tmp_path: Path) -> None:
     )
     assert not corrupt, corrupt
     assert verified > ITERATIONS * 16  # every iteration got past at least two flushes
+
+
+def test_kill9_during_flushed_large_writes(tmp_path: Path) -> None:
+    """96 KiB blocks (one and a half clusters: partial and whole new clusters), whose data
+    is written outside the metadata lock, between reserving the clusters and linking them."""
+    results = [one_crash(tmp_path / f"it{i}", i, 96 * 1024) for i in range(8)]
+    corrupt = [(i, out) for i, (rc, _, out) in enumerate(results) if rc not in (0, 3)]
+    assert not corrupt, corrupt
+    assert sum(n for _, n, _ in results) > 8 * 16

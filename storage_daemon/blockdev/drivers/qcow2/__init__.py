@@ -2,8 +2,10 @@
 
 `format.py` on-disk codecs and QEMU's open-time checks, `cache.py` the table cache,
 `alloc.py` metadata state, refcounts and crash-safe write-back, `mapping.py` guest->host
-lookups and reads, `writer.py` writes/zeroes/discards, `check.py` dirty-image repair,
-`driver.py` the BlockDriver, `layout.py`/`create.py` blockdev-create. Invariant: the file is only touched through `io.*`.
+lookups and reads, `writer.py` writes/zeroes/discards, `inflight.py` allocations whose data
+is written outside the metadata lock, `check.py` dirty-image repair, `driver.py` the
+BlockDriver, `layout.py`/`create.py` blockdev-create. Invariant: the file is only touched
+through `io.*`.
 """
 
 from __future__ import annotations

@@ -104,7 +104,7 @@ async def _write_cluster(driver: Qcow2Driver, pos: int, chunk: memoryview) -> No
     async def op(writer: Writer) -> None:
         await _place(writer, pos, stream)
 
-    await driver._run_write(op, False)
+    await driver._run_write(op, False, (pos, len(chunk)))
 
 
 async def _place(writer: Writer, pos: int, stream: bytes) -> None:

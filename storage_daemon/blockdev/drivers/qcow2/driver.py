@@ -2,7 +2,9 @@
 
 Domain ring. Reads go through `Mapper`; every metadata change runs under one lock and goes
 through `Metadata`, which keeps the on-disk invariants (see alloc.py); writes into clusters
-already writable in place skip the lock (Writer.write_in_place). Detected corruption
+already writable in place skip the lock (Writer.write_in_place), and so does the data of
+large runs of new clusters between their reservation and their L2 link (inflight.py; requests
+on those guest clusters wait). Detected corruption
 marks the image corrupt (when writable), emits BLOCK_IMAGE_CORRUPTED through `EVENT_SINK`, and
 fences the node: every later request fails.
 """
@@ -41,6 +43,7 @@ from storage_daemon.blockdev.drivers.qcow2.cache import (
     TableCache,
     cache_config,
 )
+from storage_daemon.blockdev.drivers.qcow2.inflight import EVERYTHING
 from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
 from storage_daemon.blockdev.drivers.qcow2.writer import Writer
 from storage_daemon.blockdev.perm import Perm, cow_child_perm
@@ -635,16 +638,34 @@ class Qcow2Driver(BlockDriver):
             if self._prealloc is None and self.meta is not None and self._file is not None:
                 self._prealloc = await status.preallocated(self.meta, self._file)
 
-    async def _run_write(self, op: Callable[[Writer], Any], fua: bool) -> None:
+    async def _run_write(
+        self,
+        op: Callable[[Writer], Any],
+        fua: bool,
+        span: tuple[int, int] = EVERYTHING,
+    ) -> None:
+        """`op` under the metadata lock, once no allocation in flight shares a guest
+        cluster with `span` (offset, length); then the data of the runs of new clusters it
+        reserved, without the lock, and their L2 entries under it again."""
         self._check_fenced()
         writer = self.writer
-        assert writer is not None
+        meta = self.meta
+        assert writer is not None and meta is not None
         try:
-            async with self._lock:
+            await writer.tracker.acquire(self._lock, *span)
+            try:
                 self._check_fenced()
                 await op(writer)
-                assert self.meta is not None
-                await self.meta.trim()
+                await meta.trim()
+            except BaseException:
+                for alloc in writer.take_deferred():
+                    writer.give_up(alloc)
+                raise
+            finally:
+                deferred = writer.take_deferred()
+                self._lock.release()
+            if deferred:
+                await writer.finish(self._lock, deferred, self._check_fenced)
             if fua:
                 await self.flush()
         except Corruption as err:
@@ -666,7 +687,7 @@ class Qcow2Driver(BlockDriver):
         async def op(writer: Writer) -> None:
             await writer.write(offset, memoryview(data))
 
-        await self._run_write(op, fua)
+        await self._run_write(op, fua, (offset, len(data)))
 
     async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
         """Whole clusters, compressed (QEMU's rules in compressed.py)."""
@@ -685,13 +706,13 @@ class Qcow2Driver(BlockDriver):
         async def op(writer: Writer) -> None:
             await writer.zero(offset, length, unmap)
 
-        await self._run_write(op, fua)
+        await self._run_write(op, fua, (offset, length))
 
     async def pdiscard(self, offset: int, length: int) -> None:
         async def op(writer: Writer) -> None:
             await writer.discard(offset, length)
 
-        await self._run_write(op, False)
+        await self._run_write(op, False, (offset, length))
 
     async def _writeback(self) -> None:
         meta = self.meta

@@ -1,20 +1,24 @@
 """Guest writes, zero writes and discards of a qcow2 image, one cluster at a time.
 
 Domain ring; runs under the driver's metadata lock, except `write_in_place` (data only, into
-clusters needing no metadata change; `Metadata.inflight` keeps their refcounts up meanwhile).
-Order per cluster: allocate (refcount in the cache), write the data (with the copy-on-write
-head and tail), then update the cached L2 entry; `Metadata.writeback` later makes refblocks
-and data stable before the L2 table and applies the refcount drops of replaced clusters last.
-Whole clusters that need new host clusters are allocated as one run and written with one
-request. In copy-up mode (`copy_range.copy_up_active()`, block-stream's copies) only the parts
-that read from the backing file are written. Invariant: a host cluster is written in place
-only when its L2 entry carries COPIED (refcount exactly 1). blkdebug events follow qsd's
-order (allocation, zero-fill or copy-on-write read, data write).
+clusters needing no metadata change; `Metadata.inflight` keeps their refcounts up meanwhile)
+and the data of runs of new clusters (`PendingAlloc`: reserved in the refcounts under the
+lock, written by the driver without it, then linked in L2 under it again, while requests on
+their guest clusters wait). Order per cluster: allocate (refcount in the cache), write the
+data (with the copy-on-write head and tail), then update the cached L2 entry;
+`Metadata.writeback` later makes refblocks and data stable before the L2 table and applies
+the refcount drops of replaced clusters last. In copy-up mode (`copy_range.copy_up_active()`,
+block-stream's copies) only the parts that read from the backing file are written.
+Invariant: a host cluster is written in place only when its L2 entry carries COPIED
+(refcount exactly 1). blkdebug events follow qsd's order (allocation, zero-fill or
+copy-on-write read, data write).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from storage_daemon.blockdev import io
@@ -28,6 +32,7 @@ from storage_daemon.blockdev.drivers.qcow2.alloc import (
     Metadata,
 )
 from storage_daemon.blockdev.drivers.qcow2.format import ClusterType
+from storage_daemon.blockdev.drivers.qcow2.inflight import AllocTracker, PendingAlloc
 from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
 
 if TYPE_CHECKING:
@@ -36,6 +41,9 @@ if TYPE_CHECKING:
 # Cached metadata and page-cache hits complete without suspending: long loops yield to the
 # event loop every this many clusters.
 YIELD_EVERY = 32
+# New clusters taking at least this much guest data are written outside the metadata lock
+# (they overlap with other requests, as qsd's); below it, under the lock (cheaper).
+DEFER_MIN_BYTES = 64 * 1024
 _ZEROES = bytes(512)
 
 
@@ -50,6 +58,9 @@ class Writer:
         self.sc = self.cs // fmt.SUBCLUSTERS if self.ext else self.cs
         self.l2_entries = meta.hdr.l2_entries
         self.v3 = meta.hdr.version >= 3
+        self.tracker = AllocTracker(self.cb)
+        # The current lock holder's allocations, written by the driver once it let go.
+        self.deferred: list[PendingAlloc] = []
 
     # --- L2 tables ----------------------------------------------------------------------
 
@@ -98,6 +109,89 @@ class Writer:
         if self.mapper.has_data_file:
             return cluster_index << self.cb
         return await self.meta.alloc_clusters(1)
+
+    # --- allocations written outside the lock ---------------------------------------------
+
+    async def _place(self, alloc: PendingAlloc) -> None:
+        """New clusters of at least DEFER_MIN_BYTES of data are registered at once (others
+        touching their guest clusters wait) and written by the driver after it released the
+        metadata lock, then linked (`link`, or `give_up`). Smaller ones are written and
+        linked right here: a 4 KiB write is cheaper than a second trip through the lock."""
+        if sum(len(chunk) for _, chunk in alloc.writes) >= DEFER_MIN_BYTES:
+            self.tracker.add(alloc)
+            self.deferred.append(alloc)
+            return
+        try:
+            await self.write_data(alloc)
+        except BaseException:
+            self.meta.queue_free(alloc.host, alloc.count, FREE_OTHER)  # never referenced
+            raise
+        await self.link(alloc)
+
+    def take_deferred(self) -> list[PendingAlloc]:
+        deferred, self.deferred = self.deferred, []
+        return deferred
+
+    async def finish(
+        self, lock: asyncio.Lock, deferred: list[PendingAlloc], check: Callable[[], None]
+    ) -> None:
+        """The driver, after releasing the metadata `lock`: the deferred allocations' data
+        (in parallel with other requests, as qsd's), then their L2 entries under `lock`
+        (`check` first: the node may have been fenced meanwhile). On failure or cancellation
+        the clusters are given back, never referenced."""
+        linked = False
+        try:
+            for alloc in deferred:
+                await self.write_data(alloc)
+            async with lock:
+                check()
+                for alloc in deferred:
+                    await self.link(alloc)
+            linked = True
+        finally:
+            if not linked:
+                for alloc in deferred:
+                    self.give_up(alloc)
+
+    async def write_data(self, alloc: PendingAlloc) -> None:
+        """Without the lock: the new clusters' data (refcounts are counted, nothing points
+        at them yet, so a crash now only leaks them)."""
+        data = self.mapper.data
+        for at, chunk in alloc.writes:
+            await io.pwrite(data, at, chunk)
+
+    async def link(self, alloc: PendingAlloc) -> None:
+        """Under the lock, after `write_data`: point the L2 entries at the new clusters (the
+        table is looked up again: it may have left the cache meanwhile)."""
+        cb = self.cb
+        l2_offset, table = await self._l2_for_write(alloc.first)
+        idx = alloc.first % self.l2_entries
+        for i in range(alloc.count):
+            if alloc.replace:
+                self._free_old(fmt.l2_get(table, idx + i, False), FREE_OTHER)
+            fmt.l2_set(table, idx + i, False, (alloc.host + (i << cb)) | fmt.OFLAG_COPIED)
+        self.meta.l2_dirty(l2_offset, table)
+        if self.tracker.pending:
+            self.tracker.done(alloc)
+
+    def give_up(self, alloc: PendingAlloc) -> None:
+        """The data write failed or was cancelled: the clusters were never referenced."""
+        if alloc in self.tracker.pending:
+            self.meta.queue_free(alloc.host, alloc.count, FREE_OTHER)
+        self.tracker.done(alloc)
+
+    async def _zero_fill(self, host: int, span: int) -> None:
+        """qsd zero-fills new clusters around a partial write with one fast zero write on
+        the file (blkdebug hears pwritev_zero, its rules may fail it). The clusters read as
+        zeroes already, so this is done only when a blkdebug node listens."""
+        edge = self.mapper.data
+        if getattr(edge.node.driver, "debug_event", None) is None:
+            return
+        try:
+            await io.pwrite_zeroes(edge, host, span, fast_only=True)
+        except OSError as err:
+            if err.errno not in (errno.ENOTSUP, errno.EAGAIN):
+                raise  # qsd goes on with an ordinary copy-on-write for these two only
 
     # --- writes -------------------------------------------------------------------------
 
@@ -211,7 +305,7 @@ class Writer:
             return 0
         cb = self.cb
         first = pos >> cb
-        l2_offset, table = await self._l2_for_write(first)
+        _, table = await self._l2_for_write(first)
         if meta.free_hint < meta.end_cluster:
             return 0  # making the L2 table changed that
         idx = first % self.l2_entries
@@ -231,17 +325,23 @@ class Writer:
         span = run << cb
         n = min(len(data), span - in_off)
         tail = max(in_off + n, span - 512)
-        if in_off or in_off + n < span:
-            # qsd zeroes the run before a partial write (zero copy-on-write areas); here the
-            # space reads as zeroes already, and the file must only reach the run's end.
-            self._event("cluster_alloc_space")
-            if tail < span:
-                await self._write_host(host + tail, _ZEROES[: span - tail])
-        self._event("write_aio")
-        await self._write_host(host + in_off, data[:n])
-        for i in range(run):
-            fmt.l2_set(table, idx + i, False, (host + (i << cb)) | fmt.OFLAG_COPIED)
-        meta.l2_dirty(l2_offset, table)
+        writes: list[tuple[int, bytes | bytearray | memoryview]] = []
+        try:
+            if in_off or in_off + n < span:
+                # qsd zeroes the run before a partial write (zero copy-on-write areas); here
+                # the space reads as zeroes already, and the file must only reach its end.
+                self._event("cluster_alloc_space")
+                await self._zero_fill(host, span)
+                if tail < span and self.mapper.data.node.driver.getlength() < host + span:
+                    writes.append((host + tail, _ZEROES[: span - tail]))
+            self._event("write_aio")
+            writes.append((host + in_off, data[:n]))
+            for at, chunk in writes:
+                meta.check_overlap(at, len(chunk))
+        except BaseException:
+            meta.queue_free(host, run, FREE_OTHER)  # never referenced: give it back
+            raise
+        await self._place(PendingAlloc(first, run, host, writes, False))
         return n
 
     async def _write_whole_run(self, pos: int, data: memoryview) -> int:
@@ -255,7 +355,7 @@ class Writer:
         if self.ext or self.mapper.has_data_file or pos & (self.cs - 1) or len(data) < self.cs:
             return 0
         first = pos >> cb
-        l2_offset, table = await self._l2_for_write(first)
+        _, table = await self._l2_for_write(first)
         idx = first % self.l2_entries
         count = min(len(data) >> cb, self.l2_entries - idx)
         entries: list[fmt.L2Entry] = []
@@ -271,15 +371,12 @@ class Writer:
         host = await self.meta.alloc_clusters(run)
         span = run << cb
         try:
-            self._event("write_aio")
-            await self._write_host(host, data[:span])
+            self.meta.check_overlap(host, span)
         except BaseException:
             self.meta.queue_free(host, run, FREE_OTHER)  # never referenced: give it back
             raise
-        for i, entry in enumerate(entries):
-            fmt.l2_set(table, idx + i, False, (host + (i << cb)) | fmt.OFLAG_COPIED)
-            self._free_old(entry, FREE_OTHER)  # nothing for unallocated and plain zero
-        self.meta.l2_dirty(l2_offset, table)
+        self._event("write_aio")
+        await self._place(PendingAlloc(first, run, host, [(host, data[:span])], True))
         return span
 
     async def _guest_fill(self, buf: bytearray, base: int, start: int, stop: int) -> None:
@@ -322,6 +419,7 @@ class Writer:
                 kind == ClusterType.UNALLOCATED and self.mapper.backing is None
             ):
                 self._event("cluster_alloc_space")  # qsd: zero-fill, then the data write
+                await self._zero_fill(host, cs)
                 self._event("write_aio")
             else:
                 await self._cow_read(buf, cstart, pos, n, kind)
