@@ -488,7 +488,8 @@ class Qcow2Driver(BlockDriver):
     def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         if child.role & ChildRole.COW:
             return cow_child_perm(perm, shared)
-        wanted = Perm.CONSISTENT_READ
+        # Users' write-unchanged passes through to the file, as QEMU's default storage perms.
+        wanted = Perm.CONSISTENT_READ | (perm & Perm.WRITE_UNCHANGED)
         if not self.node.options.read_only:
             wanted |= Perm.WRITE | Perm.RESIZE
         return wanted, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED
