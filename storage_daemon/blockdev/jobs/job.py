@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 S = JobStatus
 ECANCELED_TEXT = os.strerror(errno.ECANCELED)  # "Operation canceled", as query-jobs shows it
 SLICE_NS = 100_000_000  # QEMU's BLOCK_JOB_SLICE_TIME: rate limits are accounted per 100 ms
+# How long a job may go on past pause points that ask for no wait without yielding to the
+# loop (ratelimit_sleep_once): qsd's iterations that copy nothing take microseconds, so a
+# command sent after the job's start finds them done; ours yield at least this often.
+YIELD_BUDGET_NS = 5_000_000
 
 
 class JobCancelled(Exception):
@@ -132,6 +136,7 @@ class Job:
         self.speed = 0
         self.limit = RateLimit()
         self._next_delay_ns = 0  # ratelimit_account -> ratelimit_sleep_once
+        self._parked_ns = 0  # when the job last left a park (ratelimit_sleep_once's budget)
         self._status_before_pause = S.RUNNING
         self._wake: asyncio.Future[None] | None = None
         self._deadline_ns: int | None = None  # a sleep's timer is pending
@@ -255,8 +260,20 @@ class Job:
         """qsd 7.2's stream and commit: one sleep of the delay the last chunk asked for (a
         pause point even without one). Woken early by a resume or a faster speed, the job
         goes on at once: each drained section a rate-limited job sits through lets it copy
-        one more chunk, as on qsd."""
+        one more chunk, as on qsd. A wait of 0 is skipped (no yield) while the job has been
+        running for less than YIELD_BUDGET_NS since it last parked, once it has parked once
+        (the command that started it returns then) and unless a pause or cancel is due."""
         delay, self._next_delay_ns = self._next_delay_ns, 0
+        if (
+            not delay
+            and self._first_yield.is_set()
+            and not self.should_pause()
+            and not self.is_cancelled
+            and self._now_ns() - self._parked_ns < YIELD_BUDGET_NS
+        ):
+            # Nothing could wake or pause the job in a wait of 0 that a command can see
+            # (qsd's is over long before the next command arrives): go on without one.
+            return
         await self.sleep(delay)
 
     async def ratelimit_sleep(self) -> None:
@@ -323,6 +340,7 @@ class Job:
             self._wake = None
             self._deadline_ns = None
             self.busy = True
+            self._parked_ns = self._now_ns()
 
     def _enter(self, only_if: Callable[[], bool] | None = None) -> None:
         """QEMU's job_enter: wake a parked job, doing now the state changes its coroutine

@@ -183,7 +183,7 @@ class _Copier:
                 self.retry.append((offset, n))  # copied again once the job is resumed
                 return
         job.progress_update(n)
-        job.ratelimit_processed(n)
+        job.ratelimit_account(n)  # only what was copied counts against the speed
         self.writeback.copied(n, self.file)
 
     async def wait_one(self) -> None:
@@ -404,6 +404,13 @@ class StreamJob(BlockJob):
         layers = self.layers[: self._overlay_index(self.layers) + 1]
         copier = self.copier = _Copier(self)
         offset = 0
+        if length:
+            # Before the first pause point, where the command that started the job returns:
+            # the metadata the first ranges' status needs is read now, so that ranges which
+            # need no copy then go by without an I/O wait a command could slip into (qsd's
+            # take microseconds). An error shows again in the loop.
+            with contextlib.suppress(OSError):
+                await self._to_copy(top_edge, layers, 0, min(CHUNK, length))
         try:
             while (offset < length or copier.busy or copier.retry) and copier.failure is None:
                 if copier.busy and (
@@ -418,19 +425,15 @@ class StreamJob(BlockJob):
                     await copier.wait_one()
                     continue
                 if not copier.busy:
-                    await self.ratelimit_sleep()
+                    # qsd 7.2's stream_run: one sleep of the delay the last copy asked for,
+                    # cut short by anything that wakes the job (a drain, a resume, a faster
+                    # speed); none after a range that was not copied.
+                    await self.ratelimit_sleep_once()
                 if copier.retry:
                     copier.start(*copier.retry.pop(0))
                     continue
                 chunk = CHUNK if self.speed else BIG_CHUNK
-                n = min(chunk, length - offset)
-                st = await io.block_status(top_edge, offset, n, want_zero=False)
-                n = max(1, min(st.length, n))
-                if st.depth == 1:
-                    copy = False
-                else:
-                    # Limited to what the top does not hold (QEMU's stream_run).
-                    copy, n = await allocated_above(layers, offset, n)
+                copy, n = await self._to_copy(top_edge, layers, offset, min(chunk, length - offset))
                 if copy:
                     copier.start(offset, n)
                 else:
@@ -439,6 +442,18 @@ class StreamJob(BlockJob):
         finally:
             await copier.settle()
         copier.raise_failure()
+
+    async def _to_copy(
+        self, top_edge: BdrvChild, layers: list[BdrvChild], offset: int, n: int
+    ) -> tuple[bool, int]:
+        """Whether the range at `offset` needs a copy, and for how many bytes (at most `n`)
+        the answer holds: only what the top does not hold and a layer down to base_overlay
+        does (QEMU's stream_run)."""
+        st = await io.block_status(top_edge, offset, n, want_zero=False)
+        n = max(1, min(st.length, n))
+        if st.depth == 1:
+            return False, n
+        return await allocated_above(layers, offset, n)
 
     async def _copy_up(self, source: BdrvChild, writer: BdrvChild, offset: int, n: int) -> None:
         """Copy a range the top does not hold from the layers below into the top, as the
