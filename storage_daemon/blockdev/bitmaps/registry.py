@@ -4,7 +4,7 @@ hook, and what query-named-block-nodes shows.
 Domain ring, no I/O. io.py reads `ARMED` before marking, so a daemon without bitmaps pays
 one module attribute read per write. Invariant: ARMED is True whenever some live node has a
 bitmap (it may stay True after such a node is freed); names are unique per node; a node's
-list is newest first, the order qsd reports.
+list is newest first, the order qsd reports; a bitmap with a successor is busy.
 """
 
 from __future__ import annotations
@@ -34,7 +34,10 @@ class DirtyBitmap:
     bits: Bits
     enabled: bool = True
     persistent: bool = False
-    busy: bool = False  # held by an operation (a transaction removing it)
+    busy: bool = False  # held by an operation (a transaction removing it, a backup)
+    # While a backup holds the bitmap, the writes are recorded here instead (QEMU's
+    # successor); the job's end folds it back in one way or the other.
+    successor: Bits | None = None
 
     def info(self) -> dict[str, Any]:
         """One BlockDirtyInfo entry, members in qsd's order."""
@@ -170,7 +173,29 @@ def mark(node: BlockNode, offset: int, length: int) -> None:
     """A write, zero write or discard covered `[offset, offset+length)` of `node`."""
     for bitmap in _bitmaps.get(node, ()):
         if bitmap.enabled:
-            bitmap.bits.set(offset, length)
+            (bitmap.successor or bitmap.bits).set(offset, length)
+
+
+def freeze(bitmap: DirtyBitmap) -> None:
+    """A backup takes the bitmap: it is busy, and new writes go to a fresh successor."""
+    bitmap.check_usable()
+    bitmap.busy = True
+    bitmap.successor = Bits(bitmap.bits.length, bitmap.bits.granularity)
+
+
+def abdicate(bitmap: DirtyBitmap) -> None:
+    """The backup's bits are consumed: the bitmap becomes what was written meanwhile."""
+    if bitmap.successor is not None:
+        bitmap.bits, bitmap.successor = bitmap.successor, None
+    bitmap.busy = False
+
+
+def reclaim(bitmap: DirtyBitmap) -> None:
+    """The backup's bits are kept: what was written meanwhile is merged back in."""
+    if bitmap.successor is not None:
+        bitmap.bits.merge_from(bitmap.successor)
+        bitmap.successor = None
+    bitmap.busy = False
 
 
 def resize(node: BlockNode) -> None:
@@ -178,6 +203,8 @@ def resize(node: BlockNode) -> None:
     length = node_length(node)
     for bitmap in _bitmaps.get(node, ()):
         bitmap.bits.resize(length)
+        if bitmap.successor is not None:
+            bitmap.successor.resize(length)
 
 
 def infos(node: BlockNode) -> list[dict[str, Any]]:

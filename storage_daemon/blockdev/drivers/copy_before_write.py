@@ -19,13 +19,13 @@ from typing import Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.bitmaps import registry
+from storage_daemon.blockdev.bitmaps.core import Bits
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.copy_range import copy_range
 from storage_daemon.blockdev.driver import BlockStatus, ChildOpener
 from storage_daemon.blockdev.drivers import compress
 from storage_daemon.blockdev.drivers.throttle import FilterDriver
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
-from storage_daemon.errors import QmpError
 from storage_daemon.qapi.runtime import to_wire
 
 MIN_CLUSTER = 64 * 1024  # QEMU's BLOCK_COPY_CLUSTER_SIZE_DEFAULT
@@ -96,6 +96,27 @@ class BlockCopyState:
 
     def idle(self) -> bool:
         return not self._inflight
+
+    def only_dirty_in(self, bits: Bits) -> None:
+        """Copy only the clusters that some dirty granule of `bits` touches (qsd's block-copy
+        takes a bitmap's dirty bits, rounded out to its clusters)."""
+        cs = self.cluster_size
+        dirty = bytearray(self.clusters)
+        for offset, length in bits.dirty_runs():
+            first, end = offset // cs, min(self.clusters, -(-(offset + length) // cs))
+            dirty[first:end] = b"\x01" * max(0, end - first)
+        self.dirty[:] = dirty
+
+    def mark_uncopied(self, bits: Bits) -> None:
+        """Mark in `bits` every cluster still to copy (a failed backup's mode `always`)."""
+        cs = self.cluster_size
+        c = self.dirty.find(1)
+        while c >= 0:
+            end = self.dirty.find(0, c)
+            if end < 0:
+                end = self.clusters
+            bits.set(c * cs, self._bytes(c, end))
+            c = self.dirty.find(1, end)
 
     async def wait_idle(self) -> None:
         """Until no copy is in flight (a failed one leaves its clusters dirty again)."""
@@ -315,15 +336,19 @@ class CopyBeforeWriteDriver(FilterDriver):
         file = await self.open_filtered(options.file, opener)
         target = await opener.open_child(self.node, options.target, "target", ChildRole.DATA)
         self._target = target
+        bits: Bits | None = None
         if options.bitmap is not None:
-            # qsd's lookup texts first; copying by a bitmap is not done yet.
-            registry.lookup(self.node.graph, options.bitmap.node, options.bitmap.name)
-            raise QmpError("copy-before-write with a dirty bitmap is not supported yet")
+            bitmap = registry.lookup(self.node.graph, options.bitmap.node, options.bitmap.name)[1]
+            bitmap.check_usable()
+            bits = bitmap.bits
         if options.on_cbw_error is not None:
             self.on_cbw_error = str(to_wire(options.on_cbw_error))
         if options.cbw_timeout is not None:
             self.timeout = int(options.cbw_timeout)
         self.bcs = BlockCopyState(file, target, cluster_size_for(target.node))
+        if bits is not None:
+            # Only the bitmap's clusters, as it is now, are copied before a write.
+            self.bcs.only_dirty_in(bits)
 
     def target(self) -> BdrvChild:
         if self._target is None:

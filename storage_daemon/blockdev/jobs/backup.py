@@ -4,9 +4,11 @@ Domain ring. The job puts a copy-before-write filter above the source and moves 
 users (exports, parent nodes) onto it, so a client's write first copies the old data of the
 clusters it hits to the target; the job copies every other cluster through the filter's copy
 state, several chunks at once (the kernel copies between plain files), then (in clean) moves
-the users back and deletes the filter. Arguments are checked with
-qsd's texts, in qsd's order, before the job exists. Invariant: once the job has concluded,
-whatever its outcome, no filter is left and every user is back on the source.
+the users back and deletes the filter. With a sync bitmap the job copies only its clusters
+(sync=bitmap/incremental) and holds the bitmap (busy, new writes to its successor) until
+commit or abort settles it by bitmap mode. Arguments are checked with qsd's texts, in qsd's
+order, before the job exists. Invariant: once the job has concluded, whatever its outcome, no
+filter is left, every user is back on the source, and the sync bitmap is no longer busy.
 """
 
 from __future__ import annotations
@@ -56,9 +58,11 @@ def wire(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def check_bitmap_args(args: Any, source: BlockNode) -> None:
-    """The sync/bitmap combinations, in qsd's order. A backup that passes them all with a
-    bitmap is refused: copying by dirty bitmap is not implemented yet."""
+def check_bitmap_args(
+    args: Any, source: BlockNode
+) -> tuple[bitmap_registry.DirtyBitmap | None, str | None]:
+    """The sync/bitmap combinations, in qsd's order; returns the bitmap to sync by (if any)
+    and its bitmap mode (`incremental` means `on-success`)."""
     sync = wire(args.sync)
     if sync in ("bitmap", "incremental") and args.bitmap is None:
         raise QmpError(f"must provide a valid bitmap name for '{sync}' sync mode")
@@ -83,9 +87,10 @@ def check_bitmap_args(args: Any, source: BlockNode) -> None:
                 f"Bitmap sync mode '{mode}' has no meaningful effect when combined with "
                 f"sync mode '{sync}'"
             )
-        raise QmpError("Backups with a dirty bitmap are not supported by this daemon yet")
+        return bitmap, mode
     if args.bitmap_mode is not None:
         raise QmpError("Cannot specify bitmap sync mode without a bitmap")
+    return None, None
 
 
 class BackupJob(BlockJob):
@@ -102,7 +107,8 @@ class BackupJob(BlockJob):
         graph = daemon.graph
         source = graph.lookup(args.device)
         target = self._find_target(daemon, args)
-        check_bitmap_args(args, source)
+        self.sync_bitmap, self.bitmap_mode = check_bitmap_args(args, source)
+        self._frozen = False
         self.daemon = daemon
         self.args = args
         self.source = source
@@ -244,6 +250,13 @@ class BackupJob(BlockJob):
         bcs.max_chunk = max(bcs.cluster_size, chunk - chunk % bcs.cluster_size)
         bcs.on_progress = self.progress_update
         bcs.on_reset = self._drop_remaining
+        bitmap = self.sync_bitmap
+        if bitmap is not None:
+            if self.sync in ("bitmap", "incremental"):
+                bcs.only_dirty_in(bitmap.bits)
+            # As qsd: busy until the job ends, the writes meanwhile going to a successor.
+            bitmap_registry.freeze(bitmap)
+            self._frozen = True
         self.progress_set_remaining(bcs.dirty_bytes())
 
     def _drop_remaining(self, nbytes: int) -> None:
@@ -377,6 +390,28 @@ class BackupJob(BlockJob):
 
     # --- completion -----------------------------------------------------------------------
 
+    async def commit(self) -> None:
+        self._settle_bitmap(True)
+
+    async def abort(self) -> None:
+        self._settle_bitmap(False)
+
+    def _settle_bitmap(self, success: bool) -> None:
+        """The sync bitmap at the job's end, by bitmap mode: `on-success` keeps only the
+        writes made meanwhile if the job succeeded, and everything otherwise; `never` keeps
+        everything; `always` drops what was copied, whatever the outcome."""
+        bitmap = self.sync_bitmap
+        if bitmap is None or not self._frozen:
+            return
+        self._frozen = False
+        mode = self.bitmap_mode
+        if mode == "never" or (not success and mode != "always"):
+            bitmap_registry.reclaim(bitmap)
+            return
+        bitmap_registry.abdicate(bitmap)
+        if not success and self.bcs is not None:
+            self.bcs.mark_uncopied(bitmap.bits)
+
     async def clean(self) -> None:
         bcs = self.bcs
         if bcs is not None:
@@ -394,6 +429,9 @@ class BackupJob(BlockJob):
 
     def release(self) -> None:
         super().release()
+        if self._frozen and self.sync_bitmap is not None:
+            self._frozen = False  # gone without commit or abort: nothing was consumed
+            bitmap_registry.reclaim(self.sync_bitmap)
         if self.cbw is not None:
             # Only reached when the job goes away without its clean step: leave the users on
             # the source at least (the filter node itself needs an await to close).
