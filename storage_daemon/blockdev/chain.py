@@ -130,12 +130,7 @@ async def set_backing(graph: BlockGraph, node: BlockNode, new: BlockNode | None)
     if old is not None:
         # The new edge was inserted last among the children; drop the old one.
         graph.detach(old)
-    drv: Any = node.driver
-    if hasattr(drv, "backing"):
-        drv.backing = edge
-        mapper = getattr(drv, "mapper", None)
-        if mapper is not None:
-            mapper.backing = edge
+    node.driver.backing_changed(edge)
     if old is not None:
         victim = old.node
         if not victim.monitor_owned and not victim.parents:

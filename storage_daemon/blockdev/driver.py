@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol
 
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
@@ -17,7 +18,7 @@ from storage_daemon.blockdev.perm import Perm
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
-    from storage_daemon.blockdev.node import BlockNode
+    from storage_daemon.blockdev.node import BlockNode, NodeOptions
 
 
 class ChildOpener(Protocol):
@@ -38,6 +39,19 @@ class BlockStatus(NamedTuple):
     depth: int = 1  # allocation depth in the backing chain (0: unallocated)
 
 
+@dataclass(eq=False)
+class ReopenChange:
+    """One node's part of a blockdev-reopen, as its driver sees it.
+
+    `options` are the new typed BlockdevOptions (the node's own driver type); `saved` is the
+    driver's own undo data, set in `reopen_prepare` and read in commit or abort."""
+
+    old: NodeOptions
+    new: NodeOptions
+    options: Any
+    saved: Any = None
+
+
 class BlockDriver(ABC):
     """Base class of every driver; one instance per node."""
 
@@ -48,6 +62,8 @@ class BlockDriver(ABC):
     # Formats that can have a backing file (qcow2): block status reads their unallocated
     # ranges as zeroes when no backing child is attached.
     supports_backing: ClassVar[bool] = False
+    # Driver options blockdev-reopen may change or drop; every other one must keep its value.
+    reopen_mutable: ClassVar[frozenset[str]] = frozenset()
     # Limits the generic I/O path honours; a driver may set them per instance (O_DIRECT).
     request_alignment: int = 1
     max_transfer: int = 0  # 0: unlimited
@@ -61,6 +77,29 @@ class BlockDriver(ABC):
 
     async def close(self) -> None:
         """Release what `open` acquired. Children are detached by the graph."""
+
+    # --- blockdev-reopen ----------------------------------------------------------------
+    # The order (reopen.py): reopen_check for every node; then node.options become the new
+    # ones and reopen_prepare runs; the permission update; await reopen_ready; then either
+    # reopen_commit, or (any failure) the old options and permissions and reopen_abort.
+
+    def reopen_check(self, options: Any) -> None:
+        """Refuse (QmpError, qsd's text) new driver options; no side effects."""
+
+    def reopen_prepare(self, change: ReopenChange) -> None:
+        """Before the permission update (the node's options already are `change.new`)."""
+
+    async def reopen_ready(self, change: ReopenChange) -> None:
+        """After the permission update: I/O the new options need first (may raise)."""
+
+    def reopen_commit(self, change: ReopenChange) -> None:
+        """Apply the new driver options for good; cannot fail."""
+
+    def reopen_abort(self, change: ReopenChange) -> None:
+        """Undo `reopen_prepare`/`reopen_ready` (old options and permissions are back)."""
+
+    def backing_changed(self, edge: BdrvChild | None) -> None:
+        """The backing link is now `edge` (None: no backing); formats with one follow it."""
 
     # --- permissions ------------------------------------------------------------------
 

@@ -8,11 +8,12 @@ applied together: options, permissions (parents first), new backing links. Invar
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
+from storage_daemon.blockdev.driver import ReopenChange
 from storage_daemon.blockdev.graph import BlockGraph, node_options, wire
 from storage_daemon.blockdev.node import BlockNode, NodeOptions
 from storage_daemon.blockdev.node_query import set_members
@@ -35,25 +36,6 @@ _BASE = frozenset(
         "active",
     }
 )
-# Driver options a reopen may change or drop (the rest must keep their values), as in qsd.
-_MUTABLE: dict[str, frozenset[str]] = {
-    "qcow2": frozenset(
-        {
-            "lazy-refcounts",
-            "pass-discard-request",
-            "pass-discard-snapshot",
-            "pass-discard-other",
-            "overlap-check",
-            "cache-size",
-            "l2-cache-size",
-            "l2-cache-entry-size",
-            "refcount-cache-size",
-            "cache-clean-interval",
-        }
-    ),
-    "file": frozenset({"drop-cache", "x-check-cache-dropped"}),
-    "host_device": frozenset({"drop-cache", "x-check-cache-dropped"}),
-}
 _WRITERS = Perm.WRITE | Perm.WRITE_UNCHANGED
 _UNSET = object()
 
@@ -70,8 +52,10 @@ class _Plan:
     backing: Any = _UNSET
     old_edge: BdrvChild | None = None
     new_edge: BdrvChild | None = None
-    dynamic_ro: bool | None = None  # the file driver's flag before, when it was raised
-    made_writable: bool = False  # qcow2's writable state turned on (undone on rollback)
+    change: ReopenChange = field(init=False)  # what the driver's reopen hooks see
+
+    def __post_init__(self) -> None:
+        self.change = ReopenChange(old=self.old, new=self.new, options=self.options)
 
 
 async def reopen(graph: BlockGraph, entries: list[Any]) -> None:
@@ -133,7 +117,7 @@ def _prepare(
     children = {edge.name for edge in node.children}
     if drv.supports_backing:
         children.add("backing")
-    mutable = _MUTABLE.get(drv.name, frozenset())
+    mutable = drv.reopen_mutable
     old_given = set_members(node.open_options) if node.open_options is not None else {}
     given = set_members(entry)
     for key in qdict_order(old_given):
@@ -189,11 +173,8 @@ def _flatten(value: dict[str, Any]) -> dict[str, Any]:
 
 def _check_driver_options(node: BlockNode, entry: Any) -> None:
     """The driver's own checks of its changeable options (qcow2's cache sizes)."""
-    drv = node.driver
-    check = getattr(drv, "_check_options", None)  # qcow2: no side effects, qsd's texts
-    hdr = getattr(drv, "hdr", None)
-    if check is not None and hdr is not None and wire(entry.driver) == drv.name:
-        check(entry, hdr)
+    if wire(entry.driver) == node.driver.name:  # else: "Cannot change the option 'driver'"
+        node.driver.reopen_check(entry)
 
 
 def _plan_child(graph: BlockGraph, plan: _Plan, name: str, ref: Any) -> None:
@@ -269,13 +250,13 @@ async def _apply(graph: BlockGraph, plans: list[_Plan]) -> None:
             await io.flush_node(plan.node)  # its caches go out while it may still write
     for plan in plans:
         plan.node.options = plan.new
-        _file_prepare(plan)
+        plan.node.driver.reopen_prepare(plan.change)
     try:
         for plan in plans:
             _check_writers(plan)
             graph.refresh_perms(plan.node)
         for plan in plans:
-            await _format_writable(plan)
+            await plan.node.driver.reopen_ready(plan.change)
         for plan in plans:
             if plan.backing is not _UNSET and plan.backing is not None:
                 plan.new_edge = graph.attach(plan.node, plan.backing, "backing", ChildRole.COW)
@@ -305,84 +286,28 @@ def _check_writers(plan: _Plan) -> None:
             raise QmpError(f"Read-only block node '{node.name}' cannot support read-write users")
 
 
-# The adapters below reach into the file and qcow2 drivers' state: they stand in for reopen
-# hooks those drivers do not have yet (see the report of issue S), hence `Any`.
-
-
-def _file_prepare(plan: _Plan) -> None:
-    """The file driver reopens its fd for writing or reading only inside a permission update
-    while its auto-read-only flag is up: raise it while writability may change."""
-    drv: Any = plan.node.driver
-    if not hasattr(drv, "_dynamic_ro"):
-        return
-    if (plan.new.read_only, plan.new.auto_read_only) != (
-        plan.old.read_only,
-        plan.old.auto_read_only,
-    ):
-        plan.dynamic_ro = bool(drv._dynamic_ro)
-        drv._dynamic_ro = True
-
-
-def _file_settle(plan: _Plan) -> None:
-    """After the update: auto-read-only as the options say, and also while a read-write node
-    still has its read-only fd (no writer came yet: the first one reopens it)."""
-    drv: Any = plan.node.driver
-    if plan.dynamic_ro is None:
-        return
-    opts = plan.node.options
-    drv._dynamic_ro = (opts.auto_read_only and not opts.read_only) or (
-        not opts.read_only and not drv.writable
-    )
-
-
-async def _format_writable(plan: _Plan) -> None:
-    """qcow2 turning read-write gets its header ready for writes (the dirty-image repair)."""
-    drv: Any = plan.node.driver
-    prepare = getattr(drv, "_prepare_writable", None)
-    if prepare is None or plan.new.read_only or not plan.old.read_only:
-        return
-    drv._writable = True
-    plan.made_writable = True
-    await prepare()
-
-
 def _rollback(graph: BlockGraph, plans: list[_Plan]) -> None:
     for plan in plans:
         if plan.new_edge is not None:
             graph.detach(plan.new_edge)
             plan.new_edge = None
         plan.node.options = plan.old
-        if plan.made_writable:
-            qcow2: Any = plan.node.driver
-            qcow2._writable = False
-            plan.made_writable = False
     for plan in plans:
         try:
             graph.refresh_perms(plan.node)
         except QmpError:
             pass  # the old permissions held before; nothing better to restore
-        _file_settle(plan)
+        plan.node.driver.reopen_abort(plan.change)
 
 
 async def _commit(graph: BlockGraph, plan: _Plan) -> None:
     node = plan.node
-    drv: Any = node.driver
-    _file_settle(plan)
-    if plan.new.read_only and hasattr(drv, "_prepare_writable"):
-        drv._writable = False
-    if drv.name in _MUTABLE and hasattr(drv, "drop_cache"):  # file, host_device
-        drv.drop_cache = plan.options.drop_cache is not False  # default: on
-        drv.check_cache_dropped = bool(plan.options.x_check_cache_dropped)
+    node.driver.reopen_commit(plan.change)
     if plan.backing is not _UNSET:
         old = plan.old_edge
         if old is not None:
             graph.detach(old)
-        edge = plan.new_edge
-        if hasattr(drv, "backing"):
-            drv.backing = edge
-        mapper = getattr(drv, "mapper", None)
-        if mapper is not None and hasattr(mapper, "backing"):
-            mapper.backing = edge
+        node.driver.backing_changed(plan.new_edge)
         if old is not None and old.node.implicit and not old.node.parents:
             await graph.remove(old.node)  # opened for this node alone: closed with the link
     node.open_options = plan.options

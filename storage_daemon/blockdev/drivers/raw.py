@@ -11,7 +11,7 @@ from typing import Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild
-from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
+from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener, ReopenChange
 from storage_daemon.blockdev.perm import Perm
 from storage_daemon.errors import QmpError
 
@@ -32,20 +32,46 @@ class RawDriver(BlockDriver):
         if options.size is not None:
             self.size = int(options.size)
         self._file = await opener.open_child(self.node, options.file, "file", ROLE_FILTERED)
+        self._check_window(self.offset, self.size)
+
+    def _check_window(self, offset: int, size: int | None) -> None:
+        """qsd's checks of a window against the child's current length."""
         child_len = self._primary().driver.getlength()
-        if self.offset > child_len:
+        if offset > child_len:
             raise QmpError(
-                f"Offset ({self.offset}) cannot be greater than size of the containing "
+                f"Offset ({offset}) cannot be greater than size of the containing "
                 f"file ({child_len})"
             )
-        if self.size is not None:
-            if self.offset + self.size > child_len:
+        if size is not None:
+            if offset + size > child_len:
                 raise QmpError(
-                    f"The sum of offset ({self.offset}) and size ({self.size}) has to be "
+                    f"The sum of offset ({offset}) and size ({size}) has to be "
                     f"smaller or equal to the  actual size of the containing file ({child_len})"
                 )
-            if self.size % 512:
+            if size % 512:
                 raise QmpError("Specified size is not multiple of 512")
+
+    # --- blockdev-reopen: qsd moves the window of a live node ---------------------------
+
+    reopen_mutable = frozenset({"offset", "size"})
+
+    def reopen_check(self, options: Any) -> None:
+        for key in ("offset", "size"):
+            value = getattr(options, key)
+            if value is not None and value < 0:
+                raise QmpError(f"Parameter '{key}' expects a non-negative number below 2^64")
+        size = None if options.size is None else int(options.size)
+        self._check_window(int(options.offset or 0), size)
+
+    def reopen_prepare(self, change: ReopenChange) -> None:
+        # Before the permission update: the child's perms follow the new window.
+        change.saved = (self.offset, self.size)
+        options = change.options
+        self.offset = int(options.offset or 0)
+        self.size = None if options.size is None else int(options.size)
+
+    def reopen_abort(self, change: ReopenChange) -> None:
+        self.offset, self.size = change.saved
 
     def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:
         # A window into the child must not see the child resized under it.

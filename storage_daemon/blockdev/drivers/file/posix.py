@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from storage_daemon.blockdev import io
-from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
+from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener, ReopenChange
 from storage_daemon.blockdev.drivers.file import pool, syscalls
 from storage_daemon.blockdev.drivers.file.locking import ImageLocks, ofd_locks_work
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
@@ -67,6 +67,7 @@ class FileDriver(BlockDriver):
     # qsd 7.2 refuses block and character devices here (the `host_device` driver takes
     # them); a host_device subclass sets this and gets the device code paths.
     allow_devices = False
+    reopen_mutable = frozenset({"drop-cache", "x-check-cache-dropped"})
 
     def __init__(self, node: Any) -> None:
         super().__init__(node)
@@ -209,6 +210,34 @@ class FileDriver(BlockDriver):
         if self._handle is None:
             raise OSError(errno.EBADF, "file node is closed")
         return self._handle
+
+    # --- blockdev-reopen ----------------------------------------------------------------
+
+    def reopen_prepare(self, change: ReopenChange) -> None:
+        """The fd is reopened for writing or reading only inside a permission update while
+        the auto-read-only flag is up: raise it while writability may change."""
+        old, new = change.old, change.new
+        if (new.read_only, new.auto_read_only) != (old.read_only, old.auto_read_only):
+            change.saved = self._dynamic_ro
+            self._dynamic_ro = True
+
+    def reopen_commit(self, change: ReopenChange) -> None:
+        self._settle_dynamic_ro(change)
+        self.drop_cache = change.options.drop_cache is not False  # default: on
+        self.check_cache_dropped = bool(change.options.x_check_cache_dropped)
+
+    def reopen_abort(self, change: ReopenChange) -> None:
+        self._settle_dynamic_ro(change)
+
+    def _settle_dynamic_ro(self, change: ReopenChange) -> None:
+        """After the update: auto-read-only as the options say, and also while a read-write
+        node still has its read-only fd (no writer came yet: the first one reopens it)."""
+        if change.saved is None:
+            return
+        opts = self.node.options
+        self._dynamic_ro = (opts.auto_read_only and not opts.read_only) or (
+            not opts.read_only and not self.writable
+        )
 
     # --- permissions and image locking -------------------------------------------------
 

@@ -22,26 +22,21 @@ from typing import Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import ROLE_BACKING, ROLE_FILE_OF_FORMAT, BdrvChild, ChildRole
-from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener
+from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener, ReopenChange
 from storage_daemon.blockdev.drivers.blkdebug import debug_event
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
+from storage_daemon.blockdev.drivers.qcow2 import options as opts
 from storage_daemon.blockdev.drivers.qcow2 import status
 from storage_daemon.blockdev.drivers.qcow2.alloc import (
-    FREE_OTHER,
-    FREE_REQUEST,
-    FREE_SNAPSHOT,
-    OL_OPTION_NAMES,
+    OL_INACTIVE_L2,
     OL_SNAPSHOT_TABLE,
-    OL_TEMPLATES,
     Corruption,
     Metadata,
 )
 from storage_daemon.blockdev.drivers.qcow2.cache import (
     DEFAULT_CLEAN_INTERVAL_S,
     CacheConfig,
-    CacheSizeError,
     TableCache,
-    cache_config,
 )
 from storage_daemon.blockdev.drivers.qcow2.inflight import EVERYTHING
 from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
@@ -64,14 +59,6 @@ def use_clock(clock: Clock) -> None:
     _clock = clock
 
 
-def _memory_limit() -> int:
-    """Physical memory: a larger cache is an allocation qsd fails (no swap assumed)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):  # pragma: no cover - every Linux has both
-        return 1 << 62
-
-
 def set_event_sink(sink: Callable[[str, dict[str, Any]], None] | None) -> None:
     global EVENT_SINK
     EVENT_SINK = sink
@@ -81,25 +68,10 @@ def _wire(value: Any) -> Any:
     return getattr(value, "value", value)
 
 
-def _overlap_checks(option: Any) -> frozenset[str]:
-    if option is None:
-        return OL_TEMPLATES["cached"]
-    if isinstance(option, str) or (hasattr(option, "value") and not hasattr(option, "template")):
-        return OL_TEMPLATES[_wire(option)]
-    template = _wire(option.template) if option.template is not None else "cached"
-    checks = set(OL_TEMPLATES[template])
-    for wire_name, name in OL_OPTION_NAMES.items():
-        value = getattr(option, wire_name.replace("-", "_"))
-        if value is True:
-            checks.add(name)
-        elif value is False:
-            checks.discard(name)
-    return frozenset(checks)
-
-
 class Qcow2Driver(BlockDriver):
     name = "qcow2"
     supports_backing = True
+    reopen_mutable = opts.REOPEN_MUTABLE
     raises_debug_events = True  # blkdebug below hears qsd's qcow2 events from us
 
     def __init__(self, node: Any) -> None:
@@ -157,7 +129,7 @@ class Qcow2Driver(BlockDriver):
             raise QmpError(str(err)) from err
         self.hdr = hdr
         cs = hdr.cluster_size
-        cache_cfg = self._check_options(options, hdr)
+        cache_cfg = opts.check_options(options, hdr)
         l1 = await self._read_table(file, hdr.l1_table_offset, hdr.l1_size, file_len)
         debug_event(file, "reftable_load")
         reftable = await self._read_table(
@@ -183,7 +155,7 @@ class Qcow2Driver(BlockDriver):
             reftable,
             2,
             cache_cfg.refcount_entries,
-            _overlap_checks(options.overlap_check),
+            opts.overlap_checks(options.overlap_check),
         )
         # Counted in l2-cache-entry-size slices; readers load single slices (mapping.py).
         meta.l2_cache = TableCache(cache_cfg.l2_entries, cs, cache_cfg.l2_slice_size)
@@ -194,16 +166,7 @@ class Qcow2Driver(BlockDriver):
         await self._read_snapshots(file, file_len)
         meta.build_overlap_map()
         meta.mark_snapshot_table(hdr.snapshots_offset, self._snapshot_table_size)
-        discard_kinds = set()
-        if options.pass_discard_request is True or (
-            options.pass_discard_request is None and self.node.options.discard == "unmap"
-        ):
-            discard_kinds.add(FREE_REQUEST)
-        if options.pass_discard_snapshot is not False:
-            discard_kinds.add(FREE_SNAPSHOT)
-        if options.pass_discard_other is True:
-            discard_kinds.add(FREE_OTHER)
-        meta.discard_kinds = discard_kinds
+        meta.discard_kinds = opts.discard_kinds(options, self.node.options.discard)
         # Data file.
         data_edge = file
         if hdr.incompatible & fmt.INCOMPAT_DATA_FILE:
@@ -217,65 +180,13 @@ class Qcow2Driver(BlockDriver):
             raise QmpError("'data-file' can only be set for images with an external data file")
         self.mapper = Mapper(meta, hdr.size, data_edge, self._data_file is not None)
         self.writer = Writer(self, meta, self.mapper)
-        self.lazy_refcounts = bool(
-            options.lazy_refcounts
-            if options.lazy_refcounts is not None
-            else hdr.compatible & fmt.COMPAT_LAZY_REFCOUNTS
-        )
+        self.lazy_refcounts = opts.lazy_refcounts(options, hdr)
         await self._open_backing(options, opener)
         if writable:
             await self._prepare_writable()
             # Before our first write (see _check_preallocation).
             await self._check_preallocation()
         self._start_cache_cleaner(options.cache_clean_interval)
-
-    def _check_options(self, options: Any, hdr: fmt.Header) -> CacheConfig:
-        """qsd's option checks, in qsd's order; the metadata cache configuration."""
-        given = [
-            x
-            for x in (options.cache_size, options.l2_cache_size, options.refcount_cache_size)
-            if x is not None
-        ]
-        if len(given) == 3:
-            raise QmpError(
-                "cache-size, l2-cache-size and refcount-cache-size may not be set at the same time"
-            )
-        if options.cache_size is not None:
-            if options.l2_cache_size is not None and options.l2_cache_size > options.cache_size:
-                raise QmpError("l2-cache-size may not exceed cache-size")
-            if (
-                options.refcount_cache_size is not None
-                and options.refcount_cache_size > options.cache_size
-            ):
-                raise QmpError("refcount-cache-size may not exceed cache-size")
-        entry = options.l2_cache_entry_size
-        cs = hdr.cluster_size
-        if entry is not None and (entry < 512 or entry > cs or entry & (entry - 1)):
-            raise QmpError(
-                "L2 cache entry size must be a power of two between 512 and the cluster "
-                f"size ({cs})"
-            )
-        try:
-            config = cache_config(
-                cluster_size=cs,
-                virtual_size=hdr.size,
-                l2_entry_size=hdr.l2_entry_size,
-                cache_size=options.cache_size,
-                l2_cache_size=options.l2_cache_size,
-                l2_cache_entry_size=entry,
-                refcount_cache_size=options.refcount_cache_size,
-                memory_limit=_memory_limit(),
-            )
-        except CacheSizeError as err:
-            raise QmpError(str(err)) from err
-        interval = options.cache_clean_interval
-        if interval is not None and (interval < 0 or interval > 0xFFFFFFFF):
-            raise QmpError("Cache clean interval too big")
-        if options.lazy_refcounts and hdr.version < 3:
-            raise QmpError(
-                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
-            )
-        return config
 
     @staticmethod
     async def _read_table(file: BdrvChild, offset: int, entries: int, file_len: int) -> list[int]:
@@ -326,7 +237,7 @@ class Qcow2Driver(BlockDriver):
                 and snap.l1_size <= fmt.MAX_L1_SIZE // 8
             ):
                 meta.snapshot_l1s.append((snap.l1_table_offset, snap.l1_size))
-        if meta.overlap_checks & {"inactive L2 table"}:
+        if OL_INACTIVE_L2 in meta.overlap_checks:
             for offset, size in meta.snapshot_l1s:
                 for entry in await self._read_table(file, offset, size, file_len):
                     if entry & fmt.L1E_OFFSET_MASK:
@@ -433,12 +344,83 @@ class Qcow2Driver(BlockDriver):
             try:
                 async with self._lock:
                     await self._writeback()
-                    if self._dirty_set and self.hdr is not None:
-                        await self.meta.sync()
-                        await self._set_incompat(self.hdr.incompatible & ~fmt.INCOMPAT_DIRTY)
-                        self._dirty_set = False
+                    await self._mark_clean()
             except (OSError, Corruption):
                 pass
+
+    async def _mark_clean(self) -> None:
+        """Lazy refcounts: the refcounts on disk, then the dirty bit off (lock held)."""
+        if self._dirty_set and self.hdr is not None and self.meta is not None:
+            await self.meta.sync()
+            await self._set_incompat(self.hdr.incompatible & ~fmt.INCOMPAT_DIRTY)
+            self._dirty_set = False
+
+    # --- blockdev-reopen ----------------------------------------------------------------
+
+    def reopen_check(self, options: Any) -> None:
+        if self.hdr is not None:
+            opts.check_options(options, self.hdr)
+
+    async def reopen_ready(self, change: ReopenChange) -> None:
+        """Turning read-write gets the header ready for writes (the dirty-image repair). The
+        I/O the new runtime options need comes first too: no dirty image left behind when
+        lazy refcounts go off, caches written back before new ones replace them, the inactive
+        L2 tables located when their overlap check is turned on."""
+        if not change.new.read_only and change.old.read_only:
+            self._writable = True
+            change.saved = True
+            await self._prepare_writable()
+        options, hdr, meta = change.options, self.hdr, self.meta
+        if hdr is None or meta is None or self._fenced:
+            return
+        checks = opts.overlap_checks(options.overlap_check)
+        try:
+            async with self._lock:
+                if not opts.lazy_refcounts(options, hdr):
+                    await self._mark_clean()
+                if opts.check_options(options, hdr) != self.cache_config:
+                    await self._writeback()
+                if OL_INACTIVE_L2 in checks - meta.overlap_checks:
+                    file = self._file
+                    assert file is not None
+                    file_len = file.node.driver.getlength()
+                    meta.inactive_l2.clear()
+                    for offset, size in meta.snapshot_l1s:
+                        for entry in await self._read_table(file, offset, size, file_len):
+                            if entry & fmt.L1E_OFFSET_MASK:
+                                meta.inactive_l2.add(entry & fmt.L1E_OFFSET_MASK)
+                    meta.build_overlap_map()
+                    meta.mark_snapshot_table(hdr.snapshots_offset, self._snapshot_table_size)
+        except (OSError, Corruption) as err:
+            raise QmpError(f"Failed to flush the metadata caches: {err}") from err
+
+    def reopen_commit(self, change: ReopenChange) -> None:
+        if change.new.read_only:
+            self._writable = False
+        options, hdr, meta = change.options, self.hdr, self.meta
+        if hdr is None or meta is None:
+            return
+        self.lazy_refcounts = opts.lazy_refcounts(options, hdr)
+        meta.discard_kinds = opts.discard_kinds(options, self.node.options.discard)
+        meta.overlap_checks = opts.overlap_checks(options.overlap_check)
+        config = opts.check_options(options, hdr)
+        # New caches start empty: only when nothing waits in the old ones (reopen_ready wrote
+        # them back and the node is drained; else the old sizes stay until the next reopen).
+        if config != self.cache_config and not (meta.l2_cache.has_dirty or meta.rb_cache.has_dirty):
+            meta.l2_cache = TableCache(config.l2_entries, hdr.cluster_size, config.l2_slice_size)
+            meta.rb_cache = TableCache(config.refcount_entries)
+            self.cache_config = config
+        self._stop_cache_cleaner()
+        self._start_cache_cleaner(options.cache_clean_interval)
+
+    def reopen_abort(self, change: ReopenChange) -> None:
+        if change.saved:
+            self._writable = False
+
+    def backing_changed(self, edge: BdrvChild | None) -> None:
+        self.backing = edge
+        if self.mapper is not None:
+            self.mapper.backing = edge
 
     # --- cache-clean-interval -----------------------------------------------------------
 
