@@ -182,7 +182,11 @@ def register_action(cls: type[Action]) -> type[Action]:
 
 def _load_actions() -> None:
     # The modules that define actions register them when imported.
-    from storage_daemon.blockdev import snapshot, transaction_backup  # noqa: F401
+    from storage_daemon.blockdev import (  # noqa: F401
+        snapshot,
+        snapshot_internal,
+        transaction_backup,
+    )
     from storage_daemon.blockdev.bitmaps import actions  # noqa: F401
 
 

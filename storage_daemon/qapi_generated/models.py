@@ -496,7 +496,7 @@ if TYPE_CHECKING:
 
 
     class TransactionActionKind(enum.StrEnum):
-        """The actions a transaction can contain. qsd 7.2 also has blockdev-snapshot-internal-sync; this daemon cannot create internal snapshots yet, so it does not offer it (clients that read the schema see what works)."""
+        """The actions a transaction can contain."""
 
         ABORT = "abort"
         BLOCK_DIRTY_BITMAP_ADD = "block-dirty-bitmap-add"
@@ -507,6 +507,7 @@ if TYPE_CHECKING:
         BLOCK_DIRTY_BITMAP_MERGE = "block-dirty-bitmap-merge"
         BLOCKDEV_BACKUP = "blockdev-backup"
         BLOCKDEV_SNAPSHOT = "blockdev-snapshot"
+        BLOCKDEV_SNAPSHOT_INTERNAL_SYNC = "blockdev-snapshot-internal-sync"
         BLOCKDEV_SNAPSHOT_SYNC = "blockdev-snapshot-sync"
         DRIVE_BACKUP = "drive-backup"
 
@@ -1561,6 +1562,13 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE
 
 
+    class BlockdevSnapshotInternal(QapiModel):
+        """Members of BlockdevSnapshotInternal."""
+
+        device: str
+        name: str
+
+
     class JobInfo(QapiModel):
         """The state of a job."""
 
@@ -2222,6 +2230,12 @@ if TYPE_CHECKING:
         data: BlockdevSnapshotSync
 
 
+    class BlockdevSnapshotInternalWrapper(QapiModel):
+        """Wrapper of the blockdev-snapshot-internal-sync action's arguments."""
+
+        data: BlockdevSnapshotInternal
+
+
     class DriveBackupWrapper(QapiModel):
         """Wrapper of the drive-backup action's arguments."""
 
@@ -2295,6 +2309,13 @@ if TYPE_CHECKING:
         qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotWrapper.qapi_nullable
 
         type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT] = TransactionActionKind.BLOCKDEV_SNAPSHOT
+
+
+    class TransactionAction_blockdev_snapshot_internal_sync(TransactionActionBase, BlockdevSnapshotInternalWrapper):
+        """TransactionAction with type=blockdev-snapshot-internal-sync."""
+        qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotInternalWrapper.qapi_nullable
+
+        type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT_INTERNAL_SYNC] = TransactionActionKind.BLOCKDEV_SNAPSHOT_INTERNAL_SYNC
 
 
     class TransactionAction_blockdev_snapshot_sync(TransactionActionBase, BlockdevSnapshotSyncWrapper):
@@ -2612,6 +2633,14 @@ if TYPE_CHECKING:
         sectors_count: int = Field(alias="sectors-count")
 
 
+    class BlockdevSnapshotDeleteInternalSyncArgs(QapiModel):
+        """Members of BlockdevSnapshotDeleteInternalSyncArgs."""
+
+        device: str
+        id: str | None = None
+        name: str | None = None
+
+
     class JobStatusChangeEvent(QapiModel):
         """Members of JobStatusChangeEvent."""
 
@@ -2825,7 +2854,7 @@ if TYPE_CHECKING:
     ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_listfile, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]
 
 
-    TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_block_dirty_bitmap_add, TransactionAction_block_dirty_bitmap_remove, TransactionAction_block_dirty_bitmap_clear, TransactionAction_block_dirty_bitmap_enable, TransactionAction_block_dirty_bitmap_disable, TransactionAction_block_dirty_bitmap_merge, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]
+    TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_block_dirty_bitmap_add, TransactionAction_block_dirty_bitmap_remove, TransactionAction_block_dirty_bitmap_clear, TransactionAction_block_dirty_bitmap_enable, TransactionAction_block_dirty_bitmap_disable, TransactionAction_block_dirty_bitmap_merge, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_internal_sync, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]
 
 
     BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]
@@ -3015,6 +3044,7 @@ else:
         'BlockdevCreateOptions_preallocate': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_preallocate(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
         'BlockdevCreateOptions_raw': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_raw(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
         'BlockdevCreateOptions_throttle': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_throttle(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
+        'BlockdevSnapshotInternal': (('QapiModel',), 'class BlockdevSnapshotInternal(QapiModel):\n    """Members of BlockdevSnapshotInternal."""\n\n    device: str\n    name: str\n'),
         'JobInfo': (('QapiModel',), 'class JobInfo(QapiModel):\n    """The state of a job."""\n\n    id: str\n    type: JobType\n    status: JobStatus\n    current_progress: int = Field(alias="current-progress")\n    total_progress: int = Field(alias="total-progress")\n    error: str | None = None\n'),
         'NbdServerOptions': (('QapiModel',), 'class NbdServerOptions(QapiModel):\n    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""\n\n    addr: SocketAddress\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
         'BlockExportOptionsNbdBase': (('QapiModel',), 'class BlockExportOptionsNbdBase(QapiModel):\n    """Export options the deprecated nbd-server-add shares with NBD exports."""\n\n    name: str | None = None\n    description: str | None = None\n'),
@@ -3101,6 +3131,7 @@ else:
         'BlockdevBackupWrapper': (('QapiModel',), 'class BlockdevBackupWrapper(QapiModel):\n    """Wrapper of the blockdev-backup action\'s arguments."""\n\n    data: BlockdevBackup\n'),
         'BlockdevSnapshotWrapper': (('QapiModel',), 'class BlockdevSnapshotWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot action\'s arguments."""\n\n    data: BlockdevSnapshot\n'),
         'BlockdevSnapshotSyncWrapper': (('QapiModel',), 'class BlockdevSnapshotSyncWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot-sync action\'s arguments."""\n\n    data: BlockdevSnapshotSync\n'),
+        'BlockdevSnapshotInternalWrapper': (('QapiModel',), 'class BlockdevSnapshotInternalWrapper(QapiModel):\n    """Wrapper of the blockdev-snapshot-internal-sync action\'s arguments."""\n\n    data: BlockdevSnapshotInternal\n'),
         'DriveBackupWrapper': (('QapiModel',), 'class DriveBackupWrapper(QapiModel):\n    """Wrapper of the drive-backup action\'s arguments."""\n\n    data: DriveBackup\n'),
         'TransactionActionBase': (('QapiModel',), 'class TransactionActionBase(QapiModel):\n    """Members of TransactionActionBase."""\n\n    type: TransactionActionKind\n'),
         'TransactionAction_abort': (('TransactionActionBase', 'AbortWrapper', 'TransactionActionKind'), 'class TransactionAction_abort(TransactionActionBase, AbortWrapper):\n    """TransactionAction with type=abort."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | AbortWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.ABORT] = TransactionActionKind.ABORT\n'),
@@ -3112,6 +3143,7 @@ else:
         'TransactionAction_block_dirty_bitmap_merge': (('TransactionActionBase', 'BlockDirtyBitmapMergeWrapper', 'TransactionActionKind'), 'class TransactionAction_block_dirty_bitmap_merge(TransactionActionBase, BlockDirtyBitmapMergeWrapper):\n    """TransactionAction with type=block-dirty-bitmap-merge."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockDirtyBitmapMergeWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE] = TransactionActionKind.BLOCK_DIRTY_BITMAP_MERGE\n'),
         'TransactionAction_blockdev_backup': (('TransactionActionBase', 'BlockdevBackupWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_backup(TransactionActionBase, BlockdevBackupWrapper):\n    """TransactionAction with type=blockdev-backup."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevBackupWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_BACKUP] = TransactionActionKind.BLOCKDEV_BACKUP\n'),
         'TransactionAction_blockdev_snapshot': (('TransactionActionBase', 'BlockdevSnapshotWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot(TransactionActionBase, BlockdevSnapshotWrapper):\n    """TransactionAction with type=blockdev-snapshot."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT] = TransactionActionKind.BLOCKDEV_SNAPSHOT\n'),
+        'TransactionAction_blockdev_snapshot_internal_sync': (('TransactionActionBase', 'BlockdevSnapshotInternalWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot_internal_sync(TransactionActionBase, BlockdevSnapshotInternalWrapper):\n    """TransactionAction with type=blockdev-snapshot-internal-sync."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotInternalWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT_INTERNAL_SYNC] = TransactionActionKind.BLOCKDEV_SNAPSHOT_INTERNAL_SYNC\n'),
         'TransactionAction_blockdev_snapshot_sync': (('TransactionActionBase', 'BlockdevSnapshotSyncWrapper', 'TransactionActionKind'), 'class TransactionAction_blockdev_snapshot_sync(TransactionActionBase, BlockdevSnapshotSyncWrapper):\n    """TransactionAction with type=blockdev-snapshot-sync."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | BlockdevSnapshotSyncWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC] = TransactionActionKind.BLOCKDEV_SNAPSHOT_SYNC\n'),
         'TransactionAction_drive_backup': (('TransactionActionBase', 'DriveBackupWrapper', 'TransactionActionKind'), 'class TransactionAction_drive_backup(TransactionActionBase, DriveBackupWrapper):\n    """TransactionAction with type=drive-backup."""\n    qapi_nullable: ClassVar[frozenset[str]] = TransactionActionBase.qapi_nullable | DriveBackupWrapper.qapi_nullable\n\n    type: Literal[TransactionActionKind.DRIVE_BACKUP] = TransactionActionKind.DRIVE_BACKUP\n'),
         'TransactionProperties': (('QapiModel',), 'class TransactionProperties(QapiModel):\n    """Options of a whole transaction."""\n\n    completion_mode: ActionCompletionMode | None = Field(default=None, alias="completion-mode")\n'),
@@ -3148,6 +3180,7 @@ else:
         'XBlockdevSetIothreadArgs': (('QapiModel',), 'class XBlockdevSetIothreadArgs(QapiModel):\n    """Members of XBlockdevSetIothreadArgs."""\n\n    node_name: str = Field(alias="node-name")\n    iothread: StrOrNull\n    force: bool | None = None\n'),
         'QuorumFailureEvent': (('QapiModel',), 'class QuorumFailureEvent(QapiModel):\n    """Members of QuorumFailureEvent."""\n\n    reference: str\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
         'QuorumReportBadEvent': (('QapiModel',), 'class QuorumReportBadEvent(QapiModel):\n    """Members of QuorumReportBadEvent."""\n\n    type: QuorumOpType\n    error: str | None = None\n    node_name: str = Field(alias="node-name")\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
+        'BlockdevSnapshotDeleteInternalSyncArgs': (('QapiModel',), 'class BlockdevSnapshotDeleteInternalSyncArgs(QapiModel):\n    """Members of BlockdevSnapshotDeleteInternalSyncArgs."""\n\n    device: str\n    id: str | None = None\n    name: str | None = None\n'),
         'JobStatusChangeEvent': (('QapiModel',), 'class JobStatusChangeEvent(QapiModel):\n    """Members of JobStatusChangeEvent."""\n\n    id: str\n    status: JobStatus\n'),
         'JobPauseArgs': (('QapiModel',), 'class JobPauseArgs(QapiModel):\n    """Members of JobPauseArgs."""\n\n    id: str\n'),
         'JobResumeArgs': (('QapiModel',), 'class JobResumeArgs(QapiModel):\n    """Members of JobResumeArgs."""\n\n    id: str\n'),
@@ -3187,7 +3220,7 @@ else:
         'ChardevOptions': (('ChardevOptions_file', 'ChardevOptions_socket', 'ChardevOptions_null', 'ChardevOptions_stdio', 'ChardevOptions_ringbuf', 'ChardevOptions_memory', 'QapiModel'), 'ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]\n'),
         'SchemaInfo': (('SchemaInfo_builtin', 'SchemaInfo_enum', 'SchemaInfo_array', 'SchemaInfo_object', 'SchemaInfo_alternate', 'SchemaInfo_command', 'SchemaInfo_event', 'QapiModel'), 'SchemaInfo: TypeAlias = Annotated[Union[SchemaInfo_builtin, SchemaInfo_enum, SchemaInfo_array, SchemaInfo_object, SchemaInfo_alternate, SchemaInfo_command, SchemaInfo_event], Field(discriminator="meta_type")]\n'),
         'ObjectOptions': (('ObjectOptions_authz_list', 'ObjectOptions_authz_listfile', 'ObjectOptions_authz_simple', 'ObjectOptions_iothread', 'ObjectOptions_secret', 'ObjectOptions_throttle_group', 'QapiModel'), 'ObjectOptions: TypeAlias = Annotated[Union[ObjectOptions_authz_list, ObjectOptions_authz_listfile, ObjectOptions_authz_simple, ObjectOptions_iothread, ObjectOptions_secret, ObjectOptions_throttle_group], Field(discriminator="qom_type")]\n'),
-        'TransactionAction': (('TransactionAction_abort', 'TransactionAction_block_dirty_bitmap_add', 'TransactionAction_block_dirty_bitmap_remove', 'TransactionAction_block_dirty_bitmap_clear', 'TransactionAction_block_dirty_bitmap_enable', 'TransactionAction_block_dirty_bitmap_disable', 'TransactionAction_block_dirty_bitmap_merge', 'TransactionAction_blockdev_backup', 'TransactionAction_blockdev_snapshot', 'TransactionAction_blockdev_snapshot_sync', 'TransactionAction_drive_backup', 'QapiModel'), 'TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_block_dirty_bitmap_add, TransactionAction_block_dirty_bitmap_remove, TransactionAction_block_dirty_bitmap_clear, TransactionAction_block_dirty_bitmap_enable, TransactionAction_block_dirty_bitmap_disable, TransactionAction_block_dirty_bitmap_merge, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]\n'),
+        'TransactionAction': (('TransactionAction_abort', 'TransactionAction_block_dirty_bitmap_add', 'TransactionAction_block_dirty_bitmap_remove', 'TransactionAction_block_dirty_bitmap_clear', 'TransactionAction_block_dirty_bitmap_enable', 'TransactionAction_block_dirty_bitmap_disable', 'TransactionAction_block_dirty_bitmap_merge', 'TransactionAction_blockdev_backup', 'TransactionAction_blockdev_snapshot', 'TransactionAction_blockdev_snapshot_internal_sync', 'TransactionAction_blockdev_snapshot_sync', 'TransactionAction_drive_backup', 'QapiModel'), 'TransactionAction: TypeAlias = Annotated[Union[TransactionAction_abort, TransactionAction_block_dirty_bitmap_add, TransactionAction_block_dirty_bitmap_remove, TransactionAction_block_dirty_bitmap_clear, TransactionAction_block_dirty_bitmap_enable, TransactionAction_block_dirty_bitmap_disable, TransactionAction_block_dirty_bitmap_merge, TransactionAction_blockdev_backup, TransactionAction_blockdev_snapshot, TransactionAction_blockdev_snapshot_internal_sync, TransactionAction_blockdev_snapshot_sync, TransactionAction_drive_backup], Field(discriminator="type")]\n'),
         'BlockDirtyBitmapOrStr': (('BlockDirtyBitmap', 'QapiModel'), 'BlockDirtyBitmapOrStr: TypeAlias = Union[str, BlockDirtyBitmap]\n'),
         'Qcow2OverlapChecks': (('Qcow2OverlapCheckFlags', 'Qcow2OverlapCheckMode', 'QapiModel'), 'Qcow2OverlapChecks: TypeAlias = Union[Qcow2OverlapCheckFlags, Qcow2OverlapCheckMode]\n'),
         'BlockdevRef': (('BlockdevOptions', 'QapiModel'), 'BlockdevRef: TypeAlias = Union[BlockdevOptions, str]\n'),

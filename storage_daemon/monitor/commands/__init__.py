@@ -13,6 +13,7 @@ from storage_daemon.monitor.commands import (
     node_admin,
     objects,
     qom,
+    snapshot_internal,
     transaction,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "node_admin",
     "objects",
     "qom",
+    "snapshot_internal",
     "transaction",
 ]

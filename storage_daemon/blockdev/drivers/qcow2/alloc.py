@@ -116,6 +116,7 @@ class Metadata:
         # host cluster -> guest writes in flight outside the lock (Writer.write_in_place):
         # their refcounts must not fall (the cluster could be reused) until they are done.
         self.inflight: dict[int, int] = {}
+        self.inflight_waiters: list[asyncio.Future[None]] = []  # for `wait_no_inflight`
         self.free_hint = 0
         # Compressed writes pack byte-granular: the next free byte in the partly used host
         # cluster they last wrote to (0: none). Reset when that cluster's refcount falls to
@@ -541,6 +542,22 @@ class Metadata:
                     )
                 except OSError:
                     pass  # discard is advisory
+
+    async def wait_no_inflight(self) -> None:
+        """Until no guest write is in flight outside the lock. Once no new one can start
+        (an internal snapshot cleared the COPIED flags), a cluster about to be shared must
+        not still be changing: a later copy-on-write would miss the rest of that write."""
+        while self.inflight:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self.inflight_waiters.append(waiter)
+            await waiter
+
+    def inflight_done(self) -> None:
+        """Writer.write_in_place ended its last write in flight: wake `wait_no_inflight`."""
+        waiters, self.inflight_waiters = self.inflight_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _busy(self, free: PendingFree) -> bool:
         inflight = self.inflight

@@ -597,6 +597,65 @@ def parse_snapshots(buf: bytes | bytearray, count: int) -> tuple[list[Snapshot],
     return snaps, pos
 
 
+ICOUNT_NONE = (1 << 64) - 1
+SNAPSHOT_EXTRA_SIZE = 24  # vm_state_size_large, disk_size, icount: what QEMU writes
+
+
+def new_snapshot(
+    name: str, l1_table_offset: int, l1_size: int, disk_size: int, realtime_ns: int, sid: str
+) -> Snapshot:
+    """An entry as qsd writes one: the date (to the microsecond) also as the VM clock (qsd
+    has no guest, its virtual clock is the real one), no VM state, no icount."""
+    usec = realtime_ns // 1000
+    date_sec, date_nsec = divmod(usec, 1_000_000)
+    date_nsec *= 1000
+    extra = _U64.pack(0) + _U64.pack(disk_size) + _U64.pack(ICOUNT_NONE)
+    return Snapshot(
+        l1_table_offset,
+        l1_size,
+        sid,
+        name,
+        date_sec,
+        date_nsec,
+        date_sec * 1_000_000_000 + date_nsec,
+        0,
+        disk_size,
+        ICOUNT_NONE,
+        extra,
+    )
+
+
+def next_snapshot_id(snaps: list[Snapshot]) -> str:
+    """QEMU's rule: one past the largest numeric id (non-numeric ids count as 0)."""
+    top = 0
+    for snap in snaps:
+        if snap.id.isdigit():
+            top = max(top, int(snap.id))
+    return str(top + 1)
+
+
+def pack_snapshots(snaps: list[Snapshot]) -> bytes:
+    """The snapshot table: each entry starts 8-byte aligned (`parse_snapshots` reversed)."""
+    out = bytearray()
+    for snap in snaps:
+        out.extend(bytes(-len(out) % 8))
+        sid, name = snap.id.encode(), snap.name.encode()
+        vm_state_small = snap.vm_state_size if snap.vm_state_size < (1 << 32) else 0
+        out += _SNAP.pack(
+            snap.l1_table_offset,
+            snap.l1_size,
+            len(sid),
+            len(name),
+            snap.date_sec,
+            snap.date_nsec,
+            snap.vm_clock_nsec,
+            vm_state_small,
+            len(snap.extra),
+        )
+        out += snap.extra + sid + name
+    return bytes(out)
+
+
 # --- tables ----------------------------------------------------------------------------
 
 

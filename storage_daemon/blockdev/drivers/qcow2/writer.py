@@ -245,6 +245,8 @@ class Writer:
                     inflight[cluster] = left
                 else:
                     del inflight[cluster]
+            if not inflight and meta.inflight_waiters:
+                meta.inflight_done()
         return True
 
     async def _unallocated(self, offset: int, length: int) -> list[tuple[int, int]]:
