@@ -574,8 +574,19 @@ class Writer:
             pos = stop
 
     async def _zero_partial(self, start: int, stop: int) -> None:
-        """Zero part of a unit by writing zeroes, unless it reads as zeroes already (as qsd:
-        a partial zero write into an unallocated cluster allocates nothing)."""
+        """Zero part of a unit. As qsd (v3): a unit that holds no data and reads as zeroes
+        (unallocated without backing, or zero) gets the zero flag whole; otherwise zeroes are
+        written, unless the range reads as zeroes already."""
+        unit = self.sc
+        ustart = start - start % unit
+        if self.v3 and await self._reads_zero(ustart, min(ustart + unit, self.mapper.size)):
+            await self._zero_units(ustart, ustart + unit, False)
+            return
+        if not await self._reads_zero(start, stop):
+            await self._write(start, memoryview(bytes(stop - start)))
+
+    async def _reads_zero(self, start: int, stop: int) -> bool:
+        """[start, stop) holds no data in this image and reads as zeroes (nothing below)."""
         pos = start
         while pos < stop:
             ext = await self.mapper.extent(pos, stop - pos)
@@ -584,9 +595,9 @@ class Writer:
                 kind in (ClusterType.ZERO_PLAIN, ClusterType.ZERO_ALLOC)
                 or (kind == ClusterType.UNALLOCATED and self.mapper.backing is None)
             ):
-                await self._write(start, memoryview(bytes(stop - start)))
-                return
+                return False
             pos += ext.length
+        return True
 
     async def _zero_units(self, start: int, stop: int, unmap: bool) -> None:
         """Make whole units (clusters or subclusters) of one cluster read as zeroes."""
@@ -594,8 +605,8 @@ class Writer:
         cstart = cluster_index << self.cb
         whole = start == cstart and stop - cstart >= self.cs
         no_backing = self.mapper.backing is None
-        if not self.ext:
-            # Skip clusters that already read as zeroes without an L2 table to touch.
+        if not self.ext and not self.v3:
+            # v2 has no zero flag: skip clusters that read as zeroes without an L2 table.
             l2_offset, table0 = await self.mapper.l2_for(cluster_index)
             if table0 is None and no_backing:
                 return
@@ -607,9 +618,9 @@ class Writer:
             kind = fmt.cluster_type(entry, False, has_df)
             if kind == ClusterType.ZERO_PLAIN or (kind == ClusterType.ZERO_ALLOC and not unmap):
                 return
-            if kind == ClusterType.UNALLOCATED and no_backing:
-                return
             if not self.v3:
+                if kind == ClusterType.UNALLOCATED and no_backing:
+                    return
                 # v2 has no zero flag; without a backing file an unallocated cluster reads
                 # as zeroes (the driver refuses zero writes of v2 images with a backing file).
                 self._free_old(entry, FREE_REQUEST if unmap else FREE_OTHER)
