@@ -321,11 +321,7 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
     finally:
         # QEMU bumps the generation and the highest offset whether or not the write worked,
         # and marks the dirty bitmaps too.
-        node.io_state.write_gen += 1
-        if end > stats.wr_highest_offset:
-            stats.wr_highest_offset = end
-        if _bitmaps.ARMED:
-            _mark_dirty(node, drv, offset, end)
+        write_done(node, offset, end)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
@@ -386,8 +382,9 @@ def write_prepare(node: BlockNode, end: int) -> None:
 
 
 def write_done(node: BlockNode, offset: int, end: int) -> None:
-    """What `pwrite` records after such a write, whether or not it worked: the node's write
-    generation, its highest offset, and its dirty bitmaps."""
+    """What every write records after it ran, whether or not it worked (`pwrite`,
+    `pwrite_zeroes`, copy offload, compressed writes): the node's write generation, its
+    highest offset, and its dirty bitmaps."""
     node.io_state.write_gen += 1
     stats = node.stats
     if end > stats.wr_highest_offset:
@@ -554,11 +551,7 @@ async def pwrite_zeroes(
     finally:
         if token is not None:
             _NO_FALLBACK.reset(token)
-        node.io_state.write_gen += 1
-        if end > stats.wr_highest_offset:
-            stats.wr_highest_offset = end
-        if _bitmaps.ARMED:
-            _mark_dirty(node, drv, offset, end)
+        write_done(node, offset, end)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
