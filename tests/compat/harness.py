@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -69,6 +70,15 @@ def raw_image(name: str = "img.raw", size: int = 1 << 20) -> Setup:
             f.truncate(size)
 
     return setup
+
+
+def qemu_io_nbd(workdir: Path | str, export: str, command: str) -> dict[str, Any]:
+    """Run one qemu-io command on export `export` of the daemon whose NBD socket is
+    `<workdir>/nbd.sock`; the transcript record of it (the command and its exit status)."""
+    url = f"nbd+unix:///{export}?socket={workdir}/nbd.sock"
+    proc = subprocess.run(["qemu-io", "-f", "raw", "-c", command, url], capture_output=True,
+                          timeout=30)  # fmt: skip
+    return {"qemu-io": command, "status": proc.returncode}
 
 
 def all_of(*setups: Setup) -> Setup:

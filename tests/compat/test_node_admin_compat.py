@@ -18,6 +18,7 @@ from tests.compat.harness import (
     Compat,
     diff_text,
     normalise_transcript,
+    qemu_io_nbd,
     raw_image,
     without_10_0_members,
 )
@@ -91,11 +92,7 @@ def test_write_threshold_through_nbd_writes(compat: Compat) -> None:
         records: list[Any] = []
         for name, value in THRESHOLD_STEPS:
             if name == "qemu-io":
-                url = f"nbd+unix:///r0?socket={daemon.workdir}/nbd.sock"
-                proc = subprocess.run(
-                    ["qemu-io", "-f", "raw", "-c", value, url], capture_output=True, timeout=30
-                )
-                records.append({"qemu-io": value, "status": proc.returncode})
+                records.append(qemu_io_nbd(daemon.workdir, "r0", value))
                 records.append(client.cmd("query-version"))  # events sent before come first
                 records.append({"events": client.events[:]})
                 client.events.clear()

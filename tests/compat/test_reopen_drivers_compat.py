@@ -17,6 +17,7 @@ from tests.compat.harness import (
     Compat,
     diff_text,
     normalise_transcript,
+    qemu_io_nbd,
     raw_image,
     without_10_0_members,
 )
@@ -102,11 +103,7 @@ def test_reopen_qcow2_runtime_options(compat: Compat) -> None:
         records: list[Any] = []
         for name, value in QCOW2_STEPS:
             if name == "qemu-io":
-                url = f"nbd+unix:///w?socket={daemon.workdir}/nbd.sock"
-                proc = subprocess.run(
-                    ["qemu-io", "-f", "raw", "-c", value, url], capture_output=True, timeout=30
-                )
-                records.append({"qemu-io": value, "status": proc.returncode})
+                records.append(qemu_io_nbd(daemon.workdir, "w", value))
             else:
                 reply = client.cmd(name, value)
                 if name == "query-named-block-nodes" and "return" in reply:
