@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shlex
 import signal
 import socket
@@ -115,6 +116,13 @@ class RawQmp:
 
     def close(self) -> None:
         self._sock.close()
+
+    def has_unsolicited_data(self) -> bool:
+        """Whether anything (or EOF) is waiting unread: a check that does not wait."""
+        if self._buf:
+            return True
+        ready, _, _ = select.select([self._sock], [], [], 0)
+        return bool(ready)
 
     def __enter__(self) -> RawQmp:
         return self
@@ -409,9 +417,26 @@ class DaemonProcess:
         """A QMP connection (greeting read): the one `wait_ready` opened, else a new one."""
         client, self._ready_client = self._ready_client, None
         if client is not None:
-            client.timeout = timeout
-            return client
+            if not client.has_unsolicited_data():
+                client.timeout = timeout
+                return client
+            # qsd 7.2 sets its QMP handlers up in a bottom half of the monitor thread, after
+            # the PID file is written; a client that connects in between can get a second
+            # greeting and then lose the connection. Nothing else is sent before
+            # negotiation, so pending data means that race: start over on a new connection.
+            client.close()
+            return self._reconnect(timeout)
         return RawQmp.connect(self.qmp_socket, timeout)
+
+    def _reconnect(self, timeout: float) -> RawQmp:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return RawQmp.connect(self.qmp_socket, timeout)
+            except (OSError, QmpError):
+                if time.monotonic() >= deadline:
+                    raise
+            time.sleep(POLL_INTERVAL)
 
     def __enter__(self) -> DaemonProcess:
         if self._proc is None:
