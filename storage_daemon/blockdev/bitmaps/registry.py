@@ -1,15 +1,18 @@
-"""The named dirty bitmaps of each node: lookups and checks with qsd's texts, the write-path
-hook, and what query-named-block-nodes shows.
+"""The dirty bitmaps of each node: named ones (lookups and checks with qsd's texts, the
+write-path hook) and the anonymous ones operations keep, all as query-named-block-nodes shows.
 
 Domain ring, no I/O. io.py reads `ARMED` before marking, so a daemon without bitmaps pays
 one module attribute read per write. Invariant: ARMED is True whenever some live node has a
-bitmap (it may stay True after such a node is freed); names are unique per node; a node's
-list is newest first, the order qsd reports; a bitmap with a successor is busy.
+named bitmap (it may stay True after such a node is freed); names are unique per node; every
+bitmap, named or not, has a creation number and qsd lists them newest first; a bitmap with a
+successor is busy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -24,6 +27,13 @@ DEFAULT_GRANULARITY = 65536
 
 ARMED = False  # read by io.py before every write; True while some node may have a bitmap
 _bitmaps: WeakKeyDictionary[BlockNode, list[DirtyBitmap]] = WeakKeyDictionary()
+_anonymous: WeakKeyDictionary[BlockNode, list[AnonymousBitmap]] = WeakKeyDictionary()
+_created = itertools.count()
+
+
+def next_seq() -> int:
+    """A creation number: qsd keeps each node's bitmaps in one list, newest first."""
+    return next(_created)
 
 
 @dataclass(eq=False)
@@ -38,6 +48,8 @@ class DirtyBitmap:
     # While a backup holds the bitmap, the writes are recorded here instead (QEMU's
     # successor); the job's end folds it back in one way or the other.
     successor: Bits | None = None
+    seq: int = field(default_factory=next_seq)
+    successor_seq: int = -1  # the successor's creation number (qsd lists it as a bitmap)
 
     def info(self) -> dict[str, Any]:
         """One BlockDirtyInfo entry, members in qsd's order."""
@@ -50,6 +62,11 @@ class DirtyBitmap:
             "count": self.bits.count,
         }
 
+    def successor_info(self) -> dict[str, Any]:
+        """The successor as qsd lists it: anonymous, recording as the bitmap did."""
+        assert self.successor is not None
+        return anonymous_info(self.enabled, self.successor.granularity, self.successor.count)
+
     def check_usable(self) -> None:
         """qsd's bdrv_dirty_bitmap_check: in-memory bitmaps are never read-only or
         inconsistent, so only `busy` can refuse."""
@@ -57,6 +74,43 @@ class DirtyBitmap:
             raise QmpError(
                 f"Bitmap '{self.name}' is currently in use by another operation and cannot be used"
             )
+
+
+def anonymous_info(recording: bool, granularity: int, count: int) -> dict[str, Any]:
+    """A BlockDirtyInfo entry without a name (never persistent, never busy)."""
+    return {
+        "recording": recording,
+        "persistent": False,
+        "busy": False,
+        "granularity": granularity,
+        "count": count,
+    }
+
+
+class AnonymousBitmap:
+    """A bitmap without a name that an operation keeps on a node (block-copy's copy bitmap,
+    the copy-before-write filter's done and access bitmaps): only query-named-block-nodes sees
+    it, through `info`, which reads the owner's own state."""
+
+    __slots__ = ("info", "seq")
+
+    def __init__(self, info: Callable[[], dict[str, Any]]) -> None:
+        self.info = info
+        self.seq = next_seq()
+
+
+def attach_anonymous(node: BlockNode, info: Callable[[], dict[str, Any]]) -> AnonymousBitmap:
+    bitmap = AnonymousBitmap(info)
+    _anonymous.setdefault(node, []).append(bitmap)
+    return bitmap
+
+
+def release_anonymous(node: BlockNode, bitmap: AnonymousBitmap) -> None:
+    found = _anonymous.get(node)
+    if found is not None and bitmap in found:
+        found.remove(bitmap)
+        if not found:
+            del _anonymous[node]
 
 
 def node_length(node: BlockNode) -> int:
@@ -176,17 +230,21 @@ def mark(node: BlockNode, offset: int, length: int) -> None:
             (bitmap.successor or bitmap.bits).set(offset, length)
 
 
-def freeze(bitmap: DirtyBitmap) -> None:
-    """A backup takes the bitmap: it is busy, and new writes go to a fresh successor."""
+def freeze(bitmap: DirtyBitmap, seq: int | None = None) -> None:
+    """A backup takes the bitmap: it is busy, and new writes go to a fresh successor
+    (created as number `seq`, taken from `next_seq()` when the job began, as qsd's is)."""
     bitmap.check_usable()
     bitmap.busy = True
     bitmap.successor = Bits(bitmap.bits.length, bitmap.bits.granularity)
+    bitmap.successor_seq = next_seq() if seq is None else seq
 
 
 def abdicate(bitmap: DirtyBitmap) -> None:
-    """The backup's bits are consumed: the bitmap becomes what was written meanwhile."""
+    """The backup's bits are consumed: the bitmap becomes what was written meanwhile (qsd
+    renames the successor, so the bitmap takes the successor's place in the list)."""
     if bitmap.successor is not None:
         bitmap.bits, bitmap.successor = bitmap.successor, None
+        bitmap.seq = bitmap.successor_seq
     bitmap.busy = False
 
 
@@ -208,4 +266,12 @@ def resize(node: BlockNode) -> None:
 
 
 def infos(node: BlockNode) -> list[dict[str, Any]]:
-    return [bitmap.info() for bitmap in _bitmaps.get(node, ())]
+    """Every bitmap of the node, named or not, newest first (query-named-block-nodes)."""
+    found: list[tuple[int, Callable[[], dict[str, Any]]]] = []
+    for bitmap in _bitmaps.get(node, ()):
+        found.append((bitmap.seq, bitmap.info))
+        if bitmap.successor is not None:
+            found.append((bitmap.successor_seq, bitmap.successor_info))
+    found += [(anon.seq, anon.info) for anon in _anonymous.get(node, ())]
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [info() for _, info in found]

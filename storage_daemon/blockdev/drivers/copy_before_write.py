@@ -331,6 +331,10 @@ class CopyBeforeWriteDriver(FilterDriver):
         self.on_cbw_error = "break-guest-write"
         self.timeout = 0  # seconds; 0: none
         self.snapshot_broken = False
+        # Clusters a guest write had copied first (qsd's done bitmap; the job's copies do not
+        # count), and the anonymous bitmaps query-named-block-nodes lists while we are open.
+        self.written = bytearray()
+        self._anonymous: list[tuple[Any, registry.AnonymousBitmap]] = []
 
     async def open(self, options: Any, opener: ChildOpener) -> None:
         file = await self.open_filtered(options.file, opener)
@@ -347,8 +351,33 @@ class CopyBeforeWriteDriver(FilterDriver):
             self.timeout = int(options.cbw_timeout)
         self.bcs = BlockCopyState(file, target, cluster_size_for(target.node))
         if bits is not None:
-            # Only the bitmap's clusters, as it is now, are copied before a write.
+            # Only the bitmap's clusters, as it is now, are copied before a write, and only
+            # they can be read through the snapshot (qsd's access bitmap starts as a copy).
             self.bcs.only_dirty_in(bits)
+            self.bcs.access[:] = self.bcs.dirty
+        self.written = bytearray(self.bcs.clusters)
+        self._show_bitmaps(self.bcs)
+
+    def _show_bitmaps(self, bcs: BlockCopyState) -> None:
+        """As qsd: block-copy's copy bitmap on the source, then the filter's done and access
+        bitmaps on the filter node, all anonymous, disabled, of the copy's cluster size."""
+        cs = bcs.cluster_size
+
+        def counted(bits: bytearray) -> Callable[[], dict[str, Any]]:
+            return lambda: registry.anonymous_info(False, cs, bits.count(1) * cs)
+
+        for node, bits in (
+            (bcs.source.node, bcs.dirty),
+            (self.node, self.written),
+            (self.node, bcs.access),
+        ):
+            self._anonymous.append((node, registry.attach_anonymous(node, counted(bits))))
+
+    async def close(self) -> None:
+        for node, bitmap in self._anonymous:
+            registry.release_anonymous(node, bitmap)
+        self._anonymous.clear()
+        await super().close()
 
     def target(self) -> BdrvChild:
         if self._target is None:
@@ -386,6 +415,10 @@ class CopyBeforeWriteDriver(FilterDriver):
             # break-snapshot: the write goes through; the point-in-time view is lost.
             self.snapshot_broken = True
             return
+        cs = bcs.cluster_size
+        first, end = offset // cs, min(-(-(offset + length) // cs), bcs.clusters)
+        if end > first:
+            self.written[first:end] = b"\x01" * (end - first)
         await bcs.wait_readers(offset, length)
 
     async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:

@@ -215,6 +215,8 @@ class BackupJob(BlockJob):
         }
         if self.filter_node_name is not None:
             spec["node-name"] = self.filter_node_name
+        # qsd makes the sync bitmap's successor before the filter's bitmaps.
+        successor_seq = bitmap_registry.next_seq()
         try:
             cbw = await graph.add(visit_input("BlockdevOptions", spec), monitor_owned=False)
         except QmpError as err:
@@ -255,7 +257,7 @@ class BackupJob(BlockJob):
             if self.sync in ("bitmap", "incremental"):
                 bcs.only_dirty_in(bitmap.bits)
             # As qsd: busy until the job ends, the writes meanwhile going to a successor.
-            bitmap_registry.freeze(bitmap)
+            bitmap_registry.freeze(bitmap, successor_seq)
             self._frozen = True
         self.progress_set_remaining(bcs.dirty_bytes())
 
