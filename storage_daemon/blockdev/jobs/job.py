@@ -80,6 +80,14 @@ class RateLimit:
         return self.slice_end_ns - now_ns
 
 
+class JobGone(QmpError):
+    """The job was dismissed while a command waited for its transaction to settle: qsd,
+    which settles it in one go, would not have found it."""
+
+    def __init__(self) -> None:
+        super().__init__("Job not found")
+
+
 class JobTxn:
     """Jobs that complete together: none is finalized before all have finished their work,
     and a failure or cancel of one aborts all. A job alone has a transaction of its own."""
@@ -444,7 +452,10 @@ class Job:
         finalizing = self.txn.finalizing
         if finalizing is not None:
             await finalizing.wait()
-            self._apply_verb(JobVerb.CANCEL)  # as qsd sees it: after the finalization
+            # As qsd sees it: after the finalization, where an auto-dismissed job is gone.
+            if self.status is S.NULL:
+                raise JobGone()
+            self._apply_verb(JobVerb.CANCEL)
         await self.cancel(force)
 
     async def user_finalize(self) -> None:
@@ -605,15 +616,26 @@ class Job:
         if txn.aborting:
             return  # cancelled by another job of the transaction, which handles everything
         txn.aborting = True
-        for other in txn.jobs:
-            if other is not self:
-                other._cancel_async(False)
-                other._enter()
-        while txn.jobs:
-            other = txn.jobs[0]
-            if not other.is_completed:
-                await other.wait_done()
-            await other._finalize_single()
+        # qsd aborts in one go too: commands sent meanwhile see the end (unless a
+        # finalization that failed is what brought us here, which already says so).
+        done = None
+        if txn.finalizing is None:
+            done = txn.finalizing = asyncio.Event()
+        try:
+            for other in txn.jobs:
+                if other is not self:
+                    other._cancel_async(False)
+                    other._enter()
+            while txn.jobs:
+                other = txn.jobs[0]
+                if not other.is_completed:
+                    await other.wait_done()
+                await other._finalize_single()
+        finally:
+            if done is not None:
+                done.set()
+                if txn.finalizing is done:
+                    txn.finalizing = None
 
     async def _finalize_single(self) -> None:
         assert self.is_completed

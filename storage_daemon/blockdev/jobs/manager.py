@@ -82,6 +82,22 @@ class JobManager:
             raise DeviceNotActive(f"Block job '{job_id}' not found")
         return job
 
+    async def settled(self, job: Job) -> None:
+        """Until no finalization or abort of the job's transaction is in progress: qsd runs
+        those in one go, so a command sent meanwhile acts on (and looks up) what follows."""
+        while (finalizing := job.txn.finalizing) is not None:
+            await finalizing.wait()
+
+    async def lookup_settled(self, job_id: str) -> Job:
+        """`lookup`, as qsd would answer once a settling transaction is over (an
+        auto-dismissed job is then not found)."""
+        await self.settled(self.lookup(job_id))
+        return self.lookup(job_id)
+
+    async def lookup_block_job_settled(self, job_id: str) -> BlockJob:
+        await self.settled(self.lookup_block_job(job_id))
+        return self.lookup_block_job(job_id)
+
     def block_jobs(self) -> list[BlockJob]:
         from storage_daemon.blockdev.jobs.block_job import BlockJob
 
