@@ -513,6 +513,23 @@ class TranscriptComparison:
 # ---------------------------------------------------------------------------------------------
 
 
+def hit_monitor_race(reference: list[dict[str, Any]], ours: list[dict[str, Any]]) -> bool:
+    """Whether qsd's side shows its QMP start-up race: qsd 7.2 sets its monitor up in a
+    bottom half of another thread, after the PID file is written, and a client that connects
+    in between may get a second greeting where a reply belongs, or lose the connection at its
+    first command. Neither is behaviour a test compares, so such a run is repeated."""
+    for rec in reference[1:3]:
+        answer = rec.get("negotiate", rec.get("reply"))
+        if isinstance(answer, dict) and "QMP" in answer:
+            return True
+    first = next((i for i, rec in enumerate(reference) if "send" in rec), None)
+    return (
+        first is not None
+        and reference[first].get("outcome") == "EOF"
+        and (first >= len(ours) or ours[first].get("outcome") != "EOF")
+    )
+
+
 class Compat:
     """Owns one scratch root with `ref/` and `ours/` and every daemon started for a test.
 
@@ -594,19 +611,28 @@ class Compat:
         timeout: float = 5.0,
     ) -> TranscriptComparison:
         """Start a fresh pair, run `steps` on each (after `qmp_capabilities` if `negotiate`),
-        record the greeting first, normalise."""
-        pair = self.daemons(args, setup)
-        raw: dict[str, list[dict[str, Any]]] = {}
-        norm: dict[str, list[Any]] = {}
+        record the greeting first, normalise.
+
+        A reference transcript that shows qsd's monitor start-up race (see
+        `hit_monitor_race`) is run again on a fresh pair, at most twice."""
         built = [as_step(s) for s in steps]
-        for side, daemon in pair.items():
-            client = self.connect(daemon, timeout)
-            records: list[dict[str, Any]] = [{"greeting": client.greeting}]
-            if negotiate:
-                records.append({"negotiate": client.negotiate()})
-            records += run_transcript(client, daemon, built, daemon.workdir)
-            raw[side] = records
-            norm[side] = normalise_transcript(records, daemon.workdir)
+        for attempt in range(3):
+            pair = self.daemons(args, setup)
+            raw: dict[str, list[dict[str, Any]]] = {}
+            for side, daemon in pair.items():
+                client = self.connect(daemon, timeout)
+                records: list[dict[str, Any]] = [{"greeting": client.greeting}]
+                if negotiate:
+                    records.append({"negotiate": client.negotiate()})
+                records += run_transcript(client, daemon, built, daemon.workdir)
+                raw[side] = records
+            if attempt == 2 or not hit_monitor_race(raw["reference"], raw["ours"]):
+                break
+            for daemon in pair.values():
+                daemon.stop()
+        norm = {
+            side: normalise_transcript(records, pair[side].workdir) for side, records in raw.items()
+        }
         return TranscriptComparison(raw, norm)
 
     def check_transcript(self, steps: Sequence[StepLike], **kw: Any) -> TranscriptComparison:
