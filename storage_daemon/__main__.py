@@ -20,9 +20,11 @@ if TYPE_CHECKING:
     import asyncio
 
     from storage_daemon.cli import CliOption
+    from storage_daemon.loop_diagnostics import LoopWatch
     from storage_daemon.pidfile import PidFile
 
 PROG = "storage-daemon"
+LOOP_WATCH_ENV = "STORAGE_DAEMON_LOOP_WATCH_MS"  # loop_diagnostics.ENV_VAR
 
 
 def _prog_name(argv0: str) -> str:
@@ -66,9 +68,24 @@ async def serve(
     if pidfile is not None:
         pidfile.write(os.getpid())
     ready()
+    watch = _loop_watch()
     await daemon.wait_exit()
+    if watch is not None:
+        watch.stop()
     await daemon.shutdown()
     return 0
+
+
+def _loop_watch() -> LoopWatch | None:
+    """The opt-in stall reporter (bench/README.md, job_bench); None unless asked for. Its
+    module is imported only then."""
+    if not os.environ.get(LOOP_WATCH_ENV):
+        return None
+    import asyncio
+
+    from storage_daemon.loop_diagnostics import install_from_env
+
+    return install_from_env(asyncio.get_running_loop())
 
 
 def _load_everything() -> None:
