@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 
 DEFAULT_BUF_SIZE = 16 << 20  # QEMU's DEFAULT_MIRROR_BUF_SIZE
 MAX_IN_FLIGHT = 16  # QEMU's MAX_IN_FLIGHT
+CHUNKS_PER_BUFFER = 2
+"""QEMU cuts its buffer in MAX_IN_FLIGHT requests (16 of 1 MiB); ours in 2 of 8 MiB, so a
+contiguous copy keeps 2 pool threads copying in the kernel, not 16 (scattered short runs still
+go up to 16 at once). On 2 cores the 16 kept the event loop thread waiting for a CPU: query-jobs
+p99 during a mirror and an NBD reader (bench/README.md, job_bench), for no throughput gain."""
 MAX_IO_BYTES = 1 << 20  # QEMU's: a copy request moves at least this much (buffer allowing)
 DEFAULT_GRANULARITY = 65536
 GRANULARITY_MIN = 512
@@ -169,7 +174,7 @@ class MirrorJob(BlockJob):
         self.granularity: int = args.granularity or default_granularity(target)
         buf_size = args.buf_size or DEFAULT_BUF_SIZE
         self.buf_size = -(-buf_size // self.granularity) * self.granularity
-        chunk = min(max(MAX_IO_BYTES, self.buf_size // MAX_IN_FLIGHT), self.buf_size)
+        chunk = min(max(MAX_IO_BYTES, self.buf_size // CHUNKS_PER_BUFFER), self.buf_size)
         self.chunk = max(self.granularity, chunk - chunk % self.granularity)
         self.on_source_error: str = wire(args.on_source_error) or "report"
         self.on_target_error: str = wire(args.on_target_error) or "report"
