@@ -137,13 +137,8 @@ async def block_device_info(node: BlockNode, flat: bool = False) -> dict[str, An
     if backing is not None and not node.driver.is_filter:
         # A filter's "backing" child (mirror_top's) is no backing file named in a header.
         info["backing_file"] = backing.node.filename()
-    # The node's named bitmaps (newest first), then a mirror job's, which lives on its
-    # source node (jobs/mirror.py `dirty_info`).
-    bitmaps = bitmap_registry.infos(node) + [
-        edge.parent.dirty_info()
-        for edge in node.parents
-        if edge.name == "source" and hasattr(edge.parent, "dirty_info")
-    ]
+    # Named and anonymous (jobs', filters') bitmaps, newest first.
+    bitmaps = bitmap_registry.infos(node)
     if bitmaps:
         info["dirty-bitmaps"] = bitmaps
     return info

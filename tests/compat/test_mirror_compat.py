@@ -353,3 +353,28 @@ def test_stream_on_mirrored_node(compat: Compat) -> None:
         ],
         setup=make_images,
     )
+
+
+def test_mirror_bitmap_listed_by_creation_order(compat: Compat) -> None:
+    """The job's dirty bitmap is listed among the source's named bitmaps, newest first, while
+    the job holds the source, and gone once it ends."""
+
+    def bitmap(name: str) -> Cmd:
+        return Cmd("block-dirty-bitmap-add", {"node": "src", "name": name})
+
+    compat.check_transcript(
+        [
+            *add_images(),
+            bitmap("before"),
+            mirror(granularity=4096),
+            *ready(),
+            bitmap("after"),
+            Cmd("query-named-block-nodes", {"flat": True}),
+            Cmd("job-cancel", {"id": "m0"}),
+            *statuses(1),
+            WaitEvent("BLOCK_JOB_COMPLETED"),
+            *statuses(2),
+            *finish(),
+        ],
+        setup=make_images,
+    )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from storage_daemon.blockdev import chain, io
 from storage_daemon.blockdev.backend import UnnamedBackend
+from storage_daemon.blockdev.bitmaps import registry as bitmap_registry
 from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild, ChildRole
 from storage_daemon.blockdev.copy_range import copy_range
 from storage_daemon.blockdev.drivers.mirror_top import MirrorTopDriver, SourceWrite, WriteKind
@@ -180,6 +181,7 @@ class MirrorJob(BlockJob):
         self.on_target_error: str = wire(args.on_target_error) or "report"
         self.write_blocking = wire(args.copy_mode) == "write-blocking"
         self.bitmap = DirtyBitmap(source.driver.getlength(), self.granularity)
+        self._shown_bitmap: bitmap_registry.AnonymousBitmap | None = None
         self.inflight = InFlight(self.bitmap.size)
         self.should_complete = False
         self.initialised = False  # the first scan is over: write-blocking may start
@@ -241,6 +243,15 @@ class MirrorJob(BlockJob):
         )
         self.add_node("source", self.source, PERM_NONE, JOB_SHARED)
         self.add_node("target", self.target, PERM_NONE, PERM_ALL)
+        # qsd lists the job's dirty bitmap among the source's, by creation order, for as
+        # long as the job holds the source.
+        self._shown_bitmap = bitmap_registry.attach_anonymous(self.source, self.dirty_info)
+
+    def remove_node(self, edge: BdrvChild) -> None:
+        super().remove_node(edge)
+        if edge.name == "source" and self._shown_bitmap is not None:
+            bitmap_registry.release_anonymous(self.source, self._shown_bitmap)
+            self._shown_bitmap = None
 
     def _target_perms(self) -> tuple[Perm, Perm]:
         """What the job's backend on the target takes and shares (no resize, and while the
