@@ -101,6 +101,16 @@ class BlockDriver(ABC):
     def backing_changed(self, edge: BdrvChild | None) -> None:
         """The backing link is now `edge` (None: no backing); formats with one follow it."""
 
+    # --- drained sections -------------------------------------------------------------
+    # QEMU's bdrv_drained_begin/end as the driver sees them (transaction.DrainedSection
+    # calls them on the drained node and every node above it; they nest).
+
+    def drained_begin(self) -> None:
+        """A drained section reaches this node: let queued requests go (no I/O may wait)."""
+
+    def drained_end(self) -> None:
+        """A drained section that reached this node ended."""
+
     # --- permissions ------------------------------------------------------------------
 
     def child_perm(self, child: BdrvChild, perm: Perm, shared: Perm) -> tuple[Perm, Perm]:

@@ -5,9 +5,11 @@ order; if one fails, `abort` for every action prepared so far *including the fai
 reverse order; otherwise `commit` for all in order; then `clean` for all in order, whatever
 happened. Like qsd, a transaction first drains everything (each running job pauses and
 resumes), and an action may hold a drained section on a node from its `prepare` to its
-`clean` (the jobs above that node stay paused meanwhile). Invariant: `abort` and `clean` never
-fail and cope with a `prepare` that stopped half-way; only `prepare` may refuse; every drained
-section a transaction begins is ended before it returns.
+`clean` (the jobs above that node stay paused meanwhile). A drained section also reaches the
+drivers of the node and every node above it (`drained_begin`/`drained_end`: a throttle filter
+lets its queued requests go). Invariant: `abort` and `clean` never fail and cope with a
+`prepare` that stopped half-way; only `prepare` may refuse; every drained section a
+transaction begins is ended before it returns, on the very drivers it began on.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from storage_daemon.blockdev.jobs.job import Job, JobTxn
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
+    from storage_daemon.blockdev.driver import BlockDriver
     from storage_daemon.blockdev.node import BlockNode
     from storage_daemon.daemon import Daemon
 
@@ -52,15 +55,49 @@ def jobs_above(node: BlockNode) -> list[Job]:
     return found
 
 
+def nodes_above(node: BlockNode) -> list[BlockNode]:
+    """`node` and every node above it: what QEMU's drain of `node` quiesces (its parents,
+    recursively)."""
+    found: list[BlockNode] = []
+    seen: set[int] = set()
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        for edge in current.parents:
+            parent_node = edge.parent_node
+            if parent_node is not None:
+                pending.append(parent_node)
+    return found
+
+
+def _drivers_begin(nodes: Sequence[BlockNode]) -> list[BlockDriver]:
+    drivers = [node.driver for node in nodes]
+    for driver in drivers:
+        driver.drained_begin()
+    return drivers
+
+
+def _drivers_end(drivers: Sequence[BlockDriver]) -> None:
+    for driver in drivers:
+        driver.drained_end()
+
+
 class DrainedSection:
-    """QEMU's bdrv_drained_begin/end on one node: the jobs above it are paused (waited for
-    until they park), jobs attached meanwhile start paused, and `end` resumes them all."""
+    """QEMU's bdrv_drained_begin/end on one node: the drivers of the node and of the nodes
+    above it are told, the jobs above it are paused (waited for until they park), jobs
+    attached meanwhile start paused, and `end` resumes them all."""
 
     def __init__(self, node: BlockNode) -> None:
         self.node = node
         self.paused: list[Job] = []
+        self.drivers: list[BlockDriver] = []
 
     async def begin(self) -> None:
+        self.drivers = _drivers_begin(nodes_above(self.node))
         await self.refresh()
 
     async def refresh(self) -> None:
@@ -74,6 +111,8 @@ class DrainedSection:
         order = [job for job in jobs_above(self.node) if job in self.paused]
         order += [job for job in self.paused if job not in order]
         self.paused = []
+        drivers, self.drivers = self.drivers, []
+        _drivers_end(drivers)
         for job in order:
             await job.drain_resume()
 
@@ -110,8 +149,12 @@ async def drain_all(daemon: Daemon) -> None:
     pause points is waited for before the next is asked, which is what qsd shows for jobs
     that wait for their I/O outside their coroutine, as a backup does.)"""
     pause, resume = drain_all_order(daemon)
-    for job in pause:
-        await job.drain_pause()
+    drivers = _drivers_begin(list(daemon.graph))
+    try:
+        for job in pause:
+            await job.drain_pause()
+    finally:
+        _drivers_end(drivers)
     for job in resume:
         await job.drain_resume()
 
@@ -279,6 +322,7 @@ __all__ = [
     "action_list",
     "drain_all",
     "jobs_above",
+    "nodes_above",
     "register_action",
     "run_transaction",
 ]

@@ -1,9 +1,11 @@
 """The throttle-group object: limits shared by throttle filter nodes, and their wait queues.
 
 Domain ring. The bucket arithmetic is the pure `blockdev.throttle`; this module queues requests
-per direction in arrival order and wakes them with loop timers, never blocking the loop.
-Invariant: while a direction's queue is non-empty, exactly one timer is armed for it (or the
-head is being released), so no request waits without a wake-up scheduled.
+per direction in arrival order and wakes them with loop timers, never blocking the loop. Each
+queued request knows its member (the throttle node); a drained member's requests all go at
+once (`release_member`), charged to the buckets as qsd charges them. Invariant: while a
+direction's queue is non-empty, exactly one timer is armed for it (or the head is being
+released), so no request waits without a wake-up scheduled.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from storage_daemon.errors import QmpError
 from storage_daemon.qapi.runtime import to_wire, visit_input
 from storage_daemon.qom.base import UserObject
 
-_Waiter = tuple["asyncio.Future[None]", int]
+# (the waiting request, its size, its member: the throttle node that queued it)
+_Waiter = tuple["asyncio.Future[None]", int, object]
 
 
 class ThrottleGroup(UserObject):
@@ -96,7 +99,7 @@ class ThrottleGroup(UserObject):
 
     # --- the I/O path -----------------------------------------------------------------
 
-    async def intercept(self, is_write: bool, size: int) -> None:
+    async def intercept(self, is_write: bool, size: int, member: object = None) -> None:
         """Wait until the group's limits allow a request of `size` bytes, and charge it."""
         queue = self._queues[is_write]
         idle = not queue and self._timers[is_write] is None
@@ -104,7 +107,7 @@ class ThrottleGroup(UserObject):
             self.state.account(is_write, size)
             return
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (waiter, size)
+        entry: _Waiter = (waiter, size, member)
         queue.append(entry)
         if self._timers[is_write] is None:
             self._release(is_write)
@@ -115,11 +118,40 @@ class ThrottleGroup(UserObject):
                 queue.remove(entry)
             raise
 
+    def charge(self, is_write: bool, size: int) -> None:
+        """A request that bypasses the limits (its member is drained) still fills the
+        buckets, as in qsd: the requests after the drain wait for it."""
+        self.state.account(is_write, size)
+
+    def release_member(self, member: object) -> int:
+        """Let every request `member` queued go now, whatever the limits (qsd's drain of a
+        throttle node); each is charged. Returns how many were released."""
+        released = 0
+        for is_write in (False, True):
+            queue = self._queues[is_write]
+            kept: deque[_Waiter] = deque()
+            for entry in queue:
+                waiter, size, owner = entry
+                if owner is not member or waiter.done():
+                    if not waiter.done():
+                        kept.append(entry)
+                    continue
+                self.state.account(is_write, size)
+                waiter.set_result(None)
+                released += 1
+            queue.clear()
+            queue.extend(kept)
+            timer = self._timers[is_write]
+            if not kept and timer is not None:
+                timer.cancel()
+                self._timers[is_write] = None
+        return released
+
     def _release(self, is_write: bool) -> None:
         """Let queued requests go while the buckets allow; else arm the timer for the head."""
         queue = self._queues[is_write]
         while queue:
-            waiter, size = queue[0]
+            waiter, size, _member = queue[0]
             if waiter.done():
                 queue.popleft()
                 continue

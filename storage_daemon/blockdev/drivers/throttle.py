@@ -2,8 +2,10 @@
 
 A filter has one primary child (`file`, or blkdebug's `image`) and presents its data unchanged;
 requests reach the child through the generic I/O path. The throttle filter first waits on its
-throttle group's buckets (without blocking the loop). Invariant: a throttle node counts as a
-user of its group from open to close, so the group cannot be deleted under it.
+throttle group's buckets (without blocking the loop); while drained, as in qsd, its queued
+requests go at once and new ones pass without waiting (both still charged). Invariant: a
+throttle node counts as a user of its group from open to close, so the group cannot be
+deleted under it.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ class ThrottleDriver(FilterDriver):
         super().__init__(node)
         self.group_name = ""
         self.group: ThrottleGroup | None = None
+        self.drained = 0  # nesting depth of the drained sections over this node
 
     async def open(self, options: Any, opener: ChildOpener) -> None:
         registry = active_registry()
@@ -105,22 +108,37 @@ class ThrottleDriver(FilterDriver):
     def strong_options(self) -> dict[str, Any]:
         return {"throttle-group": self.group_name}
 
-    async def _wait(self, is_write: bool, size: int) -> None:
-        if self.group is not None:
-            await self.group.intercept(is_write, size)
+    def drained_begin(self) -> None:
+        self.drained += 1
+        if self.drained == 1 and self.group is not None:
+            self.group.release_member(self)
+
+    def drained_end(self) -> None:
+        self.drained = max(self.drained - 1, 0)
+
+    async def throttle(self, is_write: bool, size: int) -> None:
+        """Wait until the group's limits let a request of `size` bytes through (at once
+        while drained), and charge it."""
+        group = self.group
+        if group is None:
+            return
+        if self.drained:
+            group.charge(is_write, size)
+        else:
+            await group.intercept(is_write, size, self)
 
     async def preadv(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        await self._wait(False, length)
+        await self.throttle(False, length)
         return await io.pread(self.child(), offset, length)
 
     async def pwritev(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
-        await self._wait(True, len(data))
+        await self.throttle(True, len(data))
         await io.pwrite(self.child(), offset, data, fua=fua)
 
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
-        await self._wait(True, length)
+        await self.throttle(True, length)
         await super().pwrite_zeroes(offset, length, unmap, fua)
 
     async def pdiscard(self, offset: int, length: int) -> None:
-        await self._wait(True, length)
+        await self.throttle(True, length)
         await io.pdiscard(self.child(), offset, length)
