@@ -5,11 +5,13 @@ events for those failures). As in qsd, a copy-on-read filter (implicit `#blockNN
 `filter-node-name`, with `bottom` = `base_overlay`) goes above the top for the job's lifetime
 and the top's users move onto it. The job copies the ranges the top does not hold and some
 layer down to `base_overlay` does, as the filter would (read below the top, copy-up write into
-it), several chunks at once. Prepare flushes the top, rewrites its header and makes the node
-below `above_base` its new backing; clean unplugs the filter, which (as the job's other nodes)
-the job holds until it is freed. Invariants: nothing in the chain or a header changes until
-the copy has finished without error and is stable; a copy-up never overwrites what a client
-wrote into the top; no copy is in flight while the job is paused.
+it), several chunks at once; as in qsd, where the copy-on-read happens at the device, each
+copy's read and write pass the limits of the throttle filters from the device down to the top.
+Prepare flushes the top, rewrites its header and makes the node below `above_base` its new
+backing; clean unplugs the filter, which (as the job's other nodes) the job holds until it
+is freed. Invariants: nothing in the chain or a header changes until the copy has finished
+without error and is stable; a copy-up never overwrites what a client wrote into the top; no
+copy is in flight while the job is paused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.copy_range import copy_up_write, copy_up_zeroes
 from storage_daemon.blockdev.drivers.copy_on_read import CopyOnReadDriver
+from storage_daemon.blockdev.drivers.throttle import ThrottleDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.filters import (
     check_not_busy,
@@ -280,6 +283,8 @@ class StreamJob(BlockJob):
         self.block_graph = graph
         self.grant = chain.WritableGrant(graph, top)
         self.writer_edge: BdrvChild | None = None  # the edge above the top (copy-up writes)
+        # The throttle filters from the device down to the top, outermost first.
+        self.throttles: list[ThrottleDriver] = []
 
     @classmethod
     async def create(cls, daemon: Daemon, args: Any) -> StreamJob:
@@ -390,6 +395,8 @@ class StreamJob(BlockJob):
         # (qsd writes them through the device's filters, throttled by a throttle filter).
         above: BdrvChild | None = self.filter.primary
         while above is not None and above.node is not self.top:
+            if isinstance(above.node.driver, ThrottleDriver):
+                self.throttles.append(above.node.driver)
             above = chain.filtered_child(above.node)
         self.writer_edge = above
 
@@ -432,7 +439,8 @@ class StreamJob(BlockJob):
                 if copier.retry:
                     copier.start(*copier.retry.pop(0))
                     continue
-                chunk = CHUNK if self.speed else BIG_CHUNK
+                # qsd's chunk where a limit sees each copy (speed, throttle filters).
+                chunk = CHUNK if self.speed or self.throttles else BIG_CHUNK
                 copy, n = await self._to_copy(top_edge, layers, offset, min(chunk, length - offset))
                 if copy:
                     copier.start(offset, n)
@@ -459,7 +467,11 @@ class StreamJob(BlockJob):
         """Copy a range the top does not hold from the layers below into the top, as the
         copy-on-read filter would (all-zero data as a zero write), never over what a client
         wrote into the top meanwhile (copy_range.copy_up_*)."""
+        for throttle in self.throttles:
+            await throttle.throttle(False, n)
         data = await io.pread(source, offset, n)
+        for throttle in self.throttles:
+            await throttle.throttle(True, n)
         if io.is_zero(data):
             await copy_up_zeroes(writer, offset, n)
         else:
