@@ -8,7 +8,9 @@ Theory of operation
 -------------------
 The edge calls `start()` and sends the greeting, then feeds received bytes either with
 `receive_data(bytes)` or, for zero-copy, the `asyncio.BufferedProtocol` pair
-`get_buffer()`/`buffer_updated(n)`; `receive_eof()` reports a closed stream. Each call returns
+`get_buffer()`/`buffer_updated(n)` (after a large WRITE, `get_buffer` offers room for the next
+header and a payload of the same length, so such a WRITE lands in place in one recv);
+`receive_eof()` reports a closed stream. Each call returns
 events (`HandshakeDone`, `Request`, `Close`); replies the core makes on its own (option
 replies, EINVAL for malformed requests) accumulate in `data_to_send()`, which the edge drains
 after every call, before acting on the events. Requests are answered later, in any order,
@@ -203,6 +205,9 @@ class ServerConnection(Replies):
         self._filled = 0
         self._skip = 0
         self._skip_all = False  # get_buffer handed out the whole buffer as a discard area
+        self._predict = 0  # payload length of the last large WRITE (0: expect no WRITE)
+        self._landing: bytearray | None = None  # handed out for a header + predicted payload
+        self._landed: tuple[bytearray, int] | None = None  # its payload bytes, not yet used
         self._out: list[bytes] = []
         self._events: list[Event] = []
         # handshake state
@@ -236,6 +241,8 @@ class ServerConnection(Replies):
         self._transition(inp)
         self._need = _Need.NOTHING
         self._payload = self._payload_mv = None
+        self._predict = 0
+        self._landed = None
         self._events.append(Close(reason, peer_error))
 
     # --- input ------------------------------------------------------------------------------
@@ -265,9 +272,16 @@ class ServerConnection(Replies):
 
         During a large WRITE payload this is the payload's own buffer, trimmed to the bytes
         still missing, so the socket writes straight into the memory handed to the caller.
+        Between requests, after a large WRITE, it is a payload buffer with room for a header
+        and a payload of the same length in front: when the next request is such a WRITE
+        (nbdcopy, fio), its payload lands in place, in one recv, never copied.
         """
+        return self._get_buffer(True)
+
+    def _get_buffer(self, predict: bool) -> memoryview:
         if self.phase is Phase.GREETING:
             raise NbdUsageError("start() must be called before receiving")
+        self._landing = None  # (a buffer handed out before but never filled)
         if self._payload_mv is not None:
             return self._payload_mv[self._filled :]
         if self._start == self._end:
@@ -275,6 +289,10 @@ class ServerConnection(Replies):
             if self._skip or self._need is _Need.NOTHING:
                 self._skip_all = True
                 return self._mv
+            if self._predict and predict and self._need is _Need.REQ_HEADER:
+                self._skip_all = False
+                buf = self._landing = self._buffers.get(REQUEST.size + self._predict)
+                return memoryview(buf)
         elif self._start:
             n = self._end - self._start  # < one header: payloads never wait in this buffer
             self._buf[:n] = self._buf[self._start : self._end]
@@ -284,6 +302,8 @@ class ServerConnection(Replies):
 
     def buffer_updated(self, nbytes: int) -> list[Event]:
         """`nbytes` were written into the view from `get_buffer()`; parse what is complete."""
+        if self._landing is not None:
+            return self._land(self._landing, nbytes)
         if self._payload_mv is not None:
             self._filled += nbytes
             if self._filled == len(self._payload_mv):
@@ -318,11 +338,28 @@ class ServerConnection(Replies):
         events: list[Event] = []
         pos, total = 0, len(view)
         while pos < total:
-            target = self.get_buffer(total - pos)
+            target = self._get_buffer(False)
             n = min(len(target), total - pos)
             target[:n] = view[pos : pos + n]
             pos += n
             events += self.buffer_updated(n)
+        return events
+
+    def _land(self, buf: bytearray, nbytes: int) -> list[Event]:
+        """`nbytes` arrived in a buffer from the predicting `get_buffer`: a request header,
+        then (if it is the predicted WRITE) its payload in place, used by `_take_payload`;
+        anything else is fed on as ordinary input (copied, as `receive_data` does)."""
+        self._landing = None
+        head = min(nbytes, REQUEST.size)
+        self._buf[:head] = buf[:head]  # (the shared buffer is empty when predicting)
+        self._end = head
+        if nbytes > head:
+            self._landed = (buf, nbytes - head)
+        self._parse()
+        landed, self._landed = self._landed, None
+        events, self._events = self._events, []
+        if landed is not None:  # not the predicted WRITE
+            events += self.receive_data(memoryview(buf)[head:nbytes])
         return events
 
     def receive_eof(self) -> list[Event]:
@@ -381,6 +418,20 @@ class ServerConnection(Replies):
             mv = self._mv[self._start : self._start + length]
             self._start += length
             return mv
+        landed = self._landed
+        if need is _Need.WRITE_PAYLOAD:
+            self._predict = length if length >= self._buffers.min_size else 0
+            if landed is not None and len(landed[0]) == REQUEST.size + length:
+                # The predicted WRITE: its payload is in place already (see `_land`).
+                self._landed = None
+                buf, filled = landed
+                mv = memoryview(buf)[REQUEST.size :]
+                self._need = need
+                if filled == length:
+                    self._payload_done(mv)
+                else:
+                    self._payload, self._payload_mv, self._filled = buf, mv, filled
+                return None
         buf = self._buffers.get(length)
         mv = memoryview(buf)
         mv[:avail] = self._mv[self._start : self._end]  # bytearray[:n] = view would copy twice
@@ -603,6 +654,7 @@ class ServerConnection(Replies):
     def _request(self, avail: int) -> None:
         magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(self._mv, self._start)
         self._start += 28
+        self._predict = 0  # (set again when this is a large WRITE: see `_take_payload`)
         size = self._size
         # Fast path: a plain valid READ, the commonest request.
         if (
