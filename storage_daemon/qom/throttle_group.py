@@ -3,9 +3,10 @@
 Domain ring. The bucket arithmetic is the pure `blockdev.throttle`; this module queues requests
 per direction in arrival order and wakes them with loop timers, never blocking the loop. Each
 queued request knows its member (the throttle node); a drained member's requests all go at
-once (`release_member`), charged to the buckets as qsd charges them. Invariant: while a
-direction's queue is non-empty, exactly one timer is armed for it (or the head is being
-released), so no request waits without a wake-up scheduled.
+once (`release_member`), charged to the buckets as qsd charges them. New limits (`qom-set`)
+leave an armed timer alone, as qsd does. Invariant: while a direction's queue is non-empty,
+exactly one timer is armed for it (or the head is being released), so no request waits
+without a wake-up scheduled.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class ThrottleGroup(UserObject):
         self.state = ThrottleState(self.cfg, clock.monotonic_ns())
         self._queues: dict[bool, deque[_Waiter]] = {False: deque(), True: deque()}
         self._timers: dict[bool, asyncio.TimerHandle | None] = {False: None, True: None}
+        self._deadlines: dict[bool, int | None] = {False: None, True: None}
 
     def complete(self) -> None:
         check_valid(self.cfg)
@@ -64,10 +66,7 @@ class ThrottleGroup(UserObject):
 
     def close(self) -> None:
         for is_write in (False, True):
-            timer = self._timers[is_write]
-            if timer is not None:
-                timer.cancel()
-                self._timers[is_write] = None
+            self._disarm(is_write)
 
     # --- properties -------------------------------------------------------------------
 
@@ -87,15 +86,17 @@ class ThrottleGroup(UserObject):
         super().set_property(name, value)
 
     def reconfigure(self, cfg: ThrottleConfig) -> None:
-        """New limits take effect at once: buckets restart, waiting requests are re-timed."""
+        """New limits, applied as qsd applies them: the buckets restart empty, but an armed
+        timer keeps its old deadline. Until it fires every request of that direction waits,
+        even one arriving after the change under limits that would let it go; the request it
+        was armed for then goes whatever the new limits say, and those behind it are timed
+        by the new limits."""
         self.cfg = cfg
         self.state.reconfigure(cfg, self._clock.monotonic_ns())
-        for is_write in (False, True):
-            timer = self._timers[is_write]
-            if timer is not None:
-                timer.cancel()
-                self._timers[is_write] = None
-            self._release(is_write)
+
+    def deadline_ns(self, is_write: bool) -> int | None:
+        """When (on the group's clock) the armed timer of a direction fires; None: none armed."""
+        return self._deadlines[is_write]
 
     # --- the I/O path -----------------------------------------------------------------
 
@@ -143,8 +144,7 @@ class ThrottleGroup(UserObject):
             queue.extend(kept)
             timer = self._timers[is_write]
             if not kept and timer is not None:
-                timer.cancel()
-                self._timers[is_write] = None
+                self._disarm(is_write)
         return released
 
     def _release(self, is_write: bool) -> None:
@@ -155,15 +155,35 @@ class ThrottleGroup(UserObject):
             if waiter.done():
                 queue.popleft()
                 continue
-            wait = self.state.wait_ns(is_write, self._clock.monotonic_ns())
+            now = self._clock.monotonic_ns()
+            wait = self.state.wait_ns(is_write, now)
             if wait:
                 loop = asyncio.get_running_loop()
                 self._timers[is_write] = loop.call_later(wait / 1e9, self._fire, is_write)
+                self._deadlines[is_write] = now + wait
                 return
             queue.popleft()
             self.state.account(is_write, size)
             waiter.set_result(None)
 
     def _fire(self, is_write: bool) -> None:
+        """The timer's request goes without another look at the limits (qsd's timer callback
+        restarts it unconditionally, even if the limits were lowered meanwhile); charged
+        before the buckets leak, as qsd charges it. The rest follow under the limits."""
         self._timers[is_write] = None
+        self._deadlines[is_write] = None
+        queue = self._queues[is_write]
+        while queue:
+            waiter, size, _member = queue.popleft()
+            if not waiter.done():
+                self.state.account(is_write, size)
+                waiter.set_result(None)
+                break
         self._release(is_write)
+
+    def _disarm(self, is_write: bool) -> None:
+        timer = self._timers[is_write]
+        if timer is not None:
+            timer.cancel()
+        self._timers[is_write] = None
+        self._deadlines[is_write] = None

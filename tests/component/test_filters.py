@@ -14,8 +14,10 @@ import storage_daemon.monitor.commands  # noqa: F401  (handlers imported before 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
+from storage_daemon.clock import FakeClock
 from storage_daemon.daemon import Daemon
 from storage_daemon.errors import QmpError
+from storage_daemon.qom.throttle_group import ThrottleGroup
 
 
 class User:
@@ -77,14 +79,12 @@ async def test_throttle_group_reference_and_in_use() -> None:
     await run(daemon, "object-del", {"id": "tg0"})
 
 
-async def test_throttle_waits_without_blocking_and_qom_set_releases() -> None:
-    daemon = Daemon()
-    # 100 kB/s: the first 10 kB pass (a tenth of a second's worth), the next must wait ~1 s.
-    await run(
-        daemon,
-        "object-add",
-        {"qom-type": "throttle-group", "id": "tg0", "limits": {"bps-read": 100_000}},
-    )
+async def throttled_reads(limits: dict[str, int]) -> tuple[Daemon, FakeClock, BdrvChild]:
+    """A throttle node over null-co in group tg0 with `limits`, on a fake clock that only
+    the test advances (so a queued request goes only when the test fires its timer)."""
+    clock = FakeClock()
+    daemon = Daemon(clock)
+    await run(daemon, "object-add", {"qom-type": "throttle-group", "id": "tg0", "limits": limits})
     await run(
         daemon,
         "blockdev-add",
@@ -95,21 +95,86 @@ async def test_throttle_waits_without_blocking_and_qom_set_releases() -> None:
             "file": {"driver": "null-co", "read-zeroes": True},
         },
     )
-    edge = attach(daemon, "th")
-    await io.pread(edge, 0, 200_000)  # the next read waits ~1.9 s
-    await io.pwrite(edge, 0, bytes(100_000))  # writes are not limited by a read limit
-    blocked = asyncio.ensure_future(io.pread(edge, 0, 100_000))
-    ticks = 0
-    while ticks < 5:  # the loop keeps running while the read waits
+    return daemon, clock, attach(daemon, "th")
+
+
+async def settle() -> None:
+    for _ in range(5):
         await asyncio.sleep(0)
-        ticks += 1
-    assert not blocked.done()
-    await run(
-        daemon, "qom-set", {"path": "/objects/tg0", "property": "limits", "value": {"bps-read": 0}}
-    )
-    data = await asyncio.wait_for(blocked, 1.0)
-    assert len(data) == 100_000
+
+
+def fire(group: ThrottleGroup, is_write: bool) -> None:
+    """What the loop does at the armed timer's deadline (its real delay is minutes away)."""
+    timer = group._timers[is_write]
+    assert timer is not None
+    timer.cancel()
+    group._fire(is_write)
+
+
+def set_limits(limits: dict[str, int]) -> dict[str, Any]:
+    return {"path": "/objects/tg0", "property": "limits", "value": limits}
+
+
+async def test_throttle_waits_without_blocking_and_qom_set_keeps_the_timer() -> None:
+    # 1 kB/s: after 200 kB, the next read waits ~200 s.
+    daemon, clock, edge = await throttled_reads({"bps-read": 1000})
+    group = daemon.objects.throttle_group("tg0")
+    start = clock.monotonic_ns()
+    await io.pread(edge, 0, 200_000)
+    await io.pwrite(edge, 0, bytes(100_000))  # writes are not limited by a read limit
+    queued = asyncio.ensure_future(io.pread(edge, 0, 1000))
+    await settle()  # the loop keeps running while the read waits
+    assert not queued.done()
+    deadline = group.deadline_ns(False)
+    assert deadline == start + 199_900_000_000
+    # As in qsd, lifting the limit leaves the armed timer (and its deadline) alone, and a
+    # read arriving meanwhile queues behind it although nothing limits it any more.
+    await run(daemon, "qom-set", set_limits({"bps-read": 0}))
+    later = asyncio.ensure_future(io.pread(edge, 0, 1000))
+    await settle()
+    assert not queued.done() and not later.done()
+    assert group.deadline_ns(False) == deadline
+    assert group.deadline_ns(True) is None
+    clock.advance(199_900_000_000)
+    fire(group, False)
+    await settle()
+    assert len(queued.result()) == 1000 and len(later.result()) == 1000
+    assert group.deadline_ns(False) is None and not group._queues[False]
+    # Nothing armed, no limit: the next read goes at once.
+    assert len(await asyncio.wait_for(io.pread(edge, 0, 1_000_000), 5)) == 1_000_000
     daemon.graph.detach(edge)
+    await run(daemon, "blockdev-del", {"node-name": "th"})
+    await run(daemon, "object-del", {"id": "tg0"})
+
+
+async def test_lowered_limits_time_the_requests_behind_the_armed_timer() -> None:
+    daemon, clock, edge = await throttled_reads({"bps-read": 1000})
+    group = daemon.objects.throttle_group("tg0")
+    start = clock.monotonic_ns()
+    await io.pread(edge, 0, 20_000)  # the next read waits 19.9 s
+    head = asyncio.ensure_future(io.pread(edge, 0, 10_000))
+    second = asyncio.ensure_future(io.pread(edge, 0, 10_000))
+    await settle()
+    assert group.deadline_ns(False) == start + 19_900_000_000
+    # Ten times lower; the buckets restart empty, the timer keeps its deadline.
+    await run(daemon, "qom-set", set_limits({"bps-read": 100}))
+    assert group.deadline_ns(False) == start + 19_900_000_000
+    clock.advance(19_900_000_000)
+    fire(group, False)
+    await settle()
+    assert head.done() and not second.done()
+    # qsd charges the released read before the buckets leak the 19.9 s since the change:
+    # 10000 - 1990 bytes left, less the 10-byte allowance, at 100 B/s: 80 s.
+    deadline = group.deadline_ns(False)
+    assert deadline is not None
+    assert abs(deadline - (clock.monotonic_ns() + 80_000_000_000)) < 1_000_000
+    clock.advance(deadline - clock.monotonic_ns())
+    fire(group, False)
+    await settle()
+    assert second.done() and group.deadline_ns(False) is None
+    daemon.graph.detach(edge)
+    await run(daemon, "blockdev-del", {"node-name": "th"})
+    await run(daemon, "object-del", {"id": "tg0"})
 
 
 async def test_throttle_wait_is_cancellable() -> None:
