@@ -131,10 +131,9 @@ def drain_all_order(daemon: Daemon) -> tuple[list[Job], list[Job]]:
     """The jobs QEMU's bdrv_drain_all reaches: (the order they pause in, the order they
     resume in). The drain visits every node in creation order and, on each, the jobs holding
     it, newest edge first; a job pauses at its first node and resumes at its last."""
-    graph = getattr(daemon, "graph", None)  # phase tests run actions without a daemon
-    visits = [
+    visits: list[Job] = [
         edge.parent
-        for node in (graph or ())
+        for node in daemon.graph
         for edge in list(node.parents)
         if isinstance(edge.parent, Job)
     ]

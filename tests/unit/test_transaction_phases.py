@@ -6,6 +6,7 @@ that was prepared, whatever the outcome.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import pytest
@@ -61,6 +62,10 @@ def registered() -> Iterator[None]:
     txn.ACTIONS.update(saved)
 
 
+# The phases need no daemon: only its (empty) graph, which the drain of every node visits.
+NO_DAEMON = SimpleNamespace(graph=[])
+
+
 def did(ctx: txn.TransactionContext) -> list[tuple[str, str]]:
     return [(phase[4:], name) for phase, name in ctx.trace if phase.startswith("did-")]
 
@@ -70,7 +75,7 @@ def act(name: str, **kw: Any) -> tuple[str, dict[str, Any]]:
 
 
 async def test_success_prepares_all_then_commits_then_cleans() -> None:
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     await txn.run_transaction(ctx.daemon, [act("a"), act("b"), act("c")], ctx=ctx)
     assert did(ctx) == [
         ("prepare", "a"), ("prepare", "b"), ("prepare", "c"),
@@ -80,7 +85,7 @@ async def test_success_prepares_all_then_commits_then_cleans() -> None:
 
 
 async def test_failure_aborts_in_reverse_including_the_failing_action() -> None:
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     with pytest.raises(QmpError, match="b refused"):
         await txn.run_transaction(ctx.daemon, [act("a"), act("b", fail=True), act("c")], ctx=ctx)
     # "c" is never even prepared; "b" gets its abort and clean although its prepare failed.
@@ -92,7 +97,7 @@ async def test_failure_aborts_in_reverse_including_the_failing_action() -> None:
 
 
 async def test_a_failing_undo_does_not_hide_the_error_nor_stop_the_others() -> None:
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     with pytest.raises(QmpError, match="c refused"):
         await txn.run_transaction(
             ctx.daemon,
@@ -104,23 +109,23 @@ async def test_a_failing_undo_does_not_hide_the_error_nor_stop_the_others() -> N
 
 
 async def test_abort_action_rolls_everything_back() -> None:
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     with pytest.raises(QmpError, match=r"^Transaction aborted using Abort action$"):
         await txn.run_transaction(ctx.daemon, [act("a"), ("abort", None), act("b")], ctx=ctx)
     assert did(ctx) == [("prepare", "a"), ("abort", "a"), ("clean", "a")]
 
 
 async def test_empty_transaction_succeeds() -> None:
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     await txn.run_transaction(ctx.daemon, [], ctx=ctx)
     assert ctx.trace == []
 
 
 async def test_grouped_mode_shares_one_job_txn_and_refuses_actions_without_jobs() -> None:
-    ctx = txn.TransactionContext(daemon=None, completion_mode=txn.GROUPED)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON, completion_mode=txn.GROUPED)  # type: ignore[arg-type]
     await txn.run_transaction(ctx.daemon, [act("a")], ctx=ctx)
     assert isinstance(ctx.job_txn, JobTxn)
-    ctx = txn.TransactionContext(daemon=None, completion_mode=txn.GROUPED)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON, completion_mode=txn.GROUPED)  # type: ignore[arg-type]
     with pytest.raises(QmpError) as info:
         await txn.run_transaction(ctx.daemon, [act("a"), ("test-nogroup", {"name": "n"})], ctx=ctx)
     assert info.value.desc == (
@@ -128,13 +133,13 @@ async def test_grouped_mode_shares_one_job_txn_and_refuses_actions_without_jobs(
     )
     assert did(ctx) == [("prepare", "a"), ("abort", "n"), ("abort", "a"), ("clean", "a"),
                         ("clean", "n")]  # fmt: skip
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     await txn.run_transaction(ctx.daemon, [("test-nogroup", {"name": "n"})], ctx=ctx)
     assert ctx.job_txn is None
 
 
 async def test_abort_action_ignores_the_completion_mode() -> None:
-    ctx = txn.TransactionContext(daemon=None, completion_mode=txn.GROUPED)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON, completion_mode=txn.GROUPED)  # type: ignore[arg-type]
     with pytest.raises(QmpError, match=r"^Transaction aborted using Abort action$"):
         await txn.run_transaction(ctx.daemon, [("abort", None)], ctx=ctx)
 
@@ -154,7 +159,7 @@ def test_every_schema_action_kind_has_an_action() -> None:
 async def test_phase_rules_hold_for_any_failure_point(n: int, fail_at: int | None) -> None:
     names = [str(i) for i in range(n)]
     actions = [act(name, fail=(i == fail_at)) for i, name in enumerate(names)]
-    ctx = txn.TransactionContext(daemon=None)  # type: ignore[arg-type]
+    ctx = txn.TransactionContext(daemon=NO_DAEMON)  # type: ignore[arg-type]
     failed = fail_at is not None and fail_at < n
     if failed:
         with pytest.raises(QmpError):
