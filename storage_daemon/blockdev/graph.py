@@ -363,7 +363,7 @@ class BlockGraph:
         check_not_blocked(node)
         if not node.monitor_owned:
             raise QmpError(f"Node {node_name} is not owned by the monitor")
-        if node.parents:
+        if node.parents or node.held:
             raise QmpError(f"Block device {node_name} is in use")
         await self.remove(node)
 

@@ -60,6 +60,9 @@ class BlockNode:
     # name when the format driver opened it itself). A backing child named otherwise, or
     # none where the header names one, "overrides" it and makes the filename a json: one.
     auto_backing_file: str = ""
+    # References held without an edge (QEMU's bdrv_ref by an operation, e.g. an amend job
+    # until it is dismissed): blockdev-del refuses the node while any is held.
+    held: int = 0
 
     def __hash__(self) -> int:
         return id(self)

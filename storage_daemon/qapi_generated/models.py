@@ -341,6 +341,61 @@ if TYPE_CHECKING:
         RIPEMD160 = "ripemd160"
 
 
+    class QCryptoBlockLUKSKeyslotState(enum.StrEnum):
+        """What an amend does to a LUKS keyslot."""
+
+        ACTIVE = "active"
+        INACTIVE = "inactive"
+
+
+    class BlockdevAmendDriver(enum.StrEnum):
+        """The driver names x-blockdev-amend accepts: every BlockdevDriver value of qsd 7.2 (and our 'error'), so that naming a driver this daemon lacks gets qsd's answer (the node's driver differs) rather than a parse error."""
+
+        BLKDEBUG = "blkdebug"
+        BLKLOGWRITES = "blklogwrites"
+        BLKREPLAY = "blkreplay"
+        BLKVERIFY = "blkverify"
+        BOCHS = "bochs"
+        CLOOP = "cloop"
+        COMPRESS = "compress"
+        COPY_BEFORE_WRITE = "copy-before-write"
+        COPY_ON_READ = "copy-on-read"
+        DMG = "dmg"
+        ERROR = "error"
+        FILE = "file"
+        SNAPSHOT_ACCESS = "snapshot-access"
+        FTP = "ftp"
+        FTPS = "ftps"
+        GLUSTER = "gluster"
+        HOST_CDROM = "host_cdrom"
+        HOST_DEVICE = "host_device"
+        HTTP = "http"
+        HTTPS = "https"
+        ISCSI = "iscsi"
+        LUKS = "luks"
+        NBD = "nbd"
+        NFS = "nfs"
+        NULL_AIO = "null-aio"
+        NULL_CO = "null-co"
+        NVME = "nvme"
+        PARALLELS = "parallels"
+        PREALLOCATE = "preallocate"
+        QCOW = "qcow"
+        QCOW2 = "qcow2"
+        QED = "qed"
+        QUORUM = "quorum"
+        RAW = "raw"
+        RBD = "rbd"
+        REPLICATION = "replication"
+        SSH = "ssh"
+        THROTTLE = "throttle"
+        VDI = "vdi"
+        VHDX = "vhdx"
+        VMDK = "vmdk"
+        VPC = "vpc"
+        VVFAT = "vvfat"
+
+
     class BlockErrorAction(enum.StrEnum):
         """What happened after an I/O error."""
 
@@ -1562,6 +1617,350 @@ if TYPE_CHECKING:
         driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE
 
 
+    class QCryptoBlockAmendOptionsLUKS(QapiModel):
+        """Changes to the keyslots of a LUKS header (accepted for compatibility of the schema: this daemon opens no encrypted image, so every amend of them fails)."""
+
+        state: QCryptoBlockLUKSKeyslotState
+        new_secret: str | None = Field(default=None, alias="new-secret")
+        old_secret: str | None = Field(default=None, alias="old-secret")
+        keyslot: int | None = None
+        iter_time: int | None = Field(default=None, alias="iter-time")
+        secret: str | None = None
+
+
+    class QCryptoBlockAmendOptionsBase(QapiModel):
+        """Members of QCryptoBlockAmendOptionsBase."""
+
+        format: QCryptoBlockFormat
+
+
+    class QCryptoBlockAmendOptions_luks(QCryptoBlockAmendOptionsBase, QCryptoBlockAmendOptionsLUKS):
+        """QCryptoBlockAmendOptions with format=luks."""
+        qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockAmendOptionsBase.qapi_nullable | QCryptoBlockAmendOptionsLUKS.qapi_nullable
+
+        format: Literal[QCryptoBlockFormat.LUKS] = QCryptoBlockFormat.LUKS
+
+
+    class QCryptoBlockAmendOptions_qcow(QCryptoBlockAmendOptionsBase):
+        """QCryptoBlockAmendOptions with format=qcow."""
+        qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockAmendOptionsBase.qapi_nullable
+
+        format: Literal[QCryptoBlockFormat.QCOW] = QCryptoBlockFormat.QCOW
+
+
+    class BlockdevAmendOptionsQcow2(QapiModel):
+        """Changes to a qcow2 image (none without encryption, which this daemon does not open)."""
+
+        encrypt: QCryptoBlockAmendOptions | None = None
+
+
+    class BlockdevAmendOptionsBase(QapiModel):
+        """Members of BlockdevAmendOptionsBase."""
+
+        driver: BlockdevAmendDriver
+
+
+    class BlockdevAmendOptions_luks(BlockdevAmendOptionsBase, QCryptoBlockAmendOptionsLUKS):
+        """BlockdevAmendOptions with driver=luks."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable | QCryptoBlockAmendOptionsLUKS.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.LUKS] = BlockdevAmendDriver.LUKS
+
+
+    class BlockdevAmendOptions_qcow2(BlockdevAmendOptionsBase, BlockdevAmendOptionsQcow2):
+        """BlockdevAmendOptions with driver=qcow2."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable | BlockdevAmendOptionsQcow2.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.QCOW2] = BlockdevAmendDriver.QCOW2
+
+
+    class BlockdevAmendOptions_blkdebug(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=blkdebug."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.BLKDEBUG] = BlockdevAmendDriver.BLKDEBUG
+
+
+    class BlockdevAmendOptions_blklogwrites(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=blklogwrites."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.BLKLOGWRITES] = BlockdevAmendDriver.BLKLOGWRITES
+
+
+    class BlockdevAmendOptions_blkreplay(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=blkreplay."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.BLKREPLAY] = BlockdevAmendDriver.BLKREPLAY
+
+
+    class BlockdevAmendOptions_blkverify(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=blkverify."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.BLKVERIFY] = BlockdevAmendDriver.BLKVERIFY
+
+
+    class BlockdevAmendOptions_bochs(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=bochs."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.BOCHS] = BlockdevAmendDriver.BOCHS
+
+
+    class BlockdevAmendOptions_cloop(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=cloop."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.CLOOP] = BlockdevAmendDriver.CLOOP
+
+
+    class BlockdevAmendOptions_compress(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=compress."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.COMPRESS] = BlockdevAmendDriver.COMPRESS
+
+
+    class BlockdevAmendOptions_copy_before_write(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=copy-before-write."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.COPY_BEFORE_WRITE] = BlockdevAmendDriver.COPY_BEFORE_WRITE
+
+
+    class BlockdevAmendOptions_copy_on_read(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=copy-on-read."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.COPY_ON_READ] = BlockdevAmendDriver.COPY_ON_READ
+
+
+    class BlockdevAmendOptions_dmg(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=dmg."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.DMG] = BlockdevAmendDriver.DMG
+
+
+    class BlockdevAmendOptions_error(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=error."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.ERROR] = BlockdevAmendDriver.ERROR
+
+
+    class BlockdevAmendOptions_file(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=file."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.FILE] = BlockdevAmendDriver.FILE
+
+
+    class BlockdevAmendOptions_snapshot_access(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=snapshot-access."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.SNAPSHOT_ACCESS] = BlockdevAmendDriver.SNAPSHOT_ACCESS
+
+
+    class BlockdevAmendOptions_ftp(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=ftp."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.FTP] = BlockdevAmendDriver.FTP
+
+
+    class BlockdevAmendOptions_ftps(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=ftps."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.FTPS] = BlockdevAmendDriver.FTPS
+
+
+    class BlockdevAmendOptions_gluster(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=gluster."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.GLUSTER] = BlockdevAmendDriver.GLUSTER
+
+
+    class BlockdevAmendOptions_host_cdrom(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=host_cdrom."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.HOST_CDROM] = BlockdevAmendDriver.HOST_CDROM
+
+
+    class BlockdevAmendOptions_host_device(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=host_device."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.HOST_DEVICE] = BlockdevAmendDriver.HOST_DEVICE
+
+
+    class BlockdevAmendOptions_http(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=http."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.HTTP] = BlockdevAmendDriver.HTTP
+
+
+    class BlockdevAmendOptions_https(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=https."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.HTTPS] = BlockdevAmendDriver.HTTPS
+
+
+    class BlockdevAmendOptions_iscsi(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=iscsi."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.ISCSI] = BlockdevAmendDriver.ISCSI
+
+
+    class BlockdevAmendOptions_nbd(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=nbd."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.NBD] = BlockdevAmendDriver.NBD
+
+
+    class BlockdevAmendOptions_nfs(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=nfs."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.NFS] = BlockdevAmendDriver.NFS
+
+
+    class BlockdevAmendOptions_null_aio(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=null-aio."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.NULL_AIO] = BlockdevAmendDriver.NULL_AIO
+
+
+    class BlockdevAmendOptions_null_co(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=null-co."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.NULL_CO] = BlockdevAmendDriver.NULL_CO
+
+
+    class BlockdevAmendOptions_nvme(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=nvme."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.NVME] = BlockdevAmendDriver.NVME
+
+
+    class BlockdevAmendOptions_parallels(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=parallels."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.PARALLELS] = BlockdevAmendDriver.PARALLELS
+
+
+    class BlockdevAmendOptions_preallocate(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=preallocate."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.PREALLOCATE] = BlockdevAmendDriver.PREALLOCATE
+
+
+    class BlockdevAmendOptions_qcow(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=qcow."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.QCOW] = BlockdevAmendDriver.QCOW
+
+
+    class BlockdevAmendOptions_qed(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=qed."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.QED] = BlockdevAmendDriver.QED
+
+
+    class BlockdevAmendOptions_quorum(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=quorum."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.QUORUM] = BlockdevAmendDriver.QUORUM
+
+
+    class BlockdevAmendOptions_raw(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=raw."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.RAW] = BlockdevAmendDriver.RAW
+
+
+    class BlockdevAmendOptions_rbd(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=rbd."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.RBD] = BlockdevAmendDriver.RBD
+
+
+    class BlockdevAmendOptions_replication(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=replication."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.REPLICATION] = BlockdevAmendDriver.REPLICATION
+
+
+    class BlockdevAmendOptions_ssh(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=ssh."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.SSH] = BlockdevAmendDriver.SSH
+
+
+    class BlockdevAmendOptions_throttle(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=throttle."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.THROTTLE] = BlockdevAmendDriver.THROTTLE
+
+
+    class BlockdevAmendOptions_vdi(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=vdi."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.VDI] = BlockdevAmendDriver.VDI
+
+
+    class BlockdevAmendOptions_vhdx(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=vhdx."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.VHDX] = BlockdevAmendDriver.VHDX
+
+
+    class BlockdevAmendOptions_vmdk(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=vmdk."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.VMDK] = BlockdevAmendDriver.VMDK
+
+
+    class BlockdevAmendOptions_vpc(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=vpc."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.VPC] = BlockdevAmendDriver.VPC
+
+
+    class BlockdevAmendOptions_vvfat(BlockdevAmendOptionsBase):
+        """BlockdevAmendOptions with driver=vvfat."""
+        qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable
+
+        driver: Literal[BlockdevAmendDriver.VVFAT] = BlockdevAmendDriver.VVFAT
+
+
     class BlockdevSnapshotInternal(QapiModel):
         """Members of BlockdevSnapshotInternal."""
 
@@ -2516,6 +2915,15 @@ if TYPE_CHECKING:
         options: BlockdevCreateOptions
 
 
+    class XBlockdevAmendArgs(QapiModel):
+        """Members of XBlockdevAmendArgs."""
+
+        job_id: str = Field(alias="job-id")
+        node_name: str = Field(alias="node-name")
+        options: BlockdevAmendOptions
+        force: bool | None = None
+
+
     class BlockImageCorruptedEvent(QapiModel):
         """Members of BlockImageCorruptedEvent."""
 
@@ -2605,6 +3013,14 @@ if TYPE_CHECKING:
 
         node_name: str = Field(alias="node-name")
         write_threshold: int = Field(alias="write-threshold")
+
+
+    class XBlockdevChangeArgs(QapiModel):
+        """Members of XBlockdevChangeArgs."""
+
+        parent: str
+        child: str | None = None
+        node: str | None = None
 
 
     class XBlockdevSetIothreadArgs(QapiModel):
@@ -2839,6 +3255,12 @@ if TYPE_CHECKING:
     BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_before_write, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_snapshot_access, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]
 
 
+    QCryptoBlockAmendOptions: TypeAlias = Annotated[Union[QCryptoBlockAmendOptions_luks, QCryptoBlockAmendOptions_qcow], Field(discriminator="format")]
+
+
+    BlockdevAmendOptions: TypeAlias = Annotated[Union[BlockdevAmendOptions_luks, BlockdevAmendOptions_qcow2, BlockdevAmendOptions_blkdebug, BlockdevAmendOptions_blklogwrites, BlockdevAmendOptions_blkreplay, BlockdevAmendOptions_blkverify, BlockdevAmendOptions_bochs, BlockdevAmendOptions_cloop, BlockdevAmendOptions_compress, BlockdevAmendOptions_copy_before_write, BlockdevAmendOptions_copy_on_read, BlockdevAmendOptions_dmg, BlockdevAmendOptions_error, BlockdevAmendOptions_file, BlockdevAmendOptions_snapshot_access, BlockdevAmendOptions_ftp, BlockdevAmendOptions_ftps, BlockdevAmendOptions_gluster, BlockdevAmendOptions_host_cdrom, BlockdevAmendOptions_host_device, BlockdevAmendOptions_http, BlockdevAmendOptions_https, BlockdevAmendOptions_iscsi, BlockdevAmendOptions_nbd, BlockdevAmendOptions_nfs, BlockdevAmendOptions_null_aio, BlockdevAmendOptions_null_co, BlockdevAmendOptions_nvme, BlockdevAmendOptions_parallels, BlockdevAmendOptions_preallocate, BlockdevAmendOptions_qcow, BlockdevAmendOptions_qed, BlockdevAmendOptions_quorum, BlockdevAmendOptions_raw, BlockdevAmendOptions_rbd, BlockdevAmendOptions_replication, BlockdevAmendOptions_ssh, BlockdevAmendOptions_throttle, BlockdevAmendOptions_vdi, BlockdevAmendOptions_vhdx, BlockdevAmendOptions_vmdk, BlockdevAmendOptions_vpc, BlockdevAmendOptions_vvfat], Field(discriminator="driver")]
+
+
     BlockExportOptions: TypeAlias = BlockExportOptions_nbd
 
 
@@ -2906,6 +3328,8 @@ else:
         'QCryptoCipherMode': ((), 'from storage_daemon.qapi_generated.plain import QCryptoCipherMode\n'),
         'QCryptoIVGenAlgorithm': ((), 'from storage_daemon.qapi_generated.plain import QCryptoIVGenAlgorithm\n'),
         'QCryptoHashAlgorithm': ((), 'from storage_daemon.qapi_generated.plain import QCryptoHashAlgorithm\n'),
+        'QCryptoBlockLUKSKeyslotState': ((), 'from storage_daemon.qapi_generated.plain import QCryptoBlockLUKSKeyslotState\n'),
+        'BlockdevAmendDriver': ((), 'from storage_daemon.qapi_generated.plain import BlockdevAmendDriver\n'),
         'BlockErrorAction': ((), 'from storage_daemon.qapi_generated.plain import BlockErrorAction\n'),
         'QuorumOpType': ((), 'from storage_daemon.qapi_generated.plain import QuorumOpType\n'),
         'JobType': ((), 'from storage_daemon.qapi_generated.plain import JobType\n'),
@@ -3044,6 +3468,55 @@ else:
         'BlockdevCreateOptions_preallocate': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_preallocate(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.PREALLOCATE] = BlockdevDriver.PREALLOCATE\n'),
         'BlockdevCreateOptions_raw': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_raw(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.RAW] = BlockdevDriver.RAW\n'),
         'BlockdevCreateOptions_throttle': (('BlockdevCreateOptionsBase', 'BlockdevDriver'), 'class BlockdevCreateOptions_throttle(BlockdevCreateOptionsBase):\n    """BlockdevCreateOptions with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevCreateOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevDriver.THROTTLE] = BlockdevDriver.THROTTLE\n'),
+        'QCryptoBlockAmendOptionsLUKS': (('QapiModel',), 'class QCryptoBlockAmendOptionsLUKS(QapiModel):\n    """Changes to the keyslots of a LUKS header (accepted for compatibility of the schema: this daemon opens no encrypted image, so every amend of them fails)."""\n\n    state: QCryptoBlockLUKSKeyslotState\n    new_secret: str | None = Field(default=None, alias="new-secret")\n    old_secret: str | None = Field(default=None, alias="old-secret")\n    keyslot: int | None = None\n    iter_time: int | None = Field(default=None, alias="iter-time")\n    secret: str | None = None\n'),
+        'QCryptoBlockAmendOptionsBase': (('QapiModel',), 'class QCryptoBlockAmendOptionsBase(QapiModel):\n    """Members of QCryptoBlockAmendOptionsBase."""\n\n    format: QCryptoBlockFormat\n'),
+        'QCryptoBlockAmendOptions_luks': (('QCryptoBlockAmendOptionsBase', 'QCryptoBlockAmendOptionsLUKS', 'QCryptoBlockFormat'), 'class QCryptoBlockAmendOptions_luks(QCryptoBlockAmendOptionsBase, QCryptoBlockAmendOptionsLUKS):\n    """QCryptoBlockAmendOptions with format=luks."""\n    qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockAmendOptionsBase.qapi_nullable | QCryptoBlockAmendOptionsLUKS.qapi_nullable\n\n    format: Literal[QCryptoBlockFormat.LUKS] = QCryptoBlockFormat.LUKS\n'),
+        'QCryptoBlockAmendOptions_qcow': (('QCryptoBlockAmendOptionsBase', 'QCryptoBlockFormat'), 'class QCryptoBlockAmendOptions_qcow(QCryptoBlockAmendOptionsBase):\n    """QCryptoBlockAmendOptions with format=qcow."""\n    qapi_nullable: ClassVar[frozenset[str]] = QCryptoBlockAmendOptionsBase.qapi_nullable\n\n    format: Literal[QCryptoBlockFormat.QCOW] = QCryptoBlockFormat.QCOW\n'),
+        'BlockdevAmendOptionsQcow2': (('QapiModel',), 'class BlockdevAmendOptionsQcow2(QapiModel):\n    """Changes to a qcow2 image (none without encryption, which this daemon does not open)."""\n\n    encrypt: QCryptoBlockAmendOptions | None = None\n'),
+        'BlockdevAmendOptionsBase': (('QapiModel',), 'class BlockdevAmendOptionsBase(QapiModel):\n    """Members of BlockdevAmendOptionsBase."""\n\n    driver: BlockdevAmendDriver\n'),
+        'BlockdevAmendOptions_luks': (('BlockdevAmendOptionsBase', 'QCryptoBlockAmendOptionsLUKS', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_luks(BlockdevAmendOptionsBase, QCryptoBlockAmendOptionsLUKS):\n    """BlockdevAmendOptions with driver=luks."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable | QCryptoBlockAmendOptionsLUKS.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.LUKS] = BlockdevAmendDriver.LUKS\n'),
+        'BlockdevAmendOptions_qcow2': (('BlockdevAmendOptionsBase', 'BlockdevAmendOptionsQcow2', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_qcow2(BlockdevAmendOptionsBase, BlockdevAmendOptionsQcow2):\n    """BlockdevAmendOptions with driver=qcow2."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable | BlockdevAmendOptionsQcow2.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.QCOW2] = BlockdevAmendDriver.QCOW2\n'),
+        'BlockdevAmendOptions_blkdebug': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_blkdebug(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=blkdebug."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.BLKDEBUG] = BlockdevAmendDriver.BLKDEBUG\n'),
+        'BlockdevAmendOptions_blklogwrites': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_blklogwrites(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=blklogwrites."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.BLKLOGWRITES] = BlockdevAmendDriver.BLKLOGWRITES\n'),
+        'BlockdevAmendOptions_blkreplay': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_blkreplay(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=blkreplay."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.BLKREPLAY] = BlockdevAmendDriver.BLKREPLAY\n'),
+        'BlockdevAmendOptions_blkverify': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_blkverify(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=blkverify."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.BLKVERIFY] = BlockdevAmendDriver.BLKVERIFY\n'),
+        'BlockdevAmendOptions_bochs': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_bochs(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=bochs."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.BOCHS] = BlockdevAmendDriver.BOCHS\n'),
+        'BlockdevAmendOptions_cloop': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_cloop(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=cloop."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.CLOOP] = BlockdevAmendDriver.CLOOP\n'),
+        'BlockdevAmendOptions_compress': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_compress(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=compress."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.COMPRESS] = BlockdevAmendDriver.COMPRESS\n'),
+        'BlockdevAmendOptions_copy_before_write': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_copy_before_write(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=copy-before-write."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.COPY_BEFORE_WRITE] = BlockdevAmendDriver.COPY_BEFORE_WRITE\n'),
+        'BlockdevAmendOptions_copy_on_read': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_copy_on_read(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=copy-on-read."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.COPY_ON_READ] = BlockdevAmendDriver.COPY_ON_READ\n'),
+        'BlockdevAmendOptions_dmg': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_dmg(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=dmg."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.DMG] = BlockdevAmendDriver.DMG\n'),
+        'BlockdevAmendOptions_error': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_error(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=error."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.ERROR] = BlockdevAmendDriver.ERROR\n'),
+        'BlockdevAmendOptions_file': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_file(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=file."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.FILE] = BlockdevAmendDriver.FILE\n'),
+        'BlockdevAmendOptions_snapshot_access': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_snapshot_access(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=snapshot-access."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.SNAPSHOT_ACCESS] = BlockdevAmendDriver.SNAPSHOT_ACCESS\n'),
+        'BlockdevAmendOptions_ftp': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_ftp(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=ftp."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.FTP] = BlockdevAmendDriver.FTP\n'),
+        'BlockdevAmendOptions_ftps': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_ftps(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=ftps."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.FTPS] = BlockdevAmendDriver.FTPS\n'),
+        'BlockdevAmendOptions_gluster': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_gluster(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=gluster."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.GLUSTER] = BlockdevAmendDriver.GLUSTER\n'),
+        'BlockdevAmendOptions_host_cdrom': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_host_cdrom(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=host_cdrom."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.HOST_CDROM] = BlockdevAmendDriver.HOST_CDROM\n'),
+        'BlockdevAmendOptions_host_device': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_host_device(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=host_device."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.HOST_DEVICE] = BlockdevAmendDriver.HOST_DEVICE\n'),
+        'BlockdevAmendOptions_http': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_http(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=http."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.HTTP] = BlockdevAmendDriver.HTTP\n'),
+        'BlockdevAmendOptions_https': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_https(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=https."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.HTTPS] = BlockdevAmendDriver.HTTPS\n'),
+        'BlockdevAmendOptions_iscsi': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_iscsi(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=iscsi."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.ISCSI] = BlockdevAmendDriver.ISCSI\n'),
+        'BlockdevAmendOptions_nbd': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_nbd(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=nbd."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.NBD] = BlockdevAmendDriver.NBD\n'),
+        'BlockdevAmendOptions_nfs': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_nfs(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=nfs."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.NFS] = BlockdevAmendDriver.NFS\n'),
+        'BlockdevAmendOptions_null_aio': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_null_aio(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=null-aio."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.NULL_AIO] = BlockdevAmendDriver.NULL_AIO\n'),
+        'BlockdevAmendOptions_null_co': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_null_co(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=null-co."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.NULL_CO] = BlockdevAmendDriver.NULL_CO\n'),
+        'BlockdevAmendOptions_nvme': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_nvme(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=nvme."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.NVME] = BlockdevAmendDriver.NVME\n'),
+        'BlockdevAmendOptions_parallels': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_parallels(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=parallels."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.PARALLELS] = BlockdevAmendDriver.PARALLELS\n'),
+        'BlockdevAmendOptions_preallocate': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_preallocate(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=preallocate."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.PREALLOCATE] = BlockdevAmendDriver.PREALLOCATE\n'),
+        'BlockdevAmendOptions_qcow': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_qcow(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=qcow."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.QCOW] = BlockdevAmendDriver.QCOW\n'),
+        'BlockdevAmendOptions_qed': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_qed(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=qed."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.QED] = BlockdevAmendDriver.QED\n'),
+        'BlockdevAmendOptions_quorum': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_quorum(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=quorum."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.QUORUM] = BlockdevAmendDriver.QUORUM\n'),
+        'BlockdevAmendOptions_raw': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_raw(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=raw."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.RAW] = BlockdevAmendDriver.RAW\n'),
+        'BlockdevAmendOptions_rbd': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_rbd(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=rbd."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.RBD] = BlockdevAmendDriver.RBD\n'),
+        'BlockdevAmendOptions_replication': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_replication(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=replication."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.REPLICATION] = BlockdevAmendDriver.REPLICATION\n'),
+        'BlockdevAmendOptions_ssh': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_ssh(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=ssh."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.SSH] = BlockdevAmendDriver.SSH\n'),
+        'BlockdevAmendOptions_throttle': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_throttle(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=throttle."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.THROTTLE] = BlockdevAmendDriver.THROTTLE\n'),
+        'BlockdevAmendOptions_vdi': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_vdi(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=vdi."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.VDI] = BlockdevAmendDriver.VDI\n'),
+        'BlockdevAmendOptions_vhdx': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_vhdx(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=vhdx."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.VHDX] = BlockdevAmendDriver.VHDX\n'),
+        'BlockdevAmendOptions_vmdk': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_vmdk(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=vmdk."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.VMDK] = BlockdevAmendDriver.VMDK\n'),
+        'BlockdevAmendOptions_vpc': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_vpc(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=vpc."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.VPC] = BlockdevAmendDriver.VPC\n'),
+        'BlockdevAmendOptions_vvfat': (('BlockdevAmendOptionsBase', 'BlockdevAmendDriver'), 'class BlockdevAmendOptions_vvfat(BlockdevAmendOptionsBase):\n    """BlockdevAmendOptions with driver=vvfat."""\n    qapi_nullable: ClassVar[frozenset[str]] = BlockdevAmendOptionsBase.qapi_nullable\n\n    driver: Literal[BlockdevAmendDriver.VVFAT] = BlockdevAmendDriver.VVFAT\n'),
         'BlockdevSnapshotInternal': (('QapiModel',), 'class BlockdevSnapshotInternal(QapiModel):\n    """Members of BlockdevSnapshotInternal."""\n\n    device: str\n    name: str\n'),
         'JobInfo': (('QapiModel',), 'class JobInfo(QapiModel):\n    """The state of a job."""\n\n    id: str\n    type: JobType\n    status: JobStatus\n    current_progress: int = Field(alias="current-progress")\n    total_progress: int = Field(alias="total-progress")\n    error: str | None = None\n'),
         'NbdServerOptions': (('QapiModel',), 'class NbdServerOptions(QapiModel):\n    """Options of the --nbd-server command line option (same meaning as the arguments of nbd-server-start, but with a flat socket address)."""\n\n    addr: SocketAddress\n    tls_creds: str | None = Field(default=None, alias="tls-creds")\n    tls_authz: str | None = Field(default=None, alias="tls-authz")\n    max_connections: int | None = Field(default=None, alias="max-connections")\n'),
@@ -3167,6 +3640,7 @@ else:
         'BlockdevDelArgs': (('QapiModel',), 'class BlockdevDelArgs(QapiModel):\n    """Members of BlockdevDelArgs."""\n\n    node_name: str = Field(alias="node-name")\n'),
         'BlockdevSetActiveArgs': (('QapiModel',), 'class BlockdevSetActiveArgs(QapiModel):\n    """Members of BlockdevSetActiveArgs."""\n\n    node_name: str | None = Field(default=None, alias="node-name")\n    active: bool\n'),
         'BlockdevCreateArgs': (('QapiModel',), 'class BlockdevCreateArgs(QapiModel):\n    """Members of BlockdevCreateArgs."""\n\n    job_id: str = Field(alias="job-id")\n    options: BlockdevCreateOptions\n'),
+        'XBlockdevAmendArgs': (('QapiModel',), 'class XBlockdevAmendArgs(QapiModel):\n    """Members of XBlockdevAmendArgs."""\n\n    job_id: str = Field(alias="job-id")\n    node_name: str = Field(alias="node-name")\n    options: BlockdevAmendOptions\n    force: bool | None = None\n'),
         'BlockImageCorruptedEvent': (('QapiModel',), 'class BlockImageCorruptedEvent(QapiModel):\n    """Members of BlockImageCorruptedEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    msg: str\n    offset: int | None = None\n    size: int | None = None\n    fatal: bool\n'),
         'BlockNodeReplacedEvent': (('QapiModel',), 'class BlockNodeReplacedEvent(QapiModel):\n    """Members of BlockNodeReplacedEvent."""\n\n    node_name: str = Field(alias="node-name")\n    new_node_name: str = Field(alias="new-node-name")\n    reason: str\n'),
         'BlockIoErrorEvent': (('QapiModel',), 'class BlockIoErrorEvent(QapiModel):\n    """Members of BlockIoErrorEvent."""\n\n    device: str\n    node_name: str | None = Field(default=None, alias="node-name")\n    operation: IoOperationType\n    action: BlockErrorAction\n    nospace: bool | None = None\n    reason: str\n'),
@@ -3177,6 +3651,7 @@ else:
         'BlockJobPendingEvent': (('QapiModel',), 'class BlockJobPendingEvent(QapiModel):\n    """Members of BlockJobPendingEvent."""\n\n    type: JobType\n    id: str\n'),
         'BlockWriteThresholdEvent': (('QapiModel',), 'class BlockWriteThresholdEvent(QapiModel):\n    """Members of BlockWriteThresholdEvent."""\n\n    node_name: str = Field(alias="node-name")\n    amount_exceeded: int = Field(alias="amount-exceeded")\n    write_threshold: int = Field(alias="write-threshold")\n'),
         'BlockSetWriteThresholdArgs': (('QapiModel',), 'class BlockSetWriteThresholdArgs(QapiModel):\n    """Members of BlockSetWriteThresholdArgs."""\n\n    node_name: str = Field(alias="node-name")\n    write_threshold: int = Field(alias="write-threshold")\n'),
+        'XBlockdevChangeArgs': (('QapiModel',), 'class XBlockdevChangeArgs(QapiModel):\n    """Members of XBlockdevChangeArgs."""\n\n    parent: str\n    child: str | None = None\n    node: str | None = None\n'),
         'XBlockdevSetIothreadArgs': (('QapiModel',), 'class XBlockdevSetIothreadArgs(QapiModel):\n    """Members of XBlockdevSetIothreadArgs."""\n\n    node_name: str = Field(alias="node-name")\n    iothread: StrOrNull\n    force: bool | None = None\n'),
         'QuorumFailureEvent': (('QapiModel',), 'class QuorumFailureEvent(QapiModel):\n    """Members of QuorumFailureEvent."""\n\n    reference: str\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
         'QuorumReportBadEvent': (('QapiModel',), 'class QuorumReportBadEvent(QapiModel):\n    """Members of QuorumReportBadEvent."""\n\n    type: QuorumOpType\n    error: str | None = None\n    node_name: str = Field(alias="node-name")\n    sector_num: int = Field(alias="sector-num")\n    sectors_count: int = Field(alias="sectors-count")\n'),
@@ -3215,6 +3690,8 @@ else:
         'BlockdevOptions': (('BlockdevOptions_blkdebug', 'BlockdevOptions_compress', 'BlockdevOptions_copy_before_write', 'BlockdevOptions_copy_on_read', 'BlockdevOptions_error', 'BlockdevOptions_file', 'BlockdevOptions_null_aio', 'BlockdevOptions_null_co', 'BlockdevOptions_preallocate', 'BlockdevOptions_qcow2', 'BlockdevOptions_raw', 'BlockdevOptions_snapshot_access', 'BlockdevOptions_throttle', 'QapiModel'), 'BlockdevOptions: TypeAlias = Annotated[Union[BlockdevOptions_blkdebug, BlockdevOptions_compress, BlockdevOptions_copy_before_write, BlockdevOptions_copy_on_read, BlockdevOptions_error, BlockdevOptions_file, BlockdevOptions_null_aio, BlockdevOptions_null_co, BlockdevOptions_preallocate, BlockdevOptions_qcow2, BlockdevOptions_raw, BlockdevOptions_snapshot_access, BlockdevOptions_throttle], Field(discriminator="driver")]\n'),
         'QCryptoBlockCreateOptions': (('QCryptoBlockCreateOptions_qcow', 'QCryptoBlockCreateOptions_luks', 'QapiModel'), 'QCryptoBlockCreateOptions: TypeAlias = Annotated[Union[QCryptoBlockCreateOptions_qcow, QCryptoBlockCreateOptions_luks], Field(discriminator="format")]\n'),
         'BlockdevCreateOptions': (('BlockdevCreateOptions_file', 'BlockdevCreateOptions_qcow2', 'BlockdevCreateOptions_blkdebug', 'BlockdevCreateOptions_compress', 'BlockdevCreateOptions_copy_before_write', 'BlockdevCreateOptions_copy_on_read', 'BlockdevCreateOptions_error', 'BlockdevCreateOptions_snapshot_access', 'BlockdevCreateOptions_null_aio', 'BlockdevCreateOptions_null_co', 'BlockdevCreateOptions_preallocate', 'BlockdevCreateOptions_raw', 'BlockdevCreateOptions_throttle', 'QapiModel'), 'BlockdevCreateOptions: TypeAlias = Annotated[Union[BlockdevCreateOptions_file, BlockdevCreateOptions_qcow2, BlockdevCreateOptions_blkdebug, BlockdevCreateOptions_compress, BlockdevCreateOptions_copy_before_write, BlockdevCreateOptions_copy_on_read, BlockdevCreateOptions_error, BlockdevCreateOptions_snapshot_access, BlockdevCreateOptions_null_aio, BlockdevCreateOptions_null_co, BlockdevCreateOptions_preallocate, BlockdevCreateOptions_raw, BlockdevCreateOptions_throttle], Field(discriminator="driver")]\n'),
+        'QCryptoBlockAmendOptions': (('QCryptoBlockAmendOptions_luks', 'QCryptoBlockAmendOptions_qcow', 'QapiModel'), 'QCryptoBlockAmendOptions: TypeAlias = Annotated[Union[QCryptoBlockAmendOptions_luks, QCryptoBlockAmendOptions_qcow], Field(discriminator="format")]\n'),
+        'BlockdevAmendOptions': (('BlockdevAmendOptions_luks', 'BlockdevAmendOptions_qcow2', 'BlockdevAmendOptions_blkdebug', 'BlockdevAmendOptions_blklogwrites', 'BlockdevAmendOptions_blkreplay', 'BlockdevAmendOptions_blkverify', 'BlockdevAmendOptions_bochs', 'BlockdevAmendOptions_cloop', 'BlockdevAmendOptions_compress', 'BlockdevAmendOptions_copy_before_write', 'BlockdevAmendOptions_copy_on_read', 'BlockdevAmendOptions_dmg', 'BlockdevAmendOptions_error', 'BlockdevAmendOptions_file', 'BlockdevAmendOptions_snapshot_access', 'BlockdevAmendOptions_ftp', 'BlockdevAmendOptions_ftps', 'BlockdevAmendOptions_gluster', 'BlockdevAmendOptions_host_cdrom', 'BlockdevAmendOptions_host_device', 'BlockdevAmendOptions_http', 'BlockdevAmendOptions_https', 'BlockdevAmendOptions_iscsi', 'BlockdevAmendOptions_nbd', 'BlockdevAmendOptions_nfs', 'BlockdevAmendOptions_null_aio', 'BlockdevAmendOptions_null_co', 'BlockdevAmendOptions_nvme', 'BlockdevAmendOptions_parallels', 'BlockdevAmendOptions_preallocate', 'BlockdevAmendOptions_qcow', 'BlockdevAmendOptions_qed', 'BlockdevAmendOptions_quorum', 'BlockdevAmendOptions_raw', 'BlockdevAmendOptions_rbd', 'BlockdevAmendOptions_replication', 'BlockdevAmendOptions_ssh', 'BlockdevAmendOptions_throttle', 'BlockdevAmendOptions_vdi', 'BlockdevAmendOptions_vhdx', 'BlockdevAmendOptions_vmdk', 'BlockdevAmendOptions_vpc', 'BlockdevAmendOptions_vvfat', 'QapiModel'), 'BlockdevAmendOptions: TypeAlias = Annotated[Union[BlockdevAmendOptions_luks, BlockdevAmendOptions_qcow2, BlockdevAmendOptions_blkdebug, BlockdevAmendOptions_blklogwrites, BlockdevAmendOptions_blkreplay, BlockdevAmendOptions_blkverify, BlockdevAmendOptions_bochs, BlockdevAmendOptions_cloop, BlockdevAmendOptions_compress, BlockdevAmendOptions_copy_before_write, BlockdevAmendOptions_copy_on_read, BlockdevAmendOptions_dmg, BlockdevAmendOptions_error, BlockdevAmendOptions_file, BlockdevAmendOptions_snapshot_access, BlockdevAmendOptions_ftp, BlockdevAmendOptions_ftps, BlockdevAmendOptions_gluster, BlockdevAmendOptions_host_cdrom, BlockdevAmendOptions_host_device, BlockdevAmendOptions_http, BlockdevAmendOptions_https, BlockdevAmendOptions_iscsi, BlockdevAmendOptions_nbd, BlockdevAmendOptions_nfs, BlockdevAmendOptions_null_aio, BlockdevAmendOptions_null_co, BlockdevAmendOptions_nvme, BlockdevAmendOptions_parallels, BlockdevAmendOptions_preallocate, BlockdevAmendOptions_qcow, BlockdevAmendOptions_qed, BlockdevAmendOptions_quorum, BlockdevAmendOptions_raw, BlockdevAmendOptions_rbd, BlockdevAmendOptions_replication, BlockdevAmendOptions_ssh, BlockdevAmendOptions_throttle, BlockdevAmendOptions_vdi, BlockdevAmendOptions_vhdx, BlockdevAmendOptions_vmdk, BlockdevAmendOptions_vpc, BlockdevAmendOptions_vvfat], Field(discriminator="driver")]\n'),
         'BlockExportOptions': (('BlockExportOptions_nbd', 'QapiModel'), 'BlockExportOptions: TypeAlias = BlockExportOptions_nbd\n'),
         'ChardevBackend': (('ChardevBackend_file', 'ChardevBackend_socket', 'ChardevBackend_null', 'ChardevBackend_stdio', 'ChardevBackend_ringbuf', 'ChardevBackend_memory', 'QapiModel'), 'ChardevBackend: TypeAlias = Annotated[Union[ChardevBackend_file, ChardevBackend_socket, ChardevBackend_null, ChardevBackend_stdio, ChardevBackend_ringbuf, ChardevBackend_memory], Field(discriminator="type")]\n'),
         'ChardevOptions': (('ChardevOptions_file', 'ChardevOptions_socket', 'ChardevOptions_null', 'ChardevOptions_stdio', 'ChardevOptions_ringbuf', 'ChardevOptions_memory', 'QapiModel'), 'ChardevOptions: TypeAlias = Annotated[Union[ChardevOptions_file, ChardevOptions_socket, ChardevOptions_null, ChardevOptions_stdio, ChardevOptions_ringbuf, ChardevOptions_memory], Field(discriminator="backend")]\n'),

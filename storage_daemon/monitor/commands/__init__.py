@@ -1,6 +1,7 @@
 """QMP command handlers, one module per area; importing this package registers them all."""
 
 from storage_daemon.monitor.commands import (
+    amend,
     backup,
     bitmaps,
     block,
@@ -18,6 +19,7 @@ from storage_daemon.monitor.commands import (
 )
 
 __all__ = [
+    "amend",
     "backup",
     "bitmaps",
     "block",
