@@ -117,6 +117,9 @@ class Monitor:
         self.session = session
         writer = conn.writer
         writer.write(session.greeting())
+        # As qsd (its monitor thread greets; the main loop runs commands once start-up is
+        # over): nothing the client sends is read before the command line is applied.
+        await owner.welcoming.wait()
         context = MonitorContext(self, session)
         while True:
             event = session.next_event()
@@ -224,6 +227,19 @@ class MonitorServer:
         self.monitors: list[Monitor] = []
         self.dispatching = True  # False once the daemon exits: commands are left unanswered
         self.closed = asyncio.Event()
+        # Cleared while start-up applies the command line (`hold` .. `welcome`): like qsd,
+        # whose main loop only runs once every option is applied, a client that connects
+        # meanwhile is greeted but no command of its runs (none at all if start-up fails).
+        self.welcoming = asyncio.Event()
+        self.welcoming.set()
+
+    def hold(self) -> None:
+        """Start-up begins: commands wait for `welcome`."""
+        self.welcoming.clear()
+
+    def welcome(self) -> None:
+        """Start-up is over: run the commands of clients that connected meanwhile."""
+        self.welcoming.set()
 
     def stop_dispatching(self) -> None:
         """The daemon is exiting (quit, a signal): no monitor runs another command; a command
