@@ -54,7 +54,7 @@ async def serve(
     from storage_daemon.startup import OptionFailed, apply_option
 
     daemon = Daemon()
-    daemon.monitor_server.hold()
+    daemon.begin_startup()
     daemon.install_signal_handlers()
     try:
         for option in options:
@@ -65,7 +65,7 @@ async def serve(
         stream.flush()
         await daemon.shutdown()
         return failure.status
-    daemon.monitor_server.welcome()
+    daemon.end_startup()
     await _preload()
     if pidfile is not None:
         pidfile.write(os.getpid())

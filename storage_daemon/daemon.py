@@ -46,8 +46,16 @@ class Daemon:
         self.nbd_server: NbdServer | None = None
         self.dispatcher = Dispatcher(self)
         self.chardevs: dict[str, Chardev] = {}
+        # Set except while start-up applies the command line (`begin_startup`): qsd's main
+        # loop only runs afterwards, so until then no monitor runs a command and the NBD
+        # server greets no client (both wait for this).
+        self.started = asyncio.Event()
+        self.started.set()
         self.monitor_server = MonitorServer(
-            self.dispatcher.dispatch, self.version_info(), commands=set(COMMANDS)
+            self.dispatcher.dispatch,
+            self.version_info(),
+            commands=set(COMMANDS),
+            started=self.started,
         )
         self.events.subscribe(self.monitor_server.broadcast)
         self._exit = asyncio.Event()
@@ -59,6 +67,12 @@ class Daemon:
         return {"qemu": dict(QEMU_VERSION), "package": f"storage-daemon {__version__}"}
 
     # --- lifecycle --------------------------------------------------------------------
+
+    def begin_startup(self) -> None:
+        self.started.clear()
+
+    def end_startup(self) -> None:
+        self.started.set()
 
     def request_exit(self) -> None:
         self.monitor_server.stop_dispatching()

@@ -119,7 +119,7 @@ class Monitor:
         writer.write(session.greeting())
         # As qsd (its monitor thread greets; the main loop runs commands once start-up is
         # over): nothing the client sends is read before the command line is applied.
-        await owner.welcoming.wait()
+        await owner.started.wait()
         context = MonitorContext(self, session)
         while True:
             event = session.next_event()
@@ -219,6 +219,7 @@ class MonitorServer:
         *,
         commands: Container[str] | None = None,
         max_output_buffer: int = MAX_OUTPUT_BUFFER,
+        started: asyncio.Event | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.version = dict(version)
@@ -227,19 +228,13 @@ class MonitorServer:
         self.monitors: list[Monitor] = []
         self.dispatching = True  # False once the daemon exits: commands are left unanswered
         self.closed = asyncio.Event()
-        # Cleared while start-up applies the command line (`hold` .. `welcome`): like qsd,
+        # Clear while start-up applies the command line (Daemon.begin_startup): like qsd,
         # whose main loop only runs once every option is applied, a client that connects
         # meanwhile is greeted but no command of its runs (none at all if start-up fails).
-        self.welcoming = asyncio.Event()
-        self.welcoming.set()
-
-    def hold(self) -> None:
-        """Start-up begins: commands wait for `welcome`."""
-        self.welcoming.clear()
-
-    def welcome(self) -> None:
-        """Start-up is over: run the commands of clients that connected meanwhile."""
-        self.welcoming.set()
+        if started is None:
+            started = asyncio.Event()
+            started.set()
+        self.started = started
 
     def stop_dispatching(self) -> None:
         """The daemon is exiting (quit, a signal): no monitor runs another command; a command

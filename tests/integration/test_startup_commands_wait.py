@@ -1,6 +1,6 @@
-"""A QMP client that connects while start-up still applies the command line: greeted, but no
-command of its runs until every option is applied (none at all when one fails), on qsd and
-on ours alike.
+"""Clients that connect while start-up still applies the command line, on qsd and on ours
+alike: a QMP client is greeted, but no command of its runs until every option is applied
+(none at all when one fails); an NBD client is not even greeted until then.
 
 Integration ring: real daemons; the start-up is held on a `--blockdev` whose file is a FIFO
 (opening it waits for a writer), so the window is certain, not timed. Each daemon is stopped
@@ -88,3 +88,40 @@ def test_commands_wait_for_the_command_line(side: str, tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+@pytest.mark.parametrize("side", ["reference", "ours"])
+def test_nbd_clients_wait_for_the_command_line(side: str, tmp_path: Path) -> None:
+    command = reference_command() if side == "reference" else ours_command()
+    fifo, nbd = tmp_path / "fifo", tmp_path / "nbd.sock"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen(
+        [
+            *command,
+            "--nbd-server",
+            f"addr.type=unix,addr.path={nbd}",
+            "--blockdev",
+            f"driver=file,filename={fifo},node-name=f0,read-only=on",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_socket(nbd, proc)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(nbd))
+            client.settimeout(WINDOW)
+            with pytest.raises(TimeoutError):
+                client.recv(4096)  # no NBD greeting while start-up is held
+            os.close(os.open(fifo, os.O_WRONLY))
+            client.settimeout(10)
+            try:
+                data = client.recv(4096)
+            except ConnectionResetError:
+                data = b""
+            assert data == b""  # start-up failed: dropped, never greeted
+        assert proc.wait(10) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

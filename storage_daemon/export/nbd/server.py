@@ -164,9 +164,16 @@ class NbdServer:
     """The one NBD server of the daemon: listening sockets, exports by name, connections."""
 
     def __init__(
-        self, *, max_connections: int = DEFAULT_MAX_CONNECTIONS, handshake_limit: float = 10.0
+        self,
+        *,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        handshake_limit: float = 10.0,
+        started: asyncio.Event | None = None,
     ) -> None:
         self.max_connections = max_connections
+        # Clients are accepted only once this is set (Daemon.started: not while start-up
+        # applies the command line, as qsd, whose main loop is not running then).
+        self._started = started
         self.handshake_limit = handshake_limit
         self.infos: dict[str, ExportInfo] = {}
         self._exports: dict[str, NbdExport] = {}
@@ -192,6 +199,8 @@ class NbdServer:
 
     async def _accept_loop(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
+        if self._started is not None:
+            await self._started.wait()  # until then clients wait in the kernel's backlog
         while True:
             # At the limit, leave new clients in the kernel's backlog (as qsd does).
             while self.max_connections and len(self.connections) >= self.max_connections:

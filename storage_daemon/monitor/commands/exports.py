@@ -54,7 +54,7 @@ async def nbd_server_start(ctx: CommandContext, args: Any) -> None:
     max_connections = args.max_connections
     if max_connections is None:
         max_connections = DEFAULT_MAX_CONNECTIONS
-    server = NbdServer(max_connections=max_connections)
+    server = NbdServer(max_connections=max_connections, started=ctx.daemon.started)
     await server.start(endpoint_of(args.addr), from_monitor=from_monitor)
     try:
         if args.tls_creds is not None:
