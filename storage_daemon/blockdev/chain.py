@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev.child import ROLE_BACKING, BdrvChild, ChildRole
-from storage_daemon.blockdev.perm import Perm
+from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
     from storage_daemon.blockdev.graph import BlockGraph
@@ -145,71 +145,49 @@ async def write_backing_name(node: BlockNode, name: str | None, backing_fmt: str
     await setter(name, backing_fmt)
 
 
-# --- temporary read-write access (block-commit's base) -----------------------------------
-
-_DATA_CHILDREN = ("file", "data-file")
+# --- read-write access changed by a reopen (block-commit's base, blockdev-snapshot) ------
+# reopen.py is imported where it is used: it needs the graph, which needs this module.
 
 
 class WritableGrant:
-    """A read-only image node made writable for a job, as QEMU reopens a commit base.
-
-    There is no generic reopen yet: this flips the read-only option of the node and of its
-    protocol children and lets the file driver's auto-read-only path reopen the fd read-write
-    when the job takes WRITE (and read-only again in `restore`)."""
+    """A read-only image node made writable for a job, as qsd reopens a commit base or a
+    stream top read-write (reopen.set_read_only) and, when the job is over, read-only again."""
 
     def __init__(self, graph: BlockGraph, node: BlockNode) -> None:
         self.graph = graph
         self.node = node
-        self.saved: list[tuple[BlockNode, bool, Any]] = []
+        self.granted = False  # the node was reopened read-write and not back yet
 
-    def grant(self) -> None:
-        node = self.node
-        if not node.read_only:
-            return
-        nodes = [node] + [e.node for e in node.children if e.name in _DATA_CHILDREN]
-        for n in nodes:
-            self.saved.append((n, n.options.read_only, getattr(n.driver, "_dynamic_ro", None)))
-            n.options.read_only = False
-            if n is not node and hasattr(n.driver, "_dynamic_ro"):
-                n.driver._dynamic_ro = True
-        if hasattr(node.driver, "_writable"):
-            node.driver._writable = True
+    async def grant(self) -> None:
+        """Reopen the node read-write when it is read-only (QmpError: it stays as it was)."""
+        from storage_daemon.blockdev.reopen import set_read_only
 
-    def restore(self) -> None:
-        """Back to read-only; call once the job no longer holds WRITE on the node."""
-        if not self.saved:
+        if not self.node.read_only:
             return
-        node = self.node
-        for n, read_only, _dyn in self.saved:
-            n.options.read_only = read_only
-        if hasattr(node.driver, "_writable"):
-            node.driver._writable = False
-        for edge in list(node.children):
-            if edge.name in _DATA_CHILDREN:
-                perm, shared = node.driver.child_perm(edge, node.perm, node.shared)
-                try:
-                    self.graph.set_edge_perm(edge, perm, shared)
-                except Exception:  # dropping permissions cannot conflict
-                    pass
-        for n, _ro, dyn in self.saved:
-            if dyn is not None:
-                setattr(n.driver, "_dynamic_ro", dyn)  # noqa: B010
-        self.saved.clear()
+        await set_read_only(self.graph, self.node, False)
+        self.granted = True
+
+    def keep(self) -> None:
+        """Leave the node read-write for good (qsd's active commit, once started)."""
+        self.granted = False
+
+    async def restore(self) -> None:
+        """Back to read-only once the job no longer holds WRITE on the node; as in qsd, a
+        failure there is not reported (the node stays read-write)."""
+        from storage_daemon.blockdev.reopen import set_read_only
+
+        if not self.granted:
+            return
+        self.granted = False
+        try:
+            await set_read_only(self.graph, self.node, True)
+        except QmpError:
+            pass
 
 
 async def make_read_only(graph: BlockGraph, node: BlockNode) -> None:
-    """Turn a writable image node read-only (qsd does this to the old active layer after
-    blockdev-snapshot): flush, mark it and its protocol children read-only, drop WRITE."""
-    if node.read_only or any(
-        edge.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED) for edge in node.parents
-    ):
-        return
-    await node.driver.flush()
-    node.options.read_only = True
-    if hasattr(node.driver, "_writable"):
-        node.driver._writable = False
-    for edge in list(node.children):
-        if edge.name in _DATA_CHILDREN:
-            edge.node.options.read_only = True
-            perm, shared = node.driver.child_perm(edge, node.perm, node.shared)
-            graph.set_edge_perm(edge, perm, shared)
+    """Reopen a writable image node read-only (qsd does this to the old active layer after
+    blockdev-snapshot); QmpError when that cannot be done (a writer above, ...)."""
+    from storage_daemon.blockdev.reopen import set_read_only
+
+    await set_read_only(graph, node, True)

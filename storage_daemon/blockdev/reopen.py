@@ -37,6 +37,8 @@ _BASE = frozenset(
     }
 )
 _WRITERS = Perm.WRITE | Perm.WRITE_UNCHANGED
+# The children that follow their parent's read-only flag in `set_read_only`.
+_INHERITING = ("file", "data-file")
 _UNSET = object()
 
 
@@ -83,6 +85,57 @@ async def reopen(graph: BlockGraph, entries: list[Any]) -> None:
     finally:
         for section in drained:
             await section.end()
+
+
+async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> None:
+    """qsd's bdrv_reopen_set_read_only: `node`, drained, reopened with its options as they
+    are but `read_only`, through the same checks, hooks and rollback as blockdev-reopen. The
+    protocol children the node opened itself (inline) inherit the new value, as in qsd;
+    children added on their own keep theirs. QmpError leaves everything as it was."""
+    if node.options.read_only == read_only:
+        return
+    # qsd 7.2 drains the whole subtree (bdrv_subtree_drained_begin): the jobs above the node
+    # and above any node under it pause until the end.
+    drained: list[DrainedSection] = []
+    try:
+        for below in _subtree(node):
+            section = DrainedSection(below)
+            await section.begin()
+            drained.insert(0, section)
+        plans = [_flip(node, read_only)]
+        for edge in node.children:
+            child = edge.node
+            if _inherits(node, edge.name) and child.options.read_only != read_only:
+                plans.append(_flip(child, read_only))
+        await _apply(graph, plans)
+    finally:
+        for section in drained:
+            await section.end()
+
+
+def _subtree(node: BlockNode) -> list[BlockNode]:
+    """`node` and every node under it, each once, parents before their children."""
+    found: list[BlockNode] = []
+    todo = [node]
+    while todo:
+        current = todo.pop(0)
+        if current not in found:
+            found.append(current)
+            todo.extend(edge.node for edge in current.children)
+    return found
+
+
+def _inherits(node: BlockNode, name: str) -> bool:
+    """Whether the node's `name` child is a protocol child it opened inline (given by options,
+    not by a node name), which follows the parent's read-only flag as in qsd."""
+    if name not in _INHERITING or node.open_options is None:
+        return False
+    return isinstance(set_members(node.open_options).get(name), dict)
+
+
+def _flip(node: BlockNode, read_only: bool) -> _Plan:
+    new = replace(node.options, read_only=read_only)
+    return _Plan(node=node, options=node.open_options, new=new, old=replace(node.options))
 
 
 # --- checks --------------------------------------------------------------------------------

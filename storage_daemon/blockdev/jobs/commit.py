@@ -148,6 +148,14 @@ class IntermediateCommitJob(BlockJob):
     async def setup(self) -> None:
         try:
             self._take_nodes()
+            # qsd reopens a read-only base read-write (drained) before it takes the base.
+            await self.grant.grant()
+            try:
+                self._take_base()
+            except BaseException:
+                self._drop_backends()  # the job lets go of the base, then it is read-only
+                await self.grant.restore()
+                raise
         except BaseException:
             self.graph.unfreeze(self.frozen)
             self._drop_filter()
@@ -167,16 +175,13 @@ class IntermediateCommitJob(BlockJob):
         # qsd freezes the chain from its filter down to the base until the job ends.
         assert self.filter is not None
         self.frozen = self.graph.freeze_chain(self.filter, self.base)
-        self.grant.grant()
-        try:
-            # As qsd: the job holds the base without permissions and writes it through a
-            # backend of its own; another backend holds the top.
-            self.add_node("base", self.base, PERM_NONE, PERM_ALL)
-            self.base_edge = self._backend(self.base, BASE_PERM, BLK_BASE_SHARED)
-            self._backend(self.top, PERM_NONE, PERM_ALL)
-        except BaseException:
-            self.grant.restore()
-            raise
+
+    def _take_base(self) -> None:
+        # As qsd: the job holds the base without permissions and writes it through a
+        # backend of its own; another backend holds the top.
+        self.add_node("base", self.base, PERM_NONE, PERM_ALL)
+        self.base_edge = self._backend(self.base, BASE_PERM, BLK_BASE_SHARED)
+        self._backend(self.top, PERM_NONE, PERM_ALL)
 
     def _backend(self, node: BlockNode, perm: Perm, shared: Perm) -> BdrvChild:
         edge = self.graph.attach(UnnamedBackend(), node, "root", ChildRole(0), perm, shared)
@@ -243,17 +248,17 @@ class IntermediateCommitJob(BlockJob):
         self.graph.unfreeze(self.frozen)
 
     async def clean(self) -> None:
-        if self.base_edge is not None and self.grant.saved:
+        if self.base_edge is not None and self.grant.granted:
             try:
                 await io.flush(self.base_edge)
             except OSError:
                 pass
         self._drop_backends()
         self._drop_filter()
+        await self.grant.restore()  # qsd's commit_clean: the base read-only again
 
     def release(self) -> None:
         self.graph.unfreeze(self.frozen)
         super().release()
         self._drop_backends()
         self._drop_filter()
-        self.grant.restore()

@@ -67,22 +67,17 @@ class ActiveCommitJob(MirrorJob):
     is_commit = True
 
     def __init__(self, daemon: Daemon, args: Any, top: BlockNode, base: BlockNode) -> None:
-        # qsd reopens a read-only base read-write first: errors after it restore it.
+        # A read-only base is reopened read-write in `setup`, before the job takes it.
         self.grant = chain.WritableGrant(daemon.graph, base)
-        self.grant.grant()
         self.layers: list[BdrvChild] = []  # the job's edges on the images above the base
-        try:
-            super().__init__(
-                daemon,
-                CommitMirrorArgs.of(args),
-                top,
-                base,
-                zero_target=False,
-                filter_node_name=args.filter_node_name,
-            )
-        except BaseException:
-            self.grant.restore()
-            raise
+        super().__init__(
+            daemon,
+            CommitMirrorArgs.of(args),
+            top,
+            base,
+            zero_target=False,
+            filter_node_name=args.filter_node_name,
+        )
 
     # --- graph --------------------------------------------------------------------------
 
@@ -93,6 +88,17 @@ class ActiveCommitJob(MirrorJob):
         return perm, TARGET_SHARED
 
     async def setup(self) -> None:
+        await self.grant.grant()  # qsd reopens a read-only base read-write (drained)
+        try:
+            await self._take_nodes()
+        except BaseException:
+            # As qsd: the job lets go of the base, then the base is read-only again.
+            self._drop_target_edge()
+            await self.grant.restore()
+            raise
+        self.grant.keep()  # qsd leaves the base read-write, completed or not
+
+    async def _take_nodes(self) -> None:
         await super().setup()
         source_edge = next(edge for edge in self.edges if edge.name == "source")
         if not chain.is_filter(self.source):
@@ -134,9 +140,3 @@ class ActiveCommitJob(MirrorJob):
             if allocated:
                 self.bitmap.set(pos, n)
             pos += n
-
-    def release(self) -> None:
-        super().release()
-        if self.started:
-            self.grant.saved.clear()  # qsd leaves the base read-write, completed or not
-        self.grant.restore()

@@ -294,11 +294,11 @@ class StreamJob(BlockJob):
         if job.top.read_only:
             # qsd holds the chain frozen while it reopens a read-only top read-write.
             daemon.graph.unfreeze(daemon.graph.freeze_chain(job.device, job.above_base))
-        job.grant.grant()  # qsd reopens a read-only top read-write for the job
+        await job.grant.grant()  # qsd reopens a read-only top read-write (drained) for the job
         try:
             await job._insert_filter()
         except BaseException:
-            job.grant.restore()
+            await job.grant.restore()
             raise
         assert job.filter is not None
         try:
@@ -316,7 +316,7 @@ class StreamJob(BlockJob):
             )
         except BaseException:
             await job._drop_filter()
-            job.grant.restore()
+            await job.grant.restore()
             raise
         return job
 
@@ -371,6 +371,7 @@ class StreamJob(BlockJob):
             self._take_nodes()
         except BaseException:
             await self._drop_filter()
+            await self.grant.restore()
             raise
 
     def _take_nodes(self) -> None:
@@ -516,11 +517,11 @@ class StreamJob(BlockJob):
             self.remove_all_nodes()
         else:
             await self._unplug_filter()
-        if self.grant.saved:
+        if self.grant.granted:
             # Back to read-only (qsd's reopen): what the job wrote must be on disk first.
             with contextlib.suppress(OSError):
                 await io.flush(self._flush_edge())
-        self.grant.restore()
+        await self.grant.restore()
 
     def release(self) -> None:
         """The job is freed (dismissed): its edges go, and with them the filter and the
@@ -540,7 +541,6 @@ class StreamJob(BlockJob):
             if not cor.parents:
                 self.block_graph.remove_internal(cor)
         self._free_old_chain(held)
-        self.grant.restore()
 
     def _free_old_chain(self, held: list[BlockNode]) -> None:
         """Free, top-down, the nodes only the job still held (the childless filter, the old
