@@ -18,7 +18,7 @@ from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild, ChildRole
 from storage_daemon.blockdev.drivers.mirror_top import CommitTopDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.commit_active import ActiveCommitJob
-from storage_daemon.blockdev.jobs.filters import move_parents
+from storage_daemon.blockdev.jobs.filters import check_not_busy, move_parents
 from storage_daemon.blockdev.jobs.stream import CHUNK, allocated_above, copy_with_policy
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
@@ -65,6 +65,7 @@ def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode,
         edge.parent_node is not None or isinstance(edge.parent, BlockJob) for edge in device.parents
     ):
         raise QmpError("Need a root block node")  # qsd's: a node or a job uses it
+    check_not_busy(device)  # qsd's COMMIT_SOURCE op blocker
     top: BlockNode | None
     if args.top_node is not None and args.top is not None:
         raise QmpError("'top-node' and 'top' are mutually exclusive")
@@ -91,6 +92,11 @@ def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode,
             raise QmpError(f"Can't find '{args.base}' in the backing chain")
     else:
         base = chain.find_base(top)
+    # qsd's COMMIT_TARGET op blockers: every node from the top down to (not) the base.
+    node: BlockNode | None = top
+    while node is not None and node is not base:
+        check_not_busy(node)
+        node = chain.below(node)
     if top is base:
         raise QmpError("cannot commit an image into itself")
     # As qsd: active commit is needed for the active layer and for a top someone writes.
@@ -103,12 +109,28 @@ def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode,
     return device, top, base, active
 
 
+def image_overlay(device: BlockNode, top: BlockNode) -> BlockNode | None:
+    """The image whose backing image (filters skipped) is `top`'s, filters skipped on both
+    sides (QEMU's bdrv_find_overlay)."""
+    target = chain.skip_filters(top)
+    node = chain.skip_filters(device)
+    while node is not None:
+        nxt = chain.skip_filters(chain.below(node))
+        if nxt is target:
+            return node
+        node = nxt
+    return None
+
+
 def new_commit_job(daemon: Daemon, args: Any) -> BlockJob:
     """block-commit's job, checked as qsd checks it: an ActiveCommitJob (a mirror) when the
     top is the active layer or has a writer, else an IntermediateCommitJob."""
     device, top, base, active = resolve(daemon, args)
     if active:
         return ActiveCommitJob(daemon, args, top, base)
+    overlay = image_overlay(device, top)
+    if overlay is not None:
+        check_not_busy(overlay)  # qsd's COMMIT_TARGET op blocker of the overlay
     return IntermediateCommitJob(daemon, args, device, top, base)
 
 
