@@ -119,8 +119,9 @@ class DrainedSection:
 
 async def drain_twice(node: BlockNode) -> None:
     """What qsd does to a node when a user adds a parent edge to it (blockdev-add of a node
-    that names it as a child, even one that fails to attach) or removes an export's: two
-    drained sections in a row, so each job above it pauses and resumes twice."""
+    that names it as a child, even one that fails to attach) or removes an export's, or a job
+    lets go of its own backend on it (blk_drain, then blk_remove_bs): two drained sections
+    in a row, so each job above it pauses and resumes twice."""
     for _ in range(2):
         section = DrainedSection(node)
         await section.begin()

@@ -18,9 +18,15 @@ from storage_daemon.blockdev.child import ROLE_FILTERED, BdrvChild, ChildRole
 from storage_daemon.blockdev.drivers.mirror_top import CommitTopDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.commit_active import ActiveCommitJob
-from storage_daemon.blockdev.jobs.filters import check_not_busy, move_parents
-from storage_daemon.blockdev.jobs.stream import CHUNK, allocated_above, copy_with_policy
+from storage_daemon.blockdev.jobs.filters import check_not_busy, drained, move_parents
+from storage_daemon.blockdev.jobs.stream import (
+    CHUNK,
+    allocated_above,
+    copy_with_policy,
+    overlay_of,
+)
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
+from storage_daemon.blockdev.transaction import drain_twice
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
@@ -109,26 +115,13 @@ def resolve(daemon: Daemon, args: Any) -> tuple[BlockNode, BlockNode, BlockNode,
     return device, top, base, active
 
 
-def image_overlay(device: BlockNode, top: BlockNode) -> BlockNode | None:
-    """The image whose backing image (filters skipped) is `top`'s, filters skipped on both
-    sides (QEMU's bdrv_find_overlay)."""
-    target = chain.skip_filters(top)
-    node = chain.skip_filters(device)
-    while node is not None:
-        nxt = chain.skip_filters(chain.below(node))
-        if nxt is target:
-            return node
-        node = nxt
-    return None
-
-
 def new_commit_job(daemon: Daemon, args: Any) -> BlockJob:
     """block-commit's job, checked as qsd checks it: an ActiveCommitJob (a mirror) when the
     top is the active layer or has a writer, else an IntermediateCommitJob."""
     device, top, base, active = resolve(daemon, args)
     if active:
         return ActiveCommitJob(daemon, args, top, base)
-    overlay = image_overlay(device, top)
+    overlay = overlay_of(device, top)
     if overlay is not None:
         check_not_busy(overlay)  # qsd's COMMIT_TARGET op blocker of the overlay
     return IntermediateCommitJob(daemon, args, device, top, base)
@@ -251,6 +244,14 @@ class IntermediateCommitJob(BlockJob):
 
     async def prepare(self) -> None:
         self.graph.unfreeze(self.frozen)
+        # As qsd: the job's backend on the base goes first (blk_unref drains the base, and
+        # blk_remove_bs once more), then the intermediate nodes are dropped in a drained
+        # section of their own (bdrv_drop_intermediate).
+        await drain_twice(self.base)
+        async with drained(self.base):
+            await self._drop_intermediate()
+
+    async def _drop_intermediate(self) -> None:
         self._drop_filter()
         overlay = chain.find_overlay(self.device, self.top)
         self.remove_all_nodes()
@@ -278,6 +279,7 @@ class IntermediateCommitJob(BlockJob):
         self._drop_backends()
         self._drop_filter()
         await self.grant.restore()  # qsd's commit_clean: the base read-only again
+        await drain_twice(self.top)  # then its backend on the top goes
 
     def release(self) -> None:
         self.graph.unfreeze(self.frozen)

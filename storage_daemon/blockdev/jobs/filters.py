@@ -8,7 +8,8 @@ moving users is all or nothing: on a permission conflict every edge is back wher
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev.child import BdrvChild
@@ -118,4 +119,25 @@ async def drop_filter(graph: BlockGraph, node: BlockNode, keep: Keep) -> None:
         await graph.remove(node)
 
 
-__all__ = ["check_not_busy", "drop_filter", "insert_filter", "move_parents"]
+@contextlib.asynccontextmanager
+async def drained(node: BlockNode) -> AsyncIterator[None]:
+    """One drained section on `node` around a graph change (QEMU's bdrv_drained_begin/end in
+    bdrv_replace_node, bdrv_drop_intermediate, bdrv_set_backing_hd, blk_remove_bs, ...): the
+    jobs above the node pause, and resume once the change is made."""
+    from storage_daemon.blockdev.transaction import DrainedSection
+
+    section = DrainedSection(node)
+    await section.begin()
+    try:
+        yield
+    finally:
+        await section.end()
+
+
+__all__ = [
+    "check_not_busy",
+    "drained",
+    "drop_filter",
+    "insert_filter",
+    "move_parents",
+]

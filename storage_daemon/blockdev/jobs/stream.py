@@ -30,6 +30,7 @@ from storage_daemon.blockdev.drivers.throttle import ThrottleDriver
 from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.filters import (
     check_not_busy,
+    drained,
     drop_filter,
     insert_filter,
     move_parents,
@@ -296,7 +297,8 @@ class StreamJob(BlockJob):
             daemon.graph.unfreeze(daemon.graph.freeze_chain(job.device, job.above_base))
         await job.grant.grant()  # qsd reopens a read-only top read-write (drained) for the job
         try:
-            await job._insert_filter()
+            async with drained(job.device):  # qsd's bdrv_insert_node drains the top
+                await job._insert_filter()
         except BaseException:
             await job.grant.restore()
             raise
@@ -505,13 +507,24 @@ class StreamJob(BlockJob):
             await chain.write_backing_name(top, name, fmt)
         except OSError as err:
             raise QmpError(f"Could not change the backing file: {err.strerror}") from err
-        await chain.set_backing(self.graph, top, new_base)
+        # qsd drains the subtree from `above_base` around the change, and
+        # bdrv_set_backing_hd the top once more: two sections as another job sees them.
+        async with drained(self.above_base):
+            pass
+        async with drained(top):
+            await chain.set_backing(self.graph, top, new_base)
 
     def _flush_edge(self) -> BdrvChild:
         return BdrvChild(self, self.top, "flush", ChildRole(0))  # never attached
 
     async def clean(self) -> None:
-        # qsd drops the filter whatever the outcome, after the graph change of prepare.
+        # qsd drops the filter whatever the outcome, after the graph change of prepare:
+        # bdrv_cor_filter_drop drains the top, then its bdrv_replace_node the filter.
+        async with drained(self.device):
+            pass
+        if self.filter is not None:
+            async with drained(self.filter):
+                pass
         if self.auto_dismiss:
             await self._drop_filter()
             self.remove_all_nodes()
