@@ -63,7 +63,7 @@ class _Plan:
 async def reopen(graph: BlockGraph, entries: list[Any]) -> None:
     """Reopen every node `entries` names (typed BlockdevOptions) with its new options."""
     named: list[tuple[BlockNode, Any]] = []
-    # Like qsd, each named node is drained (the jobs above it pause) until the end.
+    # Like qsd 7.2, each named node's subtree is drained until the end.
     drained: list[DrainedSection] = []
     try:
         for entry in entries:
@@ -72,9 +72,7 @@ async def reopen(graph: BlockGraph, entries: list[Any]) -> None:
             node = graph.find(entry.node_name)
             if node is None:
                 raise QmpError(f"Failed to find node with node-name='{entry.node_name}'")
-            section = DrainedSection(node)
-            await section.begin()
-            drained.insert(0, section)
+            await _drain_subtree(node, drained)
             named.append((node, entry))
         plans: dict[BlockNode, _Plan] = {}
         for node, entry in named:
@@ -94,14 +92,9 @@ async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> 
     children added on their own keep theirs. QmpError leaves everything as it was."""
     if node.options.read_only == read_only:
         return
-    # qsd 7.2 drains the whole subtree (bdrv_subtree_drained_begin): the jobs above the node
-    # and above any node under it pause until the end.
     drained: list[DrainedSection] = []
     try:
-        for below in _subtree(node):
-            section = DrainedSection(below)
-            await section.begin()
-            drained.insert(0, section)
+        await _drain_subtree(node, drained)
         plans = [_flip(node, read_only)]
         for edge in node.children:
             child = edge.node
@@ -111,6 +104,16 @@ async def set_read_only(graph: BlockGraph, node: BlockNode, read_only: bool) -> 
     finally:
         for section in drained:
             await section.end()
+
+
+async def _drain_subtree(node: BlockNode, drained: list[DrainedSection]) -> None:
+    """qsd 7.2's bdrv_subtree_drained_begin: `node` and every node under it drained, so the
+    jobs above any of them pause; the sections go to the front of `drained` (ended in
+    that order)."""
+    for below in _subtree(node):
+        section = DrainedSection(below)
+        await section.begin()
+        drained.insert(0, section)
 
 
 def _subtree(node: BlockNode) -> list[BlockNode]:
