@@ -252,10 +252,20 @@ class IntermediateCommitJob(BlockJob):
             await self._drop_intermediate()
 
     async def _drop_intermediate(self) -> None:
-        self._drop_filter()
-        overlay = chain.find_overlay(self.device, self.top)
         self.remove_all_nodes()
         self._drop_backends()
+        if self.filter is not None:
+            # qsd's bdrv_drop_intermediate moves the commit filter's users onto the base: a
+            # filter above it (a backup's copy-before-write on the top) goes straight there,
+            # its link never back onto the read-only top; image overlays follow below.
+            move_parents(
+                self.graph,
+                self.filter,
+                self.base,
+                lambda edge: edge.parent_node is None or not edge.parent_node.driver.is_filter,
+            )
+        self._drop_filter()
+        overlay = chain.find_overlay(self.device, self.top)
         if overlay is None:
             return
         name, fmt = chain.backing_name_for(self.base)
