@@ -513,6 +513,29 @@ class TranscriptComparison:
 # ---------------------------------------------------------------------------------------------
 
 
+def start_then_settle(
+    client: RawQmp, workdir: Path, setup: Sequence[Cmd], queries: int = 2000
+) -> None:
+    """Send `setup` (each must succeed), then poll query-jobs until the first job has made
+    progress (a rate-limited job then sleeps in its limit), and forget the events so far."""
+    for cmd in setup:
+        reply = client.cmd(cmd.name, substitute(cmd.args, workdir))
+        assert "return" in reply, (cmd, reply)
+    for _ in range(queries):
+        jobs = client.cmd("query-jobs")["return"]
+        if jobs and jobs[0]["current-progress"] > 0:
+            break
+    client.events.clear()
+
+
+def send_recorded(client: RawQmp, workdir: Path, cmds: Sequence[Cmd]) -> list[Any]:
+    """Send each command; one {"send", "reply"} record per command."""
+    return [
+        {"send": cmd.name, "reply": client.cmd(cmd.name, substitute(cmd.args, workdir))}
+        for cmd in cmds
+    ]
+
+
 def hit_monitor_race(reference: list[dict[str, Any]], ours: list[dict[str, Any]]) -> bool:
     """Whether qsd's side shows its QMP start-up race: qsd 7.2 sets its monitor up in a
     bottom half of another thread, after the PID file is written, and a client that connects

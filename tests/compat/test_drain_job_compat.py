@@ -14,7 +14,14 @@ from typing import Any
 
 import pytest
 
-from tests.compat.harness import Cmd, Compat, diff_text, normalise_transcript, substitute
+from tests.compat.harness import (
+    Cmd,
+    Compat,
+    diff_text,
+    normalise_transcript,
+    send_recorded,
+    start_then_settle,
+)
 from tests.compat.test_block_jobs_compat import add_chain_by_nodes, make_chain
 from tests.integration.daemon import RawQmp
 
@@ -88,18 +95,8 @@ def run(compat: Compat, job: str, action: str) -> dict[str, list[Any]]:
     for side, daemon in pair.items():
         client: RawQmp = compat.connect(daemon)
         client.negotiate()
-        for cmd in [*SETUP, *JOBS[job]]:
-            reply = client.cmd(cmd.name, substitute(cmd.args, daemon.workdir))
-            assert "return" in reply, (side, cmd, reply)
-        for _ in range(QUERIES):  # until the job sleeps in its rate limit
-            jobs = client.cmd("query-jobs")["return"]
-            if jobs and jobs[0]["current-progress"] > 0:
-                break
-        client.events.clear()
-        records: list[Any] = []
-        for cmd in ACTIONS[action]:
-            reply = client.cmd(cmd.name, substitute(cmd.args, daemon.workdir))
-            records.append({"send": cmd.name, "reply": reply})
+        start_then_settle(client, daemon.workdir, [*SETUP, *JOBS[job]], QUERIES)
+        records = send_recorded(client, daemon.workdir, ACTIONS[action])
         records.append({"events": list(client.events)})
         client.events.clear()
         records.append({"jobs": [{k: j[k] for k in ("id", "status")} for j in

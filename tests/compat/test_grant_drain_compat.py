@@ -22,7 +22,8 @@ from tests.compat.harness import (
     WaitEvent,
     diff_text,
     normalise_transcript,
-    substitute,
+    send_recorded,
+    start_then_settle,
 )
 from tests.compat.test_block_jobs_compat import add_chain_by_nodes, make_chain
 from tests.integration.daemon import RawQmp
@@ -82,18 +83,10 @@ def run(compat: Compat, action: str, watched: str) -> dict[str, list[Any]]:
     for side, daemon in pair.items():
         client: RawQmp = compat.connect(daemon)
         client.negotiate()
-        for cmd in [*add_chain_by_nodes(), *watcher(watched)]:
-            reply = client.cmd(cmd.name, substitute(cmd.args, daemon.workdir))
-            assert "return" in reply, (side, cmd, reply)
-        for _ in range(QUERIES):  # until the watcher sleeps in its rate limit
-            jobs = client.cmd("query-jobs")["return"]
-            if jobs and jobs[0]["current-progress"] > 0:
-                break
-        client.events.clear()
-        records: list[Any] = []
-        for cmd in ACTIONS[action]:
-            reply = client.cmd(cmd.name, substitute(cmd.args, daemon.workdir))
-            records.append({"send": cmd.name, "reply": reply})
+        start_then_settle(
+            client, daemon.workdir, [*add_chain_by_nodes(), *watcher(watched)], QUERIES
+        )
+        records = send_recorded(client, daemon.workdir, ACTIONS[action])
         for _ in range(QUERIES):  # until job c is gone
             if all(j["id"] != "c" for j in client.cmd("query-jobs")["return"]):
                 break
