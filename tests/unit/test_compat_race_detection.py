@@ -55,3 +55,21 @@ def test_eof_at_the_first_command_on_both_sides_is_behaviour_to_compare() -> Non
 def test_eof_later_in_the_transcript_is_behaviour_to_compare() -> None:
     reference: list[Record] = [*NORMAL, sent(outcome="EOF")]
     assert not hit_monitor_race(reference, [*NORMAL, sent({"return": {}})])
+
+
+def test_a_parse_error_for_a_serialised_command_on_the_reference_is_the_race() -> None:
+    torn = sent({"error": {"class": "GenericError", "desc": "JSON parse error, stray '-ad'"}})
+    reference: list[Record] = [*NORMAL, torn]
+    assert hit_monitor_race(reference, [*NORMAL, sent({"return": {}})])
+
+
+def test_a_parse_error_for_raw_bytes_is_behaviour_to_compare() -> None:
+    error: Record = {"error": {"class": "GenericError", "desc": "JSON parse error, stray 'x'"}}
+    both: list[Record] = [*NORMAL, {"raw": "x", "reply": error}]
+    assert not hit_monitor_race(both, both)
+
+
+def test_a_parse_error_on_both_sides_is_behaviour_to_compare() -> None:
+    error: Record = {"error": {"class": "GenericError", "desc": "JSON parse error, too deep"}}
+    both: list[Record] = [*NORMAL, sent(error)]
+    assert not hit_monitor_race(both, both)
