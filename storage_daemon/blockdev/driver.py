@@ -149,6 +149,18 @@ class BlockDriver(ABC):
         """Extra ImageInfo members (cluster-size, format-specific, dirty-flag...)."""
         return {}
 
+    # --- persistent dirty bitmaps (qcow2 stores them) --------------------------------------
+
+    def check_can_store_bitmap(self, name: str, granularity: int) -> None:
+        """block-dirty-bitmap-add persistent=true: refuse (QmpError, qsd's text) when the
+        image cannot store the bitmap."""
+        raise QmpError(
+            f"Can't store persistent bitmaps to {self.node.name}: Operation not supported"
+        )
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        """block-dirty-bitmap-remove of a persistent bitmap: drop it from the image now."""
+
     # --- data path --------------------------------------------------------------------
 
     def _primary(self) -> BlockNode:

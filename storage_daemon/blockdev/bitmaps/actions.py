@@ -54,7 +54,10 @@ class RemoveAction(_BitmapAction):
     async def prepare(self) -> None:
         self.check_completion_mode()
         bitmap = self._lookup()
-        bitmap.check_usable()
+        bitmap.check_usable(allow_inconsistent=True)
+        if bitmap.persistent and self.node is not None:
+            # qsd drops a stored bitmap from the image here; an abort does not bring it back.
+            await self.node.driver.remove_stored_bitmap(bitmap.name)
         bitmap.busy = True
         self._held = True
 
@@ -92,7 +95,7 @@ class _SwitchAction(_BitmapAction):
     async def prepare(self) -> None:
         self.check_completion_mode()
         bitmap = self._lookup()
-        bitmap.check_usable()
+        bitmap.check_usable(allow_ro=True)
         self.was_enabled = bitmap.enabled
         bitmap.enabled = self.enable
 

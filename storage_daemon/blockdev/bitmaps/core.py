@@ -12,6 +12,7 @@ import hashlib
 _ONE = b"\x01"
 # Granule bytes (0/1) as the characters of a binary number, for packing into bits.
 _AS_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
+_FROM_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
 
 
 class Bits:
@@ -81,6 +82,26 @@ class Bits:
             pos = granules.find(_ONE, end)
         return runs
 
+    def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
+        """At most `limit` runs of `[offset, offset+length)` as (length, 1 dirty / 0 clean),
+        each a whole run of like granules clipped to the range (what qsd's NBD server sends
+        for a `qemu:dirty-bitmap:` context). Past the bitmap's end reads as clean."""
+        out: list[tuple[int, int]] = []
+        end = offset + length
+        granules = self._granules
+        pos = offset
+        while pos < end and len(out) < limit:
+            granule = pos >> self._shift
+            if granule >= self.size:
+                out.append((end - pos, 0))
+                break
+            dirty = granules[granule]
+            nxt = granules.find(b"\x00" if dirty else _ONE, granule)
+            stop = end if nxt < 0 else min(end, nxt << self._shift)
+            out.append((stop - pos, dirty))
+            pos = stop
+        return out
+
     def copy(self) -> Bits:
         other = Bits(0, self.granularity)
         other.length, other.size = self.length, self.size
@@ -112,6 +133,19 @@ class Bits:
             return bytes(8 * words)
         digits = self._granules.translate(_AS_DIGITS)[::-1]
         return int(digits, 2).to_bytes(8 * words, "little")
+
+    def packed(self) -> bytes:
+        """The bits as a qcow2 image stores them: granule i at bit i % 8 (least significant
+        first) of byte i // 8, in ceil(size / 8) bytes."""
+        return self.serialise()[: -(-self.size // 8)]
+
+    def load_packed(self, data: bytes | bytearray) -> None:
+        """Take every granule from `packed()` form; bits past `size` are ignored."""
+        n = self.size
+        if not n:
+            return
+        value = int.from_bytes(data[: -(-n // 8)], "little") & ((1 << n) - 1)
+        self._granules[:] = format(value, f"0{n}b").encode()[::-1].translate(_FROM_DIGITS)
 
     def sha256(self) -> str:
         """x-debug-block-dirty-bitmap-sha256: the hex SHA-256 of `serialise()`."""

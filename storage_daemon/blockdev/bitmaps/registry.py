@@ -45,6 +45,10 @@ class DirtyBitmap:
     enabled: bool = True
     persistent: bool = False
     busy: bool = False  # held by an operation (a transaction removing it, a backup)
+    # Loaded from a read-only image: may be read and disabled, never changed.
+    readonly: bool = False
+    # Stored flagged in_use (not saved properly): never loaded, only removable.
+    inconsistent: bool = False
     # While a backup holds the bitmap, the writes are recorded here instead (QEMU's
     # successor); the job's end folds it back in one way or the other.
     successor: Bits | None = None
@@ -53,7 +57,7 @@ class DirtyBitmap:
 
     def info(self) -> dict[str, Any]:
         """One BlockDirtyInfo entry, members in qsd's order."""
-        return {
+        info = {
             "name": self.name,
             "recording": self.enabled,
             "persistent": self.persistent,
@@ -61,19 +65,26 @@ class DirtyBitmap:
             "granularity": self.bits.granularity,
             "count": self.bits.count,
         }
+        if self.inconsistent:
+            info["inconsistent"] = True
+        return info
 
     def successor_info(self) -> dict[str, Any]:
         """The successor as qsd lists it: anonymous, recording as the bitmap did."""
         assert self.successor is not None
         return anonymous_info(self.enabled, self.successor.granularity, self.successor.count)
 
-    def check_usable(self) -> None:
-        """qsd's bdrv_dirty_bitmap_check: in-memory bitmaps are never read-only or
-        inconsistent, so only `busy` can refuse."""
+    def check_usable(self, *, allow_ro: bool = False, allow_inconsistent: bool = False) -> None:
+        """qsd's bdrv_dirty_bitmap_check, in its order: busy, read-only, inconsistent
+        (`allow_*` leave a check out, as the verbs that may use such a bitmap do)."""
         if self.busy:
             raise QmpError(
                 f"Bitmap '{self.name}' is currently in use by another operation and cannot be used"
             )
+        if self.readonly and not allow_ro:
+            raise QmpError(f"Bitmap '{self.name}' is readonly and cannot be modified")
+        if self.inconsistent and not allow_inconsistent:
+            raise QmpError(f"Bitmap '{self.name}' is inconsistent and cannot be used")
 
 
 def anonymous_info(recording: bool, granularity: int, count: int) -> dict[str, Any]:
@@ -166,17 +177,14 @@ def create(
     elif granularity < MIN_GRANULARITY or granularity & (granularity - 1):
         raise QmpError("Granularity must be power of 2 and at least 512")
     if persistent:
-        if node.driver.name != "qcow2":
-            raise QmpError(
-                f"Can't store persistent bitmaps to {node.name}: Operation not supported"
-            )
-        # qsd writes them into the qcow2 image at close; this daemon cannot yet.
-        raise QmpError("Persistent dirty bitmaps are not supported by this daemon yet")
+        node.driver.check_can_store_bitmap(name, granularity)
     if find(node, name) is not None:
         raise QmpError(f"Bitmap already exists: {name}")
     if len(name.encode()) > MAX_NAME:
         raise QmpError(f"Bitmap name too long: {name}")
-    bitmap = DirtyBitmap(name, Bits(node_length(node), granularity), enabled=not disabled)
+    bitmap = DirtyBitmap(
+        name, Bits(node_length(node), granularity), enabled=not disabled, persistent=persistent
+    )
     attach(node, bitmap)
     return node, bitmap
 
@@ -211,6 +219,7 @@ def merge(graph: Any, node_name: str, target: str, sources: list[Any]) -> tuple[
                 raise QmpError(f"Dirty bitmap '{source}' not found")
         else:
             src = lookup(graph, source.node, source.name)[1]
+        src.check_usable(allow_ro=True)
         if src.bits.length != scratch.length:
             raise QmpError(
                 f"Bitmaps are of different sizes (destination size is {scratch.length}, "

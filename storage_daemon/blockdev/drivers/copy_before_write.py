@@ -343,7 +343,7 @@ class CopyBeforeWriteDriver(FilterDriver):
         bits: Bits | None = None
         if options.bitmap is not None:
             bitmap = registry.lookup(self.node.graph, options.bitmap.node, options.bitmap.name)[1]
-            bitmap.check_usable()
+            bitmap.check_usable(allow_ro=True)
             bits = bitmap.bits
         if options.on_cbw_error is not None:
             self.on_cbw_error = str(to_wire(options.on_cbw_error))

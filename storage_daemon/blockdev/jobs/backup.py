@@ -79,7 +79,7 @@ def check_bitmap_args(
             raise QmpError(f"Bitmap '{args.bitmap}' could not be found")
         if mode is None:
             raise QmpError("Bitmap sync mode must be given when providing a bitmap")
-        bitmap.check_usable()
+        bitmap.check_usable(allow_ro=True)
         if sync == "none":
             raise QmpError(f"sync mode '{sync}' does not produce meaningful bitmap outputs")
         if mode == "never" and sync != "bitmap":

@@ -28,7 +28,9 @@ async def block_dirty_bitmap_add(ctx: CommandContext, args: Any) -> None:
 @command("block-dirty-bitmap-remove")
 async def block_dirty_bitmap_remove(ctx: CommandContext, args: Any) -> None:
     node, bitmap = registry.lookup(ctx.daemon.graph, args.node, args.name)
-    bitmap.check_usable()
+    bitmap.check_usable(allow_inconsistent=True)
+    if bitmap.persistent:
+        await node.driver.remove_stored_bitmap(bitmap.name)
     registry.release(node, bitmap)
 
 
@@ -42,14 +44,14 @@ async def block_dirty_bitmap_clear(ctx: CommandContext, args: Any) -> None:
 @command("block-dirty-bitmap-enable")
 async def block_dirty_bitmap_enable(ctx: CommandContext, args: Any) -> None:
     bitmap = registry.lookup(ctx.daemon.graph, args.node, args.name)[1]
-    bitmap.check_usable()
+    bitmap.check_usable(allow_ro=True)
     bitmap.enabled = True
 
 
 @command("block-dirty-bitmap-disable")
 async def block_dirty_bitmap_disable(ctx: CommandContext, args: Any) -> None:
     bitmap = registry.lookup(ctx.daemon.graph, args.node, args.name)[1]
-    bitmap.check_usable()
+    bitmap.check_usable(allow_ro=True)
     bitmap.enabled = False
 
 

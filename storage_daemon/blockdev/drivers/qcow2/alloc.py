@@ -126,6 +126,7 @@ class Metadata:
         # cluster index -> structure name, for overlap checks.
         self.meta: dict[int, str] = {}
         self.snapshot_l1s: list[tuple[int, int]] = []
+        self.bitmap_directory = (0, 0)  # (offset, size) of the persistent bitmaps' directory
         self.inactive_l2: set[int] = set()
         self.end_cluster = 0  # one past the last cluster the image may use
         self.on_dirty: Callable[[], None] | None = None
@@ -165,9 +166,19 @@ class Metadata:
                 self._mark(entry & fmt.REFT_OFFSET_MASK, self.cluster_size, OL_REFCOUNT_BLOCK)
         for l1_offset, l1_size in self.snapshot_l1s:
             self._mark(l1_offset, l1_size * 8, OL_INACTIVE_L1)
+        if self.bitmap_directory[1]:
+            self._mark(*self.bitmap_directory, OL_BITMAP_DIRECTORY)
         for l2_offset in self.inactive_l2:
             if self.meta.get(l2_offset >> self.cluster_bits) is None:
                 self._mark(l2_offset, self.cluster_size, OL_INACTIVE_L2)
+
+    def set_bitmap_directory(self, offset: int, size: int) -> None:
+        """The bitmap directory moved (size 0: the image has none any more)."""
+        if self.bitmap_directory[1]:
+            self._unmark(*self.bitmap_directory, OL_BITMAP_DIRECTORY)
+        self.bitmap_directory = (offset, size)
+        if size:
+            self._mark(offset, size, OL_BITMAP_DIRECTORY)
 
     def mark_snapshot_table(self, offset: int, size: int) -> None:
         if size:

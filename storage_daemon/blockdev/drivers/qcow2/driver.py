@@ -24,9 +24,9 @@ from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import ROLE_BACKING, ROLE_FILE_OF_FORMAT, BdrvChild, ChildRole
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener, ReopenChange
 from storage_daemon.blockdev.drivers.blkdebug import debug_event
+from storage_daemon.blockdev.drivers.qcow2 import bitmaps, status
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2 import options as opts
-from storage_daemon.blockdev.drivers.qcow2 import status
 from storage_daemon.blockdev.drivers.qcow2.alloc import (
     OL_INACTIVE_L2,
     OL_SNAPSHOT_TABLE,
@@ -84,6 +84,7 @@ class Qcow2Driver(BlockDriver):
         self.mapper: Mapper | None = None
         self.writer: Writer | None = None
         self.snapshots: list[fmt.Snapshot] = []
+        self.stored: list[bitmaps.StoredBitmap] = []  # the image's bitmap directory
         self.lazy_refcounts = False
         self._fenced = False
         self._corruption_reported = False
@@ -98,6 +99,8 @@ class Qcow2Driver(BlockDriver):
         self._last_clean_ns = 0
         self._clean_timer: asyncio.TimerHandle | None = None
         self._prealloc: bool | None = None  # metadata preallocation (None: not checked yet)
+        self._bitmaps_stored_for_reopen = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # --- opening ------------------------------------------------------------------------
 
@@ -182,8 +185,10 @@ class Qcow2Driver(BlockDriver):
         self.writer = Writer(self, meta, self.mapper)
         self.lazy_refcounts = opts.lazy_refcounts(options, hdr)
         await self._open_backing(options, opener)
+        await bitmaps.load(self)
         if writable:
             await self._prepare_writable()
+            await bitmaps.mark_in_use(self)
             # Before our first write (see _check_preallocation).
             await self._check_preallocation()
         self._start_cache_cleaner(options.cache_clean_interval)
@@ -338,15 +343,39 @@ class Qcow2Driver(BlockDriver):
         await self._set_incompat(hdr.incompatible | fmt.INCOMPAT_DIRTY)
         self._dirty_set = True
 
+    @property
+    def writable(self) -> bool:
+        return self._writable
+
+    @property
+    def metadata_lock(self) -> asyncio.Lock:
+        return self._lock
+
     async def close(self) -> None:
         self._stop_cache_cleaner()
         if self._writable and not self._fenced and self.meta is not None:
             try:
                 async with self._lock:
+                    await self._store_bitmaps()
                     await self._writeback()
                     await self._mark_clean()
             except (OSError, Corruption):
                 pass
+        elif not self._writable and bitmaps.unstorable(self):
+            bitmaps.report(
+                f"Lost persistent bitmaps during inactivation of node '{self.node.name}': "
+                "No write access"
+            )
+
+    async def _store_bitmaps(self) -> None:
+        """Persistent bitmaps into the image (lock held); a failure is reported, as qsd
+        reports it, and the rest of the close goes on."""
+        try:
+            await bitmaps.store(self)
+        except (OSError, Corruption) as err:
+            bitmaps.report(
+                f"Lost persistent bitmaps during inactivation of node '{self.node.name}': {err}"
+            )
 
     async def _mark_clean(self) -> None:
         """Lazy refcounts: the refcounts on disk, then the dirty bit off (lock held)."""
@@ -370,12 +399,17 @@ class Qcow2Driver(BlockDriver):
             self._writable = True
             change.saved = True
             await self._prepare_writable()
+            await bitmaps.mark_in_use(self)
         options, hdr, meta = change.options, self.hdr, self.meta
         if hdr is None or meta is None or self._fenced:
             return
         checks = opts.overlap_checks(options.overlap_check)
         try:
             async with self._lock:
+                if change.new.read_only and not change.old.read_only:
+                    # qsd stores them before a node turns read-only.
+                    self._bitmaps_stored_for_reopen = True
+                    await bitmaps.store(self)
                 if not opts.lazy_refcounts(options, hdr):
                     await self._mark_clean()
                 if opts.check_options(options, hdr) != self.cache_config:
@@ -395,7 +429,10 @@ class Qcow2Driver(BlockDriver):
             raise QmpError(f"Failed to flush the metadata caches: {err}") from err
 
     def reopen_commit(self, change: ReopenChange) -> None:
+        self._bitmaps_stored_for_reopen = False
         if change.new.read_only:
+            if self._writable:
+                bitmaps.set_readonly(self)
             self._writable = False
         options, hdr, meta = change.options, self.hdr, self.meta
         if hdr is None or meta is None:
@@ -416,6 +453,12 @@ class Qcow2Driver(BlockDriver):
     def reopen_abort(self, change: ReopenChange) -> None:
         if change.saved:
             self._writable = False
+        if self._bitmaps_stored_for_reopen:
+            # Still read-write: flag the stored bitmaps stale on disk again.
+            self._bitmaps_stored_for_reopen = False
+            task = asyncio.get_running_loop().create_task(bitmaps.mark_in_use(self))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def backing_changed(self, edge: BdrvChild | None) -> None:
         self.backing = edge
@@ -521,6 +564,8 @@ class Qcow2Driver(BlockDriver):
             data["lazy-refcounts"] = bool(hdr.compatible & fmt.COMPAT_LAZY_REFCOUNTS)
             data["corrupt"] = bool(hdr.incompatible & fmt.INCOMPAT_CORRUPT)
             data["refcount-bits"] = hdr.refcount_bits
+            if self.stored:
+                data["bitmaps"] = bitmaps.image_info(self.stored)
         data["compression-type"] = "zstd" if hdr.compression_type == 1 else "zlib"
         info["format-specific"] = {"type": "qcow2", "data": data}
         return info
@@ -729,18 +774,37 @@ class Qcow2Driver(BlockDriver):
         await self._run_write(op, False)
 
     async def set_backing(self, name: str | None, backing_fmt: str | None) -> None:
-        """Rewrite the backing file name (and format extension) in the header, in place:
-        fixed fields, the other extensions unchanged, then the name (QEMU's layout)."""
+        """Rewrite the backing file name (and format extension) in the header, in place."""
         hdr = self.hdr
-        file = self._file
-        assert hdr is not None and file is not None and self.meta is not None
+        assert hdr is not None
         name = name or None
         if name is not None and len(name.encode()) > fmt.MAX_BACKING_NAME:
             raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
-        cs = hdr.cluster_size
         exts = [e for e in hdr.extensions if e.type != fmt.EXT_BACKING_FORMAT]
         if name is not None and backing_fmt:
             exts.insert(0, fmt.Extension(fmt.EXT_BACKING_FORMAT, backing_fmt.encode()))
+        await self._write_header(exts, hdr.autoclear, name)
+        hdr.backing_file = name
+        hdr.backing_format = backing_fmt if name is not None else None
+        self._backing_filename = name
+        self.node.auto_backing_file = name or ""
+        self._full_backing_filename = self._resolve(name) if name is not None else None
+
+    async def rewrite_header(self, exts: list[fmt.Extension], autoclear: int) -> None:
+        """New header extensions and autoclear bits; the backing file name kept (synced)."""
+        hdr = self.hdr
+        assert hdr is not None
+        await self._write_header(exts, autoclear, hdr.backing_file)
+
+    async def _write_header(
+        self, exts: list[fmt.Extension], autoclear: int, name: str | None
+    ) -> None:
+        """The header cluster rewritten in place: fixed fields, `exts`, then the backing file
+        name (QEMU's layout); in memory only once it is on disk."""
+        hdr = self.hdr
+        file = self._file
+        assert hdr is not None and file is not None and self.meta is not None
+        cs = hdr.cluster_size
         body = bytearray()
         for ext in exts:
             body += ext.type.to_bytes(4, "big") + len(ext.data).to_bytes(4, "big") + ext.data
@@ -752,9 +816,11 @@ class Qcow2Driver(BlockDriver):
         start = hdr.header_length
         if start + len(body) + len(raw_name) > cs:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        old_offset, old_size = hdr.backing_file_offset, hdr.backing_file_size
+        saved = (hdr.backing_file_offset, hdr.backing_file_size, hdr.autoclear)
         hdr.backing_file_offset = start + len(body) if raw_name else 0
         hdr.backing_file_size = len(raw_name)
+        if hdr.version >= 3:
+            hdr.autoclear = autoclear
         fixed = fmt.header_field_bytes(hdr)
         tail = bytes(body) + raw_name
         end = max(start + len(tail), old_end)
@@ -763,14 +829,22 @@ class Qcow2Driver(BlockDriver):
         try:
             await self.meta.write_header_field(0, bytes(cluster0[:end]))
         except BaseException:
-            hdr.backing_file_offset, hdr.backing_file_size = old_offset, old_size
+            hdr.backing_file_offset, hdr.backing_file_size, hdr.autoclear = saved
             raise
         hdr.extensions = exts
-        hdr.backing_file = name
-        hdr.backing_format = backing_fmt if name is not None else None
-        self._backing_filename = name
-        self.node.auto_backing_file = name or ""
-        self._full_backing_filename = self._resolve(name) if name is not None else None
+
+    # --- persistent dirty bitmaps ---------------------------------------------------------
+
+    def check_can_store_bitmap(self, name: str, granularity: int) -> None:
+        bitmaps.check_can_store(self, name, granularity)
+
+    async def remove_stored_bitmap(self, name: str) -> None:
+        try:
+            await bitmaps.remove(self, name)
+        except Corruption as err:
+            raise await self.signal_corruption(err) from err
+        except OSError as err:
+            raise QmpError(f"Failed to remove bitmap '{name}' from the image: {err}") from err
 
     def snapshot_table_offset(self) -> tuple[int, int]:
         hdr = self.hdr

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.drivers.blkdebug import debug_event
+from storage_daemon.blockdev.drivers.qcow2 import bitmaps
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2.alloc import FREE_OTHER, OL_ACTIVE_L1, OL_ACTIVE_L2
 from storage_daemon.blockdev.drivers.qcow2.layout import MAX_IMAGE_LENGTH
@@ -33,6 +34,7 @@ def check_new_size(driver: Qcow2Driver, size: int) -> None:
         raise QmpError("The new size must be a multiple of 512")
     if driver.snapshots:
         raise QmpError("Can't resize an image which has snapshots")
+    bitmaps.check_resize(driver)
 
 
 async def resize(driver: Qcow2Driver, size: int) -> None:

@@ -1,0 +1,445 @@
+"""Persistent dirty bitmaps in a qcow2 image (the bitmaps header extension), as qsd keeps them.
+
+Domain ring over the driver's metadata (format: QEMU's docs/interop/qcow2.txt, "Bitmaps").
+`driver.stored` mirrors the directory on disk, in its order. At open every stored bitmap
+becomes a persistent bitmap of the node: a consistent one with its bits and its `auto` flag
+as recording, one flagged `in_use` (not saved properly: a crash, or a program that wrote the
+image while it was open) as inconsistent, empty and only removable; on a read-only node the
+loaded ones are read-only. A read-write open flags every stored bitmap `in_use` on disk before
+the first write, so that a crash leaves them marked as stale rather than silently outdated.
+Closing (or a reopen to read-only) stores the node's persistent bitmaps: bitmap data, tables
+and a new directory are written and synced before the header names them, and the old ones
+are freed after, so a crash leaks clusters and never corrupts. Removing a stored bitmap
+rewrites the directory at once, as qsd does.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from storage_daemon.blockdev.bitmaps import registry
+from storage_daemon.blockdev.bitmaps.core import Bits
+from storage_daemon.blockdev.drivers.qcow2 import format as fmt
+from storage_daemon.blockdev.drivers.qcow2.alloc import FREE_OTHER, OL_BITMAP_DIRECTORY
+from storage_daemon.errors import QmpError
+
+if TYPE_CHECKING:
+    from storage_daemon.blockdev.drivers.qcow2.driver import Qcow2Driver
+
+IN_USE = 1 << 0
+AUTO = 1 << 1
+EXTRA_DATA_COMPATIBLE = 1 << 2
+KNOWN_FLAGS = IN_USE | AUTO | EXTRA_DATA_COMPATIBLE
+TYPE_DIRTY_TRACKING = 1
+MAX_BITMAPS = 65535
+MAX_DIRECTORY_SIZE = 1024 * 65535
+MIN_GRANULARITY_BITS = 9
+MAX_GRANULARITY_BITS = 31
+MAX_NAME_SIZE = 1023
+MAX_TABLE_SIZE = 0x8000000
+MAX_PHYS_SIZE = 0x20000000  # bitmap data bytes QEMU agrees to hold in memory
+TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+TABLE_RESERVED_MASK = 0xFF000000000001FE
+
+_ENTRY = struct.Struct(">QIIBBHI")
+_EXT = struct.Struct(">IIQQ")
+
+
+@dataclass
+class StoredBitmap:
+    """One bitmap directory entry."""
+
+    name: str
+    table_offset: int
+    table_size: int  # entries
+    flags: int
+    granularity_bits: int
+    extra_data: bytes = b""
+    type: int = TYPE_DIRTY_TRACKING
+
+
+class BitmapFormatError(Exception):
+    """A bitmap directory or table qsd would not load; `str()` is the reason."""
+
+
+def entry_size(name_size: int, extra_size: int) -> int:
+    return (_ENTRY.size + extra_size + name_size + 7) & ~7
+
+
+def parse_directory(buf: bytes | bytearray, count: int) -> list[StoredBitmap]:
+    entries: list[StoredBitmap] = []
+    pos = 0
+    for _ in range(count):
+        if pos + _ENTRY.size > len(buf):
+            raise BitmapFormatError("Bitmap directory is truncated")
+        offset, table_size, flags, kind, gbits, name_size, extra_size = _ENTRY.unpack_from(buf, pos)
+        end = pos + entry_size(name_size, extra_size)
+        if end > len(buf):
+            raise BitmapFormatError("Bitmap directory entry overruns the directory")
+        start = pos + _ENTRY.size
+        extra = bytes(buf[start : start + extra_size])
+        raw_name = bytes(buf[start + extra_size : start + extra_size + name_size])
+        entries.append(
+            StoredBitmap(
+                raw_name.decode("utf-8", "replace"), offset, table_size, flags, gbits, extra, kind
+            )
+        )
+        pos = end
+    if pos != len(buf):
+        raise BitmapFormatError("Bitmap directory size does not match its entries")
+    return entries
+
+
+def pack_directory(entries: list[StoredBitmap]) -> bytes:
+    out = bytearray()
+    for e in entries:
+        name = e.name.encode()
+        out += _ENTRY.pack(
+            e.table_offset,
+            e.table_size,
+            e.flags,
+            e.type,
+            e.granularity_bits,
+            len(name),
+            len(e.extra_data),
+        )
+        out += e.extra_data + name
+        out += bytes(-len(out) % 8)
+    return bytes(out)
+
+
+def table_entries(length: int, granularity: int, cluster_size: int) -> int:
+    """Bitmap table entries for a bitmap over `length` bytes."""
+    granules = -(-length // granularity)
+    data_bytes = -(-granules // 8)
+    return -(-data_bytes // cluster_size)
+
+
+def _check_entry(e: StoredBitmap, length: int, cluster_size: int) -> None:
+    """The checks qsd makes before it uses an entry (an in_use one is never read)."""
+    if e.table_size > MAX_TABLE_SIZE:
+        raise BitmapFormatError(f"Bitmap '{e.name}' table is too large")
+    if e.table_offset % cluster_size:
+        raise BitmapFormatError(f"Bitmap '{e.name}' table offset is not cluster aligned")
+    if not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS:
+        raise BitmapFormatError(f"Bitmap '{e.name}' granularity is not supported")
+    if e.flags & ~KNOWN_FLAGS:
+        raise BitmapFormatError(f"Bitmap '{e.name}' has unknown flags")
+    if e.type != TYPE_DIRTY_TRACKING:
+        raise BitmapFormatError(f"Bitmap '{e.name}' is of an unknown type")
+    if not e.name or len(e.name.encode()) > MAX_NAME_SIZE:
+        raise BitmapFormatError("Bitmap name is empty or too long")
+    if e.extra_data and not e.flags & EXTRA_DATA_COMPATIBLE:
+        raise BitmapFormatError(f"Bitmap '{e.name}' has extra data this daemon cannot use")
+    if not e.flags & IN_USE and e.table_size != table_entries(
+        length, 1 << e.granularity_bits, cluster_size
+    ):
+        raise BitmapFormatError(f"Bitmap '{e.name}' table size does not match the image size")
+
+
+def _extension(hdr: fmt.Header) -> fmt.Extension | None:
+    for ext in hdr.extensions:
+        if ext.type == fmt.EXT_BITMAPS:
+            return ext
+    return None
+
+
+def image_info(entries: list[StoredBitmap]) -> list[dict[str, object]]:
+    """The `bitmaps` member of qcow2's format-specific image info: the directory on disk."""
+    return [
+        {
+            "flags": [flag for bit, flag in ((IN_USE, "in-use"), (AUTO, "auto")) if e.flags & bit],
+            "name": e.name,
+            "granularity": 1 << e.granularity_bits,
+        }
+        for e in entries
+    ]
+
+
+# --- open ----------------------------------------------------------------------------------
+
+
+async def load(driver: Qcow2Driver) -> None:
+    """Read the directory and make every stored bitmap a persistent bitmap of the node."""
+    hdr, meta = driver.hdr, driver.meta
+    assert hdr is not None and meta is not None
+    driver.stored = []
+    ext = _extension(hdr)
+    if ext is None or not hdr.autoclear & fmt.AUTOCLEAR_BITMAPS:
+        return
+    count, _reserved, dir_size, dir_offset = _EXT.unpack_from(ext.data)
+    try:
+        raw = await meta.read(dir_offset, dir_size)
+        entries = parse_directory(raw, count)
+        length = -(-hdr.size // registry.SECTOR) * registry.SECTOR
+        for e in entries:
+            _check_entry(e, length, hdr.cluster_size)
+        loaded = []
+        for e in entries:
+            bits = Bits(length, 1 << e.granularity_bits)
+            if not e.flags & IN_USE:
+                await _read_bits(driver, e, bits)
+            loaded.append((e, bits))
+    except (BitmapFormatError, OSError) as err:
+        raise QmpError(f"Could not load the bitmaps of the image: {err}") from err
+    meta.set_bitmap_directory(dir_offset, dir_size)
+    driver.stored = entries
+    readonly = not driver.writable
+    for e, bits in loaded:
+        inconsistent = bool(e.flags & IN_USE)
+        registry.attach(
+            driver.node,
+            registry.DirtyBitmap(
+                e.name,
+                bits,
+                enabled=bool(e.flags & AUTO) and not inconsistent,
+                persistent=True,
+                readonly=readonly,
+                inconsistent=inconsistent,
+            ),
+        )
+
+
+async def _read_bits(driver: Qcow2Driver, e: StoredBitmap, bits: Bits) -> None:
+    hdr, meta = driver.hdr, driver.meta
+    assert hdr is not None and meta is not None
+    cs = hdr.cluster_size
+    table = fmt.unpack_u64s(await meta.read(e.table_offset, e.table_size * 8))
+    data = bytearray()
+    for value in table:
+        if value & TABLE_RESERVED_MASK:
+            raise BitmapFormatError(f"Bitmap '{e.name}' table has a corrupt entry")
+        offset = value & TABLE_OFFSET_MASK
+        if offset:
+            if offset % cs:
+                raise BitmapFormatError(f"Bitmap '{e.name}' data is not cluster aligned")
+            data += await meta.read(offset, cs)
+        else:
+            data += (b"\xff" if value & 1 else b"\0") * cs
+    bits.load_packed(data)
+
+
+async def mark_in_use(driver: Qcow2Driver) -> None:
+    """Before the first write of a read-write open: every stored bitmap is `in_use` on disk
+    (the directory rewritten in place, synced), and the loaded ones become writable."""
+    for bitmap in registry.bitmaps(driver.node):
+        if bitmap.persistent:
+            bitmap.readonly = False
+    if not driver.stored or all(e.flags & IN_USE for e in driver.stored):
+        return
+    meta = driver.meta
+    assert meta is not None
+    for e in driver.stored:
+        e.flags |= IN_USE
+    offset, _size = meta.bitmap_directory
+    await meta.write(offset, pack_directory(driver.stored), OL_BITMAP_DIRECTORY)
+    await meta.sync()
+
+
+def set_readonly(driver: Qcow2Driver) -> None:
+    """The node turned read-only (its bitmaps were stored): they may no longer change."""
+    for bitmap in registry.bitmaps(driver.node):
+        if bitmap.persistent:
+            bitmap.readonly = True
+
+
+def check_resize(driver: Qcow2Driver) -> None:
+    """qsd refuses to resize an image holding a bitmap it could not load."""
+    for bitmap in registry.bitmaps(driver.node):
+        if bitmap.persistent:
+            bitmap.check_usable(allow_ro=True)
+
+
+# --- adding and removing ---------------------------------------------------------------------
+
+
+def check_can_store(driver: Qcow2Driver, name: str, granularity: int) -> None:
+    """block-dirty-bitmap-add persistent=true: what the image must allow (qsd's texts)."""
+    hdr = driver.hdr
+    assert hdr is not None
+    node_name = driver.node.name
+    prefix = f"Can't make bitmap '{name}' persistent in '{node_name}': "
+    if hdr.version < 3:
+        raise QmpError(prefix + "Cannot store dirty bitmaps in qcow2 v2 files")
+    gbits = granularity.bit_length() - 1
+    if gbits > MAX_GRANULARITY_BITS:
+        raise QmpError(prefix + f"Granularity exceeds maximum ({1 << MAX_GRANULARITY_BITS} bytes)")
+    if gbits < MIN_GRANULARITY_BITS:
+        raise QmpError(prefix + f"Granularity is under minimum ({1 << MIN_GRANULARITY_BITS} bytes)")
+    if len(name.encode()) > MAX_NAME_SIZE:
+        raise QmpError(prefix + f"Name length exceeds maximum ({MAX_NAME_SIZE} characters)")
+    length = -(-hdr.size // registry.SECTOR) * registry.SECTOR
+    if table_entries(length, granularity, hdr.cluster_size) * hdr.cluster_size > MAX_PHYS_SIZE:
+        raise QmpError(
+            prefix + "Too much space will be occupied by the bitmap. Use larger granularity"
+        )
+    if not driver.stored:
+        return
+    if len(driver.stored) >= MAX_BITMAPS:
+        raise QmpError(prefix + "Maximum number of persistent bitmaps is already reached")
+    meta = driver.meta
+    assert meta is not None
+    if meta.bitmap_directory[1] + entry_size(len(name.encode()), 0) > MAX_DIRECTORY_SIZE:
+        raise QmpError(prefix + "Not enough space in the bitmap directory")
+
+
+async def remove(driver: Qcow2Driver, name: str) -> None:
+    """block-dirty-bitmap-remove of a stored bitmap: out of the directory at once."""
+    entry = next((e for e in driver.stored if e.name == name), None)
+    if entry is None or not driver.writable:
+        return
+    meta = driver.meta
+    assert meta is not None
+    async with driver.metadata_lock:
+        freed = await _clusters_of(driver, entry)
+        await _switch_directory(driver, [e for e in driver.stored if e is not entry])
+        for offset, count in freed:
+            meta.queue_free(offset, count, FREE_OTHER)
+        await meta.writeback()
+
+
+# --- close ---------------------------------------------------------------------------------
+
+
+def report(message: str) -> None:
+    """qsd's error_report at close: `PROG: message` on stderr."""
+    base = os.path.basename(sys.argv[0])
+    prog = "storage-daemon" if base in ("__main__.py", "") else base
+    sys.stderr.write(f"{prog}: {message}\n")
+
+
+def unstorable(driver: Qcow2Driver) -> bool:
+    """A read-only node holds persistent bitmaps it could not write back (added at run
+    time; the loaded ones are read-only and stay as they are on disk)."""
+    return any(b.persistent and not b.readonly for b in registry.bitmaps(driver.node))
+
+
+async def store(driver: Qcow2Driver) -> None:
+    """Write the node's persistent bitmaps into the image (caller holds the metadata lock):
+    directory order first, then the ones added since, oldest first."""
+    meta = driver.meta
+    assert meta is not None
+    persistent = [b for b in reversed(registry.bitmaps(driver.node)) if b.persistent]
+    if not persistent and not driver.stored:
+        return
+    old = {e.name: e for e in driver.stored}
+    stored = sorted(
+        persistent,
+        key=lambda b: (b.name not in old, list(old).index(b.name) if b.name in old else b.seq),
+    )
+    entries: list[StoredBitmap] = []
+    freed: list[tuple[int, int]] = []
+    for bitmap in stored:
+        previous = old.pop(bitmap.name, None)
+        if bitmap.inconsistent and previous is not None:
+            entries.append(previous)  # never loaded: stays as it is, still in_use
+            continue
+        entries.append(await _write_bits(driver, bitmap, previous))
+        if previous is not None:
+            freed += await _clusters_of(driver, previous)
+    for gone in old.values():
+        freed += await _clusters_of(driver, gone)
+    await _switch_directory(driver, entries)
+    for offset, count in freed:
+        meta.queue_free(offset, count, FREE_OTHER)
+    await meta.writeback()
+
+
+async def _write_bits(
+    driver: Qcow2Driver, bitmap: registry.DirtyBitmap, previous: StoredBitmap | None
+) -> StoredBitmap:
+    """The bitmap's data clusters (all-zero ones left unallocated) and table, written."""
+    hdr, meta = driver.hdr, driver.meta
+    assert hdr is not None and meta is not None
+    cs = hdr.cluster_size
+    data = bitmap.bits.packed()
+    table: list[int] = []
+    for start in range(0, len(data), cs):
+        chunk = data[start : start + cs]
+        if not chunk.strip(b"\0"):
+            table.append(0)
+            continue
+        offset = await meta.alloc_clusters(1)
+        await meta.write(offset, chunk + bytes(cs - len(chunk)), None)
+        table.append(offset)
+    table_offset = 0
+    if table:
+        raw = fmt.pack_u64s(table)
+        clusters = -(-len(raw) // cs)
+        table_offset = await meta.alloc_clusters(clusters)
+        await meta.write(table_offset, raw + bytes(clusters * cs - len(raw)), None)
+    extra = previous.extra_data if previous is not None else b""
+    flags = (AUTO if bitmap.enabled else 0) | (
+        previous.flags & EXTRA_DATA_COMPATIBLE if previous is not None else 0
+    )
+    return StoredBitmap(
+        bitmap.name,
+        table_offset,
+        len(table),
+        flags,
+        bitmap.bits.granularity.bit_length() - 1,
+        extra,
+    )
+
+
+async def _clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, int]]:
+    """(offset, clusters) runs a stored bitmap holds: its data clusters and its table."""
+    hdr, meta = driver.hdr, driver.meta
+    assert hdr is not None and meta is not None
+    if not e.table_size or not e.table_offset:
+        return []
+    cs = hdr.cluster_size
+    runs = [
+        (value & TABLE_OFFSET_MASK, 1)
+        for value in fmt.unpack_u64s(await meta.read(e.table_offset, e.table_size * 8))
+        if value & TABLE_OFFSET_MASK
+    ]
+    runs.append((e.table_offset, -(-(e.table_size * 8) // cs)))
+    return runs
+
+
+async def _switch_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) -> None:
+    """A new directory (or none), stable before the header names it; the old one freed."""
+    hdr, meta = driver.hdr, driver.meta
+    assert hdr is not None and meta is not None
+    cs = hdr.cluster_size
+    offset = size = 0
+    if entries:
+        raw = pack_directory(entries)
+        clusters = -(-len(raw) // cs)
+        offset, size = await meta.alloc_clusters(clusters), len(raw)
+        await meta.write(offset, raw + bytes(clusters * cs - len(raw)), None)
+    await meta.write_refblocks()
+    await meta.sync()
+    exts = [e for e in hdr.extensions if e.type != fmt.EXT_BITMAPS]
+    autoclear = hdr.autoclear & ~fmt.AUTOCLEAR_BITMAPS
+    if entries:
+        exts.append(fmt.Extension(fmt.EXT_BITMAPS, _EXT.pack(len(entries), 0, size, offset)))
+        autoclear |= fmt.AUTOCLEAR_BITMAPS
+    await driver.rewrite_header(exts, autoclear)
+    old_offset, old_size = meta.bitmap_directory
+    meta.set_bitmap_directory(offset, size)
+    if old_size:
+        meta.queue_free(old_offset, -(-old_size // cs), FREE_OTHER)
+    driver.stored = entries
+
+
+__all__ = [
+    "StoredBitmap",
+    "check_can_store",
+    "check_resize",
+    "image_info",
+    "load",
+    "mark_in_use",
+    "pack_directory",
+    "parse_directory",
+    "remove",
+    "report",
+    "set_readonly",
+    "store",
+    "unstorable",
+]
