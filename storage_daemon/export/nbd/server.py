@@ -27,6 +27,7 @@ from collections.abc import Callable, Coroutine, Generator
 from typing import Any, cast
 
 from storage_daemon.blockdev import io
+from storage_daemon.blockdev.bitmaps.registry import DirtyBitmap
 from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.errors import QmpError
@@ -34,6 +35,7 @@ from storage_daemon.export.export import BlockExport
 from storage_daemon.export.nbd.constants import (
     CONTEXT_ID_ALLOCATION_DEPTH,
     CONTEXT_ID_BASE_ALLOCATION,
+    CONTEXT_ID_FIRST_BITMAP,
     STATE_HOLE,
     STATE_ZERO,
     Cmd,
@@ -118,6 +120,19 @@ class NbdExport(BlockExport):
         self.server = server
         self.info: ExportInfo | None = None
         self.connections: set[NbdConnection] = set()
+        self.bitmaps: list[DirtyBitmap] = []  # info.bitmaps' contexts, in order
+
+    def hold_bitmaps(self, bitmaps: list[DirtyBitmap]) -> None:
+        """Export these bitmaps: busy (no other operation may use them) until deleted."""
+        self.bitmaps = bitmaps
+        for bitmap in bitmaps:
+            bitmap.busy = True
+        self.on_delete(self._release_bitmaps)
+
+    def _release_bitmaps(self, _export: BlockExport) -> None:
+        for bitmap in self.bitmaps:
+            bitmap.busy = False
+        self.bitmaps = []
 
     def publish(self, info: ExportInfo) -> None:
         """Make the export visible to clients (after every check passed).
@@ -693,8 +708,12 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif ctx.id == CONTEXT_ID_ALLOCATION_DEPTH:
                 out[ctx.id] = await _collect(edge, req, one, _depth)
             else:
-                # A dirty bitmap context: no bitmaps exist yet, so nothing is dirty.
-                out[ctx.id] = [(req.length, 0)]
+                export = self.export
+                index = ctx.id - CONTEXT_ID_FIRST_BITMAP
+                if not isinstance(export, NbdExport) or not 0 <= index < len(export.bitmaps):
+                    raise OSError(errno.EINVAL, "no such bitmap")  # cannot happen: same export
+                limit = 1 if one else MAX_EXTENTS
+                out[ctx.id] = export.bitmaps[index].bits.extents(req.offset, req.length, limit)
         return out
 
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from storage_daemon.blockdev import activity, io
+from storage_daemon.blockdev import activity, chain, io
+from storage_daemon.blockdev.bitmaps import registry as bitmap_registry
+from storage_daemon.blockdev.bitmaps.registry import DirtyBitmap
+from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.transaction import drain_twice
 from storage_daemon.errors import QmpError
 from storage_daemon.export.nbd.handshake import ExportInfo
@@ -146,8 +149,7 @@ async def add_nbd_export(
         if server.find_export(name) is not None:
             raise QmpError(f"NBD server already has export named '{name}'")
         export.forbid_resize(daemon.graph)
-        for bitmap in bitmaps:
-            _check_bitmap(ctx, bitmap)
+        found = [_find_bitmap(ctx, node, bitmap, writable) for bitmap in bitmaps]
         assert export.edge is not None
         info = ExportInfo(
             name=name,
@@ -156,6 +158,7 @@ async def add_nbd_export(
             read_only=not writable,
             can_multi_conn=server.max_connections != 1,
             allocation_depth=allocation_depth,
+            bitmaps=tuple(b.name for b in found),
         )
     except BaseException:
         if export.edge is not None:
@@ -163,16 +166,28 @@ async def add_nbd_export(
             export.edge = None
         raise
     daemon.exports.register(export)
+    export.hold_bitmaps(found)
     export.publish(info)
 
 
-def _check_bitmap(ctx: CommandContext, bitmap: Any) -> None:
-    """No node has dirty bitmaps yet: every bitmap named is missing (qsd's texts)."""
+def _find_bitmap(ctx: CommandContext, node: BlockNode, bitmap: Any, writable: bool) -> DirtyBitmap:
+    """An exported bitmap, with qsd's checks and texts: a bare name is looked for on the
+    node and down its filters and backing files; a {node, name} pair names it directly."""
     if isinstance(bitmap, str):
-        raise QmpError(f"Bitmap '{bitmap}' is not found")
-    if ctx.daemon.graph.find(bitmap.node) is None:
-        raise QmpError(f"Node '{bitmap.node}' not found")
-    raise QmpError(f"Dirty bitmap '{bitmap.name}' not found")
+        owner: BlockNode | None = node
+        found = None
+        while owner is not None and found is None:
+            found = bitmap_registry.find(owner, bitmap)
+            if found is None:
+                owner = chain.below(owner)
+        if found is None or owner is None:
+            raise QmpError(f"Bitmap '{bitmap}' is not found")
+    else:
+        owner, found = bitmap_registry.lookup(ctx.daemon.graph, bitmap.node, bitmap.name)
+    found.check_usable(allow_ro=True)
+    if not writable and not owner.read_only and found.enabled:
+        raise QmpError(f"Enabled bitmap '{found.name}' incompatible with readonly export")
+    return found
 
 
 @command("block-export-del")
