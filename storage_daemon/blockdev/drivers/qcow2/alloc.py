@@ -67,6 +67,7 @@ OL_TEMPLATES = {
 FREE_REQUEST = "request"
 FREE_SNAPSHOT = "snapshot"
 FREE_OTHER = "other"
+FREE_ALWAYS = "always"  # discarded whatever pass-discard-* say (bitmap tables and data)
 
 
 class Corruption(Exception):
@@ -543,7 +544,7 @@ class Metadata:
                 for cluster in range(free.host_cluster, free.host_cluster + free.count):
                     if await self.update_refcount(cluster, -1) == 0:
                         self._forget(cluster)
-                        if free.kind in self.discard_kinds:
+                        if free.kind in self.discard_kinds or free.kind == FREE_ALWAYS:
                             discards.append((cluster, 1))
             await self.write_refblocks()
             for cluster, count in discards:

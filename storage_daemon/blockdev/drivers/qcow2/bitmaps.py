@@ -24,7 +24,11 @@ from typing import TYPE_CHECKING
 from storage_daemon.blockdev.bitmaps import registry
 from storage_daemon.blockdev.bitmaps.core import Bits
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
-from storage_daemon.blockdev.drivers.qcow2.alloc import FREE_OTHER, OL_BITMAP_DIRECTORY
+from storage_daemon.blockdev.drivers.qcow2.alloc import (
+    FREE_ALWAYS,
+    FREE_OTHER,
+    OL_BITMAP_DIRECTORY,
+)
 from storage_daemon.errors import QmpError
 
 if TYPE_CHECKING:
@@ -249,7 +253,7 @@ def set_readonly(driver: Qcow2Driver) -> None:
 
 def check_resize(driver: Qcow2Driver) -> None:
     """qsd refuses to resize an image holding a bitmap it could not load."""
-    for bitmap in registry.bitmaps(driver.node):
+    for bitmap in reversed(registry.bitmaps(driver.node)):  # oldest (directory order) first
         if bitmap.persistent:
             bitmap.check_usable(allow_ro=True)
 
@@ -298,7 +302,7 @@ async def remove(driver: Qcow2Driver, name: str) -> None:
         freed = await _clusters_of(driver, entry)
         await _switch_directory(driver, [e for e in driver.stored if e is not entry])
         for offset, count in freed:
-            meta.queue_free(offset, count, FREE_OTHER)
+            meta.queue_free(offset, count, FREE_ALWAYS)
         await meta.writeback()
 
 
@@ -320,16 +324,18 @@ def unstorable(driver: Qcow2Driver) -> bool:
 
 async def store(driver: Qcow2Driver) -> None:
     """Write the node's persistent bitmaps into the image (caller holds the metadata lock):
-    directory order first, then the ones added since, oldest first."""
+    directory order first, then the ones added since, newest first."""
     meta = driver.meta
     assert meta is not None
     persistent = [b for b in reversed(registry.bitmaps(driver.node)) if b.persistent]
     if not persistent and not driver.stored:
         return
     old = {e.name: e for e in driver.stored}
+    position = {name: i for i, name in enumerate(old)}
+    # The directory's own order, then the bitmaps added since, newest first (as qsd).
     stored = sorted(
         persistent,
-        key=lambda b: (b.name not in old, list(old).index(b.name) if b.name in old else b.seq),
+        key=lambda b: (0, position[b.name]) if b.name in position else (1, -b.seq),
     )
     entries: list[StoredBitmap] = []
     freed: list[tuple[int, int]] = []
@@ -345,7 +351,7 @@ async def store(driver: Qcow2Driver) -> None:
         freed += await _clusters_of(driver, gone)
     await _switch_directory(driver, entries)
     for offset, count in freed:
-        meta.queue_free(offset, count, FREE_OTHER)
+        meta.queue_free(offset, count, FREE_ALWAYS)
     await meta.writeback()
 
 
@@ -371,7 +377,7 @@ async def _write_bits(
         raw = fmt.pack_u64s(table)
         clusters = -(-len(raw) // cs)
         table_offset = await meta.alloc_clusters(clusters)
-        await meta.write(table_offset, raw + bytes(clusters * cs - len(raw)), None)
+        await meta.write(table_offset, raw, None)  # only its bytes, as qsd: no padding allocated
     extra = previous.extra_data if previous is not None else b""
     flags = (AUTO if bitmap.enabled else 0) | (
         previous.flags & EXTRA_DATA_COMPATIBLE if previous is not None else 0
@@ -412,7 +418,7 @@ async def _switch_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) ->
         raw = pack_directory(entries)
         clusters = -(-len(raw) // cs)
         offset, size = await meta.alloc_clusters(clusters), len(raw)
-        await meta.write(offset, raw + bytes(clusters * cs - len(raw)), None)
+        await meta.write(offset, raw, None)
     await meta.write_refblocks()
     await meta.sync()
     exts = [e for e in hdr.extensions if e.type != fmt.EXT_BITMAPS]
