@@ -86,6 +86,13 @@ class BlockDriver(ABC):
     def reopen_check(self, options: Any) -> None:
         """Refuse (QmpError, qsd's text) new driver options; no side effects."""
 
+    async def reopen_flush(self, change: ReopenChange) -> None:
+        """Turning read-only, before anything changes: what must be written while the node
+        may still write (qcow2 stores its persistent bitmaps here)."""
+
+    def reopen_flush_abort(self, change: ReopenChange) -> None:
+        """`reopen_flush` ran but the reopen failed before `reopen_prepare`."""
+
     def reopen_prepare(self, change: ReopenChange) -> None:
         """Before the permission update (the node's options already are `change.new`)."""
 

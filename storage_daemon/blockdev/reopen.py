@@ -301,9 +301,18 @@ def _ancestors(node: BlockNode) -> set[BlockNode]:
 
 
 async def _apply(graph: BlockGraph, plans: list[_Plan]) -> None:
-    for plan in plans:
-        if plan.new.read_only and not plan.old.read_only:
-            await io.flush_node(plan.node)  # its caches go out while it may still write
+    flushed: list[_Plan] = []
+    try:
+        for plan in plans:
+            if plan.new.read_only and not plan.old.read_only:
+                # Its caches (and qcow2's bitmaps) go out while it may still write.
+                await io.flush_node(plan.node)
+                flushed.append(plan)
+                await plan.node.driver.reopen_flush(plan.change)
+    except BaseException:
+        for plan in flushed:
+            plan.node.driver.reopen_flush_abort(plan.change)
+        raise
     for plan in plans:
         plan.node.options = plan.new
         plan.node.driver.reopen_prepare(plan.change)

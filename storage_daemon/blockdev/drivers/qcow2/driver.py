@@ -406,10 +406,6 @@ class Qcow2Driver(BlockDriver):
         checks = opts.overlap_checks(options.overlap_check)
         try:
             async with self._lock:
-                if change.new.read_only and not change.old.read_only:
-                    # qsd stores them before a node turns read-only.
-                    self._bitmaps_stored_for_reopen = True
-                    await bitmaps.store(self)
                 if not opts.lazy_refcounts(options, hdr):
                     await self._mark_clean()
                 if opts.check_options(options, hdr) != self.cache_config:
@@ -450,11 +446,29 @@ class Qcow2Driver(BlockDriver):
         self._stop_cache_cleaner()
         self._start_cache_cleaner(options.cache_clean_interval)
 
+    async def reopen_flush(self, change: ReopenChange) -> None:
+        """qsd stores the persistent bitmaps before a node turns read-only."""
+        if self.meta is None or self._fenced:
+            return
+        self._bitmaps_stored_for_reopen = True
+        try:
+            async with self._lock:
+                await bitmaps.store(self)
+        except (OSError, Corruption) as err:
+            raise QmpError(f"Failed to store the persistent bitmaps: {err}") from err
+
+    def reopen_flush_abort(self, change: ReopenChange) -> None:
+        self._remark_bitmaps()
+
     def reopen_abort(self, change: ReopenChange) -> None:
         if change.saved:
             self._writable = False
+        self._remark_bitmaps()
+
+    def _remark_bitmaps(self) -> None:
+        """A reopen to read-only stored the bitmaps, then failed: the node stays read-write,
+        so flag them stale on disk again (in the background: this hook cannot wait)."""
         if self._bitmaps_stored_for_reopen:
-            # Still read-write: flag the stored bitmaps stale on disk again.
             self._bitmaps_stored_for_reopen = False
             task = asyncio.get_running_loop().create_task(bitmaps.mark_in_use(self))
             self._background.add(task)
