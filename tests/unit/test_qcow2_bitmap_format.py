@@ -256,6 +256,8 @@ def test_check_entry_accepts_a_good_entry() -> None:
     ("changes", "reason"),
     [
         ({"table_size": 0x8000001}, "table is too large"),
+        # In use (never read at open), but its table is read when it is removed: bounded.
+        ({"flags": IN_USE, "table_size": 0x20000000 // CS + 1}, "table is too large"),
         ({"table_offset": 0x30200}, "not cluster aligned"),
         ({"granularity_bits": 8}, "granularity is not supported"),
         ({"granularity_bits": 32}, "granularity is not supported"),

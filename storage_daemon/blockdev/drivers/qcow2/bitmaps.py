@@ -125,7 +125,7 @@ def table_entries(length: int, granularity: int, cluster_size: int) -> int:
 
 def _check_entry(e: StoredBitmap, length: int, cluster_size: int) -> None:
     """The checks qsd makes before it uses an entry (an in_use one is never read)."""
-    if e.table_size > MAX_TABLE_SIZE:
+    if e.table_size > MAX_TABLE_SIZE or e.table_size * cluster_size > MAX_PHYS_SIZE:
         raise BitmapFormatError(f"Bitmap '{e.name}' table is too large")
     if e.table_offset % cluster_size:
         raise BitmapFormatError(f"Bitmap '{e.name}' table offset is not cluster aligned")
@@ -214,16 +214,25 @@ async def _read_bits(driver: Qcow2Driver, e: StoredBitmap, bits: Bits) -> None:
     cs = hdr.cluster_size
     table = fmt.unpack_u64s(await meta.read(e.table_offset, e.table_size * 8))
     data = bytearray()
+    run_start = run_length = 0  # data clusters next to each other on disk: one read
     for value in table:
         if value & TABLE_RESERVED_MASK:
             raise BitmapFormatError(f"Bitmap '{e.name}' table has a corrupt entry")
         offset = value & TABLE_OFFSET_MASK
+        if offset % cs:
+            raise BitmapFormatError(f"Bitmap '{e.name}' data is not cluster aligned")
+        if offset and run_length and offset == run_start + run_length:
+            run_length += cs
+            continue
+        if run_length:
+            data += await meta.read(run_start, run_length)
+            run_length = 0
         if offset:
-            if offset % cs:
-                raise BitmapFormatError(f"Bitmap '{e.name}' data is not cluster aligned")
-            data += await meta.read(offset, cs)
+            run_start, run_length = offset, cs
         else:
             data += (b"\xff" if value & 1 else b"\0") * cs
+    if run_length:
+        data += await meta.read(run_start, run_length)
     bits.load_packed(data)
 
 
@@ -363,15 +372,19 @@ async def _write_bits(
     assert hdr is not None and meta is not None
     cs = hdr.cluster_size
     data = bitmap.bits.packed()
+    chunks = [data[start : start + cs] for start in range(0, len(data), cs)]
+    used = [bool(chunk.strip(b"\0")) for chunk in chunks]  # all-zero clusters: no cluster
     table: list[int] = []
-    for start in range(0, len(data), cs):
-        chunk = data[start : start + cs]
-        if not chunk.strip(b"\0"):
-            table.append(0)
-            continue
-        offset = await meta.alloc_clusters(1)
-        await meta.write(offset, chunk + bytes(cs - len(chunk)), None)
-        table.append(offset)
+    if any(used):
+        # One run for all the data clusters, written at once.
+        base = await meta.alloc_clusters(sum(used))
+        run = b"".join(c + bytes(cs - len(c)) for c, u in zip(chunks, used, strict=True) if u)
+        await meta.write(base, run, None)
+        for u in used:
+            table.append(base if u else 0)
+            base += cs if u else 0
+    else:
+        table = [0] * len(chunks)
     table_offset = 0
     if table:
         raw = fmt.pack_u64s(table)
