@@ -294,6 +294,38 @@ def test_kill9_leaves_bitmaps_in_use_and_they_can_be_removed(tmp_path: Path) -> 
     assert set(opens_in_qsd(tmp_path / "qsd", image)) == {"b1", "b2"}
 
 
+def test_dirty_lazy_refcounts_image_with_bitmaps_is_repaired(tmp_path: Path) -> None:
+    """A crash with lazy refcounts leaves refcounts behind the tables *and* the bitmaps in use
+    (qemu-io killing itself with sigraise, as QEMU's own tests do). A read-write open repairs
+    the refcounts counting the bitmaps' clusters (none freed under them), as qsd does."""
+    image = tmp_path / "lazy.qcow2"
+    out = qemu_img("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", image, 16 << 20)
+    assert out.returncode == 0, out.stderr
+    add_bitmap(image, "b0")
+    add_bitmap(image, "b1", 4096)
+    qemu_io(str(image), "write -P 1 0 1M", fmt="qcow2")
+    crash = subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 2 4M 4M", "-c", "sigraise 9", str(image)],
+        capture_output=True,
+        timeout=60,
+    )
+    assert crash.returncode == -signal.SIGKILL, crash
+    rc, text = check(image)
+    assert rc == 2, text  # refcounts behind the tables: errors, until repaired
+    with ours(tmp_path / "run", image, export=False) as daemon:
+        with qmp(daemon) as client:
+            assert {n: b["inconsistent"] for n, b in node_bitmaps(client).items()} == {
+                "b1": True,
+                "b0": True,
+            }
+            ok(client, "block-dirty-bitmap-remove", {"node": "disk0", "name": "b1"})
+            ok(client, "block-dirty-bitmap-add", {"node": "disk0", "name": "n", "persistent": True})
+        stop_gracefully(daemon)
+    assert_clean(image)
+    assert flags(image) == {"b0": {"in-use", "auto"}, "n": {"auto"}}
+    assert set(opens_in_qsd(tmp_path / "qsd", image)) == {"b0", "n"}
+
+
 # --- c. reopen read-only stores, reopen read-write marks in use ------------------------------
 
 

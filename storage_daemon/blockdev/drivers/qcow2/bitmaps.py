@@ -308,7 +308,7 @@ async def remove(driver: Qcow2Driver, name: str) -> None:
     meta = driver.meta
     assert meta is not None
     async with driver.metadata_lock:
-        freed = await _clusters_of(driver, entry)
+        freed = await clusters_of(driver, entry)
         await _switch_directory(driver, [e for e in driver.stored if e is not entry])
         for offset, count in freed:
             meta.queue_free(offset, count, FREE_ALWAYS)
@@ -355,9 +355,9 @@ async def store(driver: Qcow2Driver) -> None:
             continue
         entries.append(await _write_bits(driver, bitmap, previous))
         if previous is not None:
-            freed += await _clusters_of(driver, previous)
+            freed += await clusters_of(driver, previous)
     for gone in old.values():
-        freed += await _clusters_of(driver, gone)
+        freed += await clusters_of(driver, gone)
     await _switch_directory(driver, entries)
     for offset, count in freed:
         meta.queue_free(offset, count, FREE_ALWAYS)
@@ -405,7 +405,7 @@ async def _write_bits(
     )
 
 
-async def _clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, int]]:
+async def clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, int]]:
     """(offset, clusters) runs a stored bitmap holds: its data clusters and its table."""
     hdr, meta = driver.hdr, driver.meta
     assert hdr is not None and meta is not None
@@ -451,6 +451,7 @@ __all__ = [
     "StoredBitmap",
     "check_can_store",
     "check_resize",
+    "clusters_of",
     "image_info",
     "load",
     "mark_in_use",

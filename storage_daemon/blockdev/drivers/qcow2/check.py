@@ -1,7 +1,7 @@
 """Repair of a dirty qcow2 image (lazy refcounts left refcounts behind the tables).
 
 Domain ring. Counts every reference the metadata holds (header, tables, data clusters of the
-active and snapshot L1 tables, refcount structures), sets each refcount to that count and fixes
+active and snapshot L1 tables, persistent bitmaps, refcount structures), sets each refcount to that count and fixes
 the COPIED flags of the active tables, then writes everything back. Invariant: runs before
 any allocation on a read-write open, so the allocator never sees an undercounted cluster.
 """
@@ -12,6 +12,7 @@ import errno
 import os
 from typing import TYPE_CHECKING
 
+from storage_daemon.blockdev.drivers.qcow2 import bitmaps
 from storage_daemon.blockdev.drivers.qcow2 import format as fmt
 from storage_daemon.blockdev.drivers.qcow2.alloc import Metadata
 
@@ -69,6 +70,12 @@ async def count_references(drv: Qcow2Driver) -> dict[int, int]:
             _add(refs, snap.l1_table_offset, snap.l1_size * 8, cb)
             l1 = await drv._read_table(meta.file, snap.l1_table_offset, snap.l1_size, file_len)
             await _count_l1(meta, l1, refs, has_df)
+    directory_offset, directory_size = meta.bitmap_directory
+    if directory_size:
+        _add(refs, directory_offset, directory_size, cb)
+    for stored in drv.stored:
+        for offset, clusters in await bitmaps.clusters_of(drv, stored):
+            _add(refs, offset, clusters << cb, cb)
     _add(refs, hdr.refcount_table_offset, hdr.refcount_table_clusters << cb, cb)
     for entry in meta.reftable:
         if entry & fmt.REFT_OFFSET_MASK:
@@ -93,8 +100,6 @@ async def repair(drv: Qcow2Driver) -> None:
     meta = drv.meta
     hdr = drv.hdr
     assert meta is not None and hdr is not None
-    if any(ext.type == fmt.EXT_BITMAPS for ext in hdr.extensions):
-        raise OSError(errno.ENOTSUP, "images with persistent bitmaps are not repaired")
     for _attempt in range(8):
         refs = await count_references(drv)
         if refs:
