@@ -182,11 +182,12 @@ def _find_bitmap(ctx: CommandContext, node: BlockNode, bitmap: Any, writable: bo
                 owner = chain.below(owner)
         if found is None or owner is None:
             raise QmpError(f"Bitmap '{bitmap}' is not found")
+        # qsd checks this for a name found on a writable node only, never for a pair.
+        if not writable and not owner.read_only and found.enabled:
+            raise QmpError(f"Enabled bitmap '{found.name}' incompatible with readonly export")
     else:
-        owner, found = bitmap_registry.lookup(ctx.daemon.graph, bitmap.node, bitmap.name)
+        found = bitmap_registry.lookup(ctx.daemon.graph, bitmap.node, bitmap.name)[1]
     found.check_usable(allow_ro=True)
-    if not writable and not owner.read_only and found.enabled:
-        raise QmpError(f"Enabled bitmap '{found.name}' incompatible with readonly export")
     return found
 
 

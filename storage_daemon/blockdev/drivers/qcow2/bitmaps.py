@@ -310,8 +310,8 @@ async def remove(driver: Qcow2Driver, name: str) -> None:
     async with driver.metadata_lock:
         freed = await clusters_of(driver, entry)
         await _switch_directory(driver, [e for e in driver.stored if e is not entry])
-        for offset, count in freed:
-            meta.queue_free(offset, count, FREE_ALWAYS)
+        for offset, count, kind in freed:
+            meta.queue_free(offset, count, kind)
         await meta.writeback()
 
 
@@ -347,7 +347,7 @@ async def store(driver: Qcow2Driver) -> None:
         key=lambda b: (0, position[b.name]) if b.name in position else (1, -b.seq),
     )
     entries: list[StoredBitmap] = []
-    freed: list[tuple[int, int]] = []
+    freed: list[tuple[int, int, str]] = []
     for bitmap in stored:
         previous = old.pop(bitmap.name, None)
         if bitmap.inconsistent and previous is not None:
@@ -359,8 +359,8 @@ async def store(driver: Qcow2Driver) -> None:
     for gone in old.values():
         freed += await clusters_of(driver, gone)
     await _switch_directory(driver, entries)
-    for offset, count in freed:
-        meta.queue_free(offset, count, FREE_ALWAYS)
+    for offset, count, kind in freed:
+        meta.queue_free(offset, count, kind)
     await meta.writeback()
 
 
@@ -405,19 +405,21 @@ async def _write_bits(
     )
 
 
-async def clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, int]]:
-    """(offset, clusters) runs a stored bitmap holds: its data clusters and its table."""
+async def clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, int, str]]:
+    """(offset, clusters, how freed) runs a stored bitmap holds: its data clusters (qsd
+    discards them when freed, whatever pass-discard-other says) and its table (as other
+    metadata)."""
     hdr, meta = driver.hdr, driver.meta
     assert hdr is not None and meta is not None
     if not e.table_size or not e.table_offset:
         return []
     cs = hdr.cluster_size
     runs = [
-        (value & TABLE_OFFSET_MASK, 1)
+        (value & TABLE_OFFSET_MASK, 1, FREE_ALWAYS)
         for value in fmt.unpack_u64s(await meta.read(e.table_offset, e.table_size * 8))
         if value & TABLE_OFFSET_MASK
     ]
-    runs.append((e.table_offset, -(-(e.table_size * 8) // cs)))
+    runs.append((e.table_offset, -(-(e.table_size * 8) // cs), FREE_OTHER))
     return runs
 
 

@@ -74,7 +74,7 @@ async def count_references(drv: Qcow2Driver) -> dict[int, int]:
     if directory_size:
         _add(refs, directory_offset, directory_size, cb)
     for stored in drv.stored:
-        for offset, clusters in await bitmaps.clusters_of(drv, stored):
+        for offset, clusters, _kind in await bitmaps.clusters_of(drv, stored):
             _add(refs, offset, clusters << cb, cb)
     _add(refs, hdr.refcount_table_offset, hdr.refcount_table_clusters << cb, cb)
     for entry in meta.reftable:
