@@ -13,6 +13,7 @@ import json
 import shutil
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from tests.compat.harness import (
     Compat,
     ExpectEof,
     Normaliser,
+    cli,
     diff_text,
     normalise_transcript,
     qemu_io_nbd,
@@ -55,20 +57,26 @@ def run(*argv: str) -> None:
     subprocess.run(argv, check=True, capture_output=True, timeout=30)
 
 
+def find_directory(path: Path) -> tuple[int, int, int, int]:
+    """(position of the bitmaps header extension's data, count, directory size, offset)."""
+    with open(path, "rb") as f:
+        header = f.read(1 << 16)
+    (header_length,) = struct.unpack_from(">I", header, 100)
+    pos = header_length
+    while True:
+        ext_type, ext_len = struct.unpack_from(">II", header, pos)
+        assert ext_type != 0, "no bitmaps extension"
+        if ext_type == BITMAPS_EXT:
+            count, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", header, pos + 8)
+            return pos + 8, count, dir_size, dir_offset
+        pos += 8 + (ext_len + 7) // 8 * 8
+
+
 def set_in_use(path: Path, *names: str) -> None:
     """Flag the named bitmaps in_use, as a crash leaves them: bit 0 of the flags at byte 12
     of each directory entry, the directory found through the bitmaps header extension."""
+    _, count, dir_size, dir_offset = find_directory(path)
     with open(path, "r+b") as f:
-        header = f.read(1 << 16)
-        (header_length,) = struct.unpack_from(">I", header, 100)
-        pos = header_length
-        while True:
-            ext_type, ext_len = struct.unpack_from(">II", header, pos)
-            assert ext_type != 0, "no bitmaps extension"
-            if ext_type == BITMAPS_EXT:
-                count, _, dir_size, dir_offset = struct.unpack_from(">IIQQ", header, pos + 8)
-                break
-            pos += 8 + (ext_len + 7) // 8 * 8
         f.seek(dir_offset)
         directory = bytearray(f.read(dir_size))
         entry, found = 0, set()
@@ -377,3 +385,50 @@ def test_remove_of_stored_bitmap_keeps_allocation(compat: Compat) -> None:
                          if n["node-name"] in ("bad", "badf")})  # fmt: skip
         sizes[side] = seen
     assert sizes["ours"] == sizes["reference"]
+
+
+# -- Broken bitmap directories and tables: the open error, qsd's text ----------------------------
+
+# what -> (where, offset, struct format, new value from (count, directory size)): `where` is
+# "ext" (the header extension's data), "dir" (the first directory entry) or "table" (the first
+# entry's bitmap table).
+Breakage = tuple[str, int, str, Callable[[int, int], int]]
+BREAKAGES: dict[str, Breakage] = {
+    "directory past the end": ("ext", 16, ">Q", lambda n, size: 1 << 40),
+    "directory 8 bytes longer": ("ext", 8, ">Q", lambda n, size: size + 8),
+    "directory 8 bytes shorter": ("ext", 8, ">Q", lambda n, size: size - 8),
+    "one bitmap more announced": ("ext", 0, ">I", lambda n, size: n + 1),
+    "granularity 256": ("dir", 17, ">B", lambda n, size: 8),
+    "granularity 2^40": ("dir", 17, ">B", lambda n, size: 40),
+    "type 2": ("dir", 16, ">B", lambda n, size: 2),
+    "reserved flag": ("dir", 12, ">I", lambda n, size: 0x10),
+    "table unaligned": ("dir", 0, ">Q", lambda n, size: 0x10200),
+    "table size wrong": ("dir", 8, ">I", lambda n, size: 5),
+    "extra data": ("dir", 20, ">I", lambda n, size: 8),
+    "table entry reserved bit": ("table", 0, ">Q", lambda n, size: 0x2),
+}
+
+
+def broken(what: str) -> Callable[[Path], None]:
+    """A setup making $D/broken.qcow2 with one field of its bitmaps broken."""
+    place, offset, code, value = BREAKAGES[what]
+
+    def setup(d: Path) -> None:
+        image = d / "broken.qcow2"
+        bitmapped(d, "broken.qcow2")
+        ext, count, dir_size, dir_offset = find_directory(image)
+        with open(image, "r+b") as f:
+            base = {"ext": ext, "dir": dir_offset}.get(place)
+            if base is None:
+                f.seek(dir_offset)
+                (base,) = struct.unpack(">Q", f.read(8))
+            f.seek(base + offset)
+            f.write(struct.pack(code, value(count, dir_size)))
+
+    return setup
+
+
+@pytest.mark.parametrize("what", list(BREAKAGES))
+def test_broken_bitmaps_refuse_the_open_as_qsd(compat: Compat, what: str) -> None:
+    node = "driver=qcow2,node-name=d,file.driver=file,file.filename=$D/broken.qcow2,read-only=on"
+    compat.check_cli(cli("--blockdev", node, setup=broken(what)))

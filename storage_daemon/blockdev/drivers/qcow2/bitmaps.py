@@ -46,6 +46,7 @@ MAX_GRANULARITY_BITS = 31
 MAX_NAME_SIZE = 1023
 MAX_TABLE_SIZE = 0x8000000
 MAX_PHYS_SIZE = 0x20000000  # bitmap data bytes QEMU agrees to hold in memory
+MIN_CLUSTER_SIZE = 512
 TABLE_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 TABLE_RESERVED_MASK = 0xFF000000000001FE
 
@@ -75,26 +76,33 @@ def entry_size(name_size: int, extra_size: int) -> int:
 
 
 def parse_directory(buf: bytes | bytearray, count: int) -> list[StoredBitmap]:
+    """The entries of a directory, each checked as qsd checks it while reading (qsd's texts):
+    the entries must fill the directory exactly and number `count`."""
     entries: list[StoredBitmap] = []
     pos = 0
-    for _ in range(count):
+    while pos < len(buf):
         if pos + _ENTRY.size > len(buf):
-            raise BitmapFormatError("Bitmap directory is truncated")
+            raise BitmapFormatError("Broken bitmap directory")
         offset, table_size, flags, kind, gbits, name_size, extra_size = _ENTRY.unpack_from(buf, pos)
         end = pos + entry_size(name_size, extra_size)
         if end > len(buf):
-            raise BitmapFormatError("Bitmap directory entry overruns the directory")
+            raise BitmapFormatError("Broken bitmap directory")
         start = pos + _ENTRY.size
         extra = bytes(buf[start : start + extra_size])
         raw_name = bytes(buf[start + extra_size : start + extra_size + name_size])
-        entries.append(
-            StoredBitmap(
-                raw_name.decode("utf-8", "replace"), offset, table_size, flags, gbits, extra, kind
-            )
+        entry = StoredBitmap(
+            raw_name.decode("utf-8", "replace"), offset, table_size, flags, gbits, extra, kind
         )
+        if extra_size and not flags & EXTRA_DATA_COMPATIBLE:
+            raise BitmapFormatError("Bitmap extra data is not supported")
+        if not _satisfies_constraints(entry):
+            raise BitmapFormatError(f"Bitmap '{entry.name}' doesn't satisfy the constraints")
+        entries.append(entry)
         pos = end
-    if pos != len(buf):
-        raise BitmapFormatError("Bitmap directory size does not match its entries")
+    if len(entries) < count:
+        raise BitmapFormatError("Less bitmaps found than specified in header extension")
+    if len(entries) > count:
+        raise BitmapFormatError("More bitmaps found than specified in header extension")
     return entries
 
 
@@ -123,26 +131,24 @@ def table_entries(length: int, granularity: int, cluster_size: int) -> int:
     return -(-data_bytes // cluster_size)
 
 
-def _check_entry(e: StoredBitmap, length: int, cluster_size: int) -> None:
-    """The checks qsd makes before it uses an entry (an in_use one is never read)."""
-    if e.table_size > MAX_TABLE_SIZE or e.table_size * cluster_size > MAX_PHYS_SIZE:
-        raise BitmapFormatError(f"Bitmap '{e.name}' table is too large")
-    if e.table_offset % cluster_size:
-        raise BitmapFormatError(f"Bitmap '{e.name}' table offset is not cluster aligned")
-    if not MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS:
-        raise BitmapFormatError(f"Bitmap '{e.name}' granularity is not supported")
-    if e.flags & ~KNOWN_FLAGS:
-        raise BitmapFormatError(f"Bitmap '{e.name}' has unknown flags")
-    if e.type != TYPE_DIRTY_TRACKING:
-        raise BitmapFormatError(f"Bitmap '{e.name}' is of an unknown type")
-    if not e.name or len(e.name.encode()) > MAX_NAME_SIZE:
-        raise BitmapFormatError("Bitmap name is empty or too long")
-    if e.extra_data and not e.flags & EXTRA_DATA_COMPATIBLE:
-        raise BitmapFormatError(f"Bitmap '{e.name}' has extra data this daemon cannot use")
-    if not e.flags & IN_USE and e.table_size != table_entries(
-        length, 1 << e.granularity_bits, cluster_size
-    ):
-        raise BitmapFormatError(f"Bitmap '{e.name}' table size does not match the image size")
+def _satisfies_constraints(e: StoredBitmap) -> bool:
+    """qsd's checks of a directory entry: table placement and size (bounded: 512 MiB of
+    bitmap data at most, at the smallest cluster size), granularity, flags, type, name."""
+    return (
+        e.table_size <= MAX_TABLE_SIZE
+        and e.table_size * MIN_CLUSTER_SIZE <= MAX_PHYS_SIZE
+        and e.table_offset % MIN_CLUSTER_SIZE == 0
+        and MIN_GRANULARITY_BITS <= e.granularity_bits <= MAX_GRANULARITY_BITS
+        and not e.flags & ~KNOWN_FLAGS
+        and e.type == TYPE_DIRTY_TRACKING
+        and len(e.name.encode()) <= MAX_NAME_SIZE
+    )
+
+
+def _check_placement(e: StoredBitmap, cluster_size: int) -> None:
+    """What depends on the image's cluster size (checked with the directory, qsd's text)."""
+    if e.table_offset % cluster_size or e.table_size * cluster_size > MAX_PHYS_SIZE:
+        raise BitmapFormatError(f"Bitmap '{e.name}' doesn't satisfy the constraints")
 
 
 def _extension(hdr: fmt.Header) -> fmt.Extension | None:
@@ -179,17 +185,19 @@ async def load(driver: Qcow2Driver) -> None:
     try:
         raw = await meta.read(dir_offset, dir_size)
         entries = parse_directory(raw, count)
-        length = -(-hdr.size // registry.SECTOR) * registry.SECTOR
         for e in entries:
-            _check_entry(e, length, hdr.cluster_size)
+            _check_placement(e, hdr.cluster_size)
+        length = -(-hdr.size // registry.SECTOR) * registry.SECTOR
         loaded = []
         for e in entries:
             bits = Bits(length, 1 << e.granularity_bits)
             if not e.flags & IN_USE:
-                await _read_bits(driver, e, bits)
+                await _read_bits(driver, e, bits, length)
             loaded.append((e, bits))
-    except (BitmapFormatError, OSError) as err:
-        raise QmpError(f"Could not load the bitmaps of the image: {err}") from err
+    except BitmapFormatError as err:
+        raise QmpError(str(err)) from err
+    except OSError as err:
+        raise QmpError(f"Could not read the bitmap directory: {err.strerror or err}") from err
     meta.set_bitmap_directory(dir_offset, dir_size)
     driver.stored = entries
     readonly = not driver.writable
@@ -208,19 +216,24 @@ async def load(driver: Qcow2Driver) -> None:
         )
 
 
-async def _read_bits(driver: Qcow2Driver, e: StoredBitmap, bits: Bits) -> None:
+async def _read_bits(driver: Qcow2Driver, e: StoredBitmap, bits: Bits, length: int) -> None:
+    """The bitmap's table, checked entry by entry, then its data (qsd's texts and order)."""
     hdr, meta = driver.hdr, driver.meta
     assert hdr is not None and meta is not None
     cs = hdr.cluster_size
     table = fmt.unpack_u64s(await meta.read(e.table_offset, e.table_size * 8))
+    for value in table:
+        if value & TABLE_RESERVED_MASK or (value & TABLE_OFFSET_MASK) % cs:
+            raise BitmapFormatError(
+                f"Could not read bitmap_table table from image for bitmap '{e.name}': "
+                "Invalid argument"
+            )
+    if e.table_size != table_entries(length, 1 << e.granularity_bits, cs):
+        raise BitmapFormatError(f"Could not read bitmap '{e.name}' from image: Invalid argument")
     data = bytearray()
     run_start = run_length = 0  # data clusters next to each other on disk: one read
     for value in table:
-        if value & TABLE_RESERVED_MASK:
-            raise BitmapFormatError(f"Bitmap '{e.name}' table has a corrupt entry")
         offset = value & TABLE_OFFSET_MASK
-        if offset % cs:
-            raise BitmapFormatError(f"Bitmap '{e.name}' data is not cluster aligned")
         if offset and run_length and offset == run_start + run_length:
             run_length += cs
             continue
