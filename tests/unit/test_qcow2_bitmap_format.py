@@ -291,3 +291,33 @@ def test_placement_depends_on_the_cluster_size() -> None:
     # In use (never read at open), but its table is read when it is removed: bounded.
     with pytest.raises(BitmapFormatError, match="doesn't satisfy the constraints"):
         _check_placement(good(flags=IN_USE, table_size=0x20000000 // CS + 1), CS)
+
+
+# --- fuzzing -----------------------------------------------------------------------------------
+
+
+@given(st.binary(max_size=512), st.integers(0, 70000))
+def test_any_directory_bytes_give_entries_or_a_clean_error(raw: bytes, count: int) -> None:
+    """A hostile image's directory: entries that satisfy every constraint, or qsd's error."""
+    try:
+        found = parse_directory(raw, count)
+    except BitmapFormatError:
+        return
+    assert len(found) == count
+    # What was accepted survives a store unchanged (padding bytes aside).
+    assert parse_directory(pack_directory(found), count) == found
+    assert len(pack_directory(found)) == len(raw)
+
+
+@given(st.lists(entries, min_size=1, max_size=6), st.data())
+def test_a_mutated_directory_gives_entries_or_a_clean_error(
+    items: list[StoredBitmap], data: st.DataObject
+) -> None:
+    raw = bytearray(pack_directory(items))
+    at = data.draw(st.integers(0, len(raw) - 1))
+    raw[at] = data.draw(st.integers(0, 255))
+    try:
+        found = parse_directory(bytes(raw), len(items))
+    except BitmapFormatError:
+        return
+    assert parse_directory(pack_directory(found), len(items)) == found
