@@ -7,6 +7,7 @@ Test ring (unit, pure).
 from __future__ import annotations
 
 import hashlib
+import itertools
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -87,3 +88,57 @@ def test_resize_and_reset() -> None:
     assert bits.count == 3 * 512
     bits.clear()
     assert bits.count == 0
+
+
+OPS = st.lists(
+    st.tuples(st.booleans(), st.integers(0, 300_000), st.integers(0, 70_000)), max_size=10
+)
+
+
+@given(st.integers(1, 300_000), GRANS, OPS, st.integers(0, 320_000), st.integers(1, 90_000))
+def test_marks_clears_searches_and_extents_match_the_model(
+    length: int, gran: int, ops: list[tuple[bool, int, int]], at: int, span: int
+) -> None:
+    """Bits (one bit per granule) against a set of granules: set and reset in any order,
+    the next dirty/clean granule, the runs, and the NBD extents of any range."""
+    bits = Bits(length, gran)
+    dirty: set[int] = set()
+    for mark, off, n in ops:
+        (bits.set if mark else bits.reset)(off, n)
+        touched = model(length, gran, [(off, n)])
+        dirty = dirty | touched if mark else dirty - touched
+    assert {g for g in range(bits.size) if bits.is_dirty(g)} == dirty
+    assert bits.count == len(dirty) * gran
+    start = min(at // gran, bits.size)
+    assert bits.next_granule(start, True) == min(
+        [g for g in dirty if g >= start], default=bits.size
+    )
+    assert bits.next_granule(start, False) == min(
+        [g for g in range(start, bits.size) if g not in dirty], default=bits.size
+    )
+    extents = bits.extents(at, span, 1 << 20)
+    assert sum(n for n, _ in extents) == span
+    pos = at
+    for n, flag in extents:
+        for byte in (pos, pos + n - 1):
+            granule = byte // gran
+            assert flag == (granule < bits.size and granule in dirty)
+        pos += n
+    assert all(a[1] != b[1] for a, b in itertools.pairwise(extents))
+    assert bits.extents(at, span, 1) == extents[:1]
+
+
+@given(st.integers(1, 300_000), GRANS, RANGES, st.integers(0, 300_000))
+def test_resize_keeps_the_bits_past_the_end_clean(
+    length: int, gran: int, ranges: list[tuple[int, int]], new_length: int
+) -> None:
+    bits = Bits(length, gran)
+    for off, n in ranges:
+        bits.set(off, n)
+    kept = {g for g in model(length, gran, ranges) if g < -(-new_length // gran)}
+    bits.resize(new_length)
+    bits.resize(length)  # regrown: what was cut comes back clean
+    assert {g for g in range(bits.size) if bits.is_dirty(g)} == kept
+    loaded = Bits(length, gran)
+    loaded.load_packed(bits.packed() + b"\xff")
+    assert loaded.packed() == bits.packed()

@@ -1,24 +1,41 @@
-"""A dirty bitmap's bits: one byte per granule, marked, cleared, merged and hashed.
+"""A dirty bitmap's bits: one bit per granule, marked, cleared, searched, merged and hashed.
 
-Pure core: no I/O, no asyncio. One byte per granule keeps marking and counting single
-C-level bytearray operations. Invariant: `length` is the covered byte count, every granule
-index is below `size` (the last granule may be short), and each byte is 0 or 1.
+Pure core: no I/O, no asyncio. The bits are kept as a qcow2 image stores them (granule i at
+bit i % 8, least significant first, of byte i // 8), so storing and loading are plain copies,
+and a 1 TiB disk at 512-byte granules takes 256 MiB as in qsd. Range marks touch two edge
+bytes and fill the rest with one slice assignment; searches for the next dirty or clean
+granule compare whole chunks in C. Invariant: `length` is the covered byte
+count, `size` the granule count (the last granule may be short), the buffer holds
+ceil(size / 8) bytes and every bit from `size` on is 0.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-_ONE = b"\x01"
-# Granule bytes (0/1) as the characters of a binary number, for packing into bits.
-_AS_DIGITS = bytes.maketrans(b"\x00\x01", b"01")
-_FROM_DIGITS = bytes.maketrans(b"01", b"\x00\x01")
+_CHUNK = 65536  # bytes of bits compared at once (startswith: a memcmp in C)
+_CLEAN = bytes(_CHUNK)
+_DIRTY = b"\xff" * _CHUNK
+
+
+def _first_not(bits: bytearray, pos: int, fill: bytes, size: int) -> int:
+    """The first index in [pos, size) whose byte is not `fill[0]`; `size` if none.
+    Whole chunks equal to `fill` are skipped with one comparison each (a 256 MiB bitmap in
+    ~20 ms; a regular expression takes 100 times longer)."""
+    while pos < size:
+        end = min(size, pos + _CHUNK)
+        if bits.startswith(fill if end - pos == _CHUNK else fill[: end - pos], pos, end):
+            pos = end
+            continue
+        chunk = bits[pos:end]
+        return pos + len(chunk) - len(chunk.lstrip(fill[:1]))
+    return size
 
 
 class Bits:
     """Granules of `granularity` bytes (a power of two) over `length` bytes."""
 
-    __slots__ = ("_granules", "_shift", "granularity", "length", "size")
+    __slots__ = ("_bits", "_shift", "granularity", "length", "size")
 
     def __init__(self, length: int, granularity: int) -> None:
         if granularity <= 0 or granularity & (granularity - 1):
@@ -27,16 +44,19 @@ class Bits:
         self._shift = granularity.bit_length() - 1
         self.length = 0
         self.size = 0
-        self._granules = bytearray()
+        self._bits = bytearray()
         self.resize(length)
 
     def resize(self, length: int) -> None:
         """Grow (new granules clean) or shrink (granules past the end dropped)."""
         size = -(-length >> self._shift) if length > 0 else 0
-        if size > self.size:
-            self._granules.extend(bytes(size - self.size))
+        nbytes = -(-size // 8)
+        if nbytes > len(self._bits):
+            self._bits.extend(bytes(nbytes - len(self._bits)))
         else:
-            del self._granules[size:]
+            del self._bits[nbytes:]
+        if size < self.size and size & 7:
+            self._bits[-1] &= (1 << (size & 7)) - 1
         self.length = length
         self.size = size
 
@@ -45,41 +65,82 @@ class Bits:
         last = min(self.size, -(-(offset + length) >> self._shift))
         return first, max(first, last)
 
+    def _fill(self, first: int, last: int, dirty: bool) -> None:
+        """Granules [first, last) all dirty or all clean."""
+        if first >= last:
+            return
+        bits = self._bits
+        head, tail = first >> 3, (last - 1) >> 3
+        head_mask = (0xFF << (first & 7)) & 0xFF
+        tail_mask = 0xFF >> (7 - ((last - 1) & 7))
+        if head == tail:
+            mask = head_mask & tail_mask
+            bits[head] = bits[head] | mask if dirty else bits[head] & ~mask
+            return
+        if dirty:
+            bits[head] |= head_mask
+            bits[tail] |= tail_mask
+            bits[head + 1 : tail] = b"\xff" * (tail - head - 1)
+        else:
+            bits[head] &= ~head_mask & 0xFF
+            bits[tail] &= ~tail_mask & 0xFF
+            bits[head + 1 : tail] = bytes(tail - head - 1)
+
     def set(self, offset: int, length: int) -> None:
         """Mark every granule `[offset, offset+length)` touches (clipped to the bitmap)."""
         if length > 0:
-            first, last = self._span(offset, length)
-            self._granules[first:last] = _ONE * (last - first)
+            self._fill(*self._span(offset, length), True)
 
     def reset(self, offset: int, length: int) -> None:
         """Clear every granule `[offset, offset+length)` touches."""
         if length > 0:
-            first, last = self._span(offset, length)
-            self._granules[first:last] = bytes(last - first)
+            self._fill(*self._span(offset, length), False)
 
     def clear(self) -> None:
-        self._granules[:] = bytes(self.size)
+        self._bits[:] = bytes(len(self._bits))
 
     @property
     def count(self) -> int:
-        """Dirty bytes as qsd counts them: whole granules, the short last one included."""
-        return self._granules.count(_ONE) << self._shift
+        """Dirty bytes as qsd counts them: whole granules, the short last one included.
+        Clean chunks are skipped by comparison, so a mostly clean bitmap counts fast."""
+        bits = self._bits
+        total = 0
+        for pos in range(0, len(bits), _CHUNK):
+            end = min(len(bits), pos + _CHUNK)
+            if not bits.startswith(_CLEAN if end - pos == _CHUNK else _CLEAN[: end - pos], pos):
+                total += int.from_bytes(bits[pos:end], "little").bit_count()
+        return total << self._shift
 
     def is_dirty(self, granule: int) -> bool:
-        return self._granules[granule] == 1
+        return bool(self._bits[granule >> 3] >> (granule & 7) & 1)
+
+    def next_granule(self, granule: int, dirty: bool, stop: int | None = None) -> int:
+        """The first granule from `granule` on that is dirty (or clean), looking no further
+        than `stop` (default: the end); `stop` (or `size`) if there is none."""
+        limit = self.size if stop is None else min(stop, self.size)
+        if granule >= limit:
+            return limit
+        bits = self._bits
+        index = granule >> 3
+        byte = bits[index] if dirty else ~bits[index] & 0xFF
+        byte >>= granule & 7
+        if byte:
+            return min(limit, granule + (byte & -byte).bit_length() - 1)
+        index = _first_not(bits, index + 1, _CLEAN if dirty else _DIRTY, -(-limit // 8))
+        if index * 8 >= limit:
+            return limit
+        byte = bits[index] if dirty else ~bits[index] & 0xFF
+        return min(limit, index * 8 + (byte & -byte).bit_length() - 1)
 
     def dirty_runs(self) -> list[tuple[int, int]]:
         """The dirty byte ranges as (offset, length), in order, clipped to `length`."""
         runs: list[tuple[int, int]] = []
-        granules = self._granules
-        pos = granules.find(_ONE)
-        while pos >= 0:
-            end = granules.find(b"\x00", pos)
-            if end < 0:
-                end = self.size
+        pos = self.next_granule(0, True)
+        while pos < self.size:
+            end = self.next_granule(pos, False)
             offset = pos << self._shift
             runs.append((offset, min(self.length, end << self._shift) - offset))
-            pos = granules.find(_ONE, end)
+            pos = self.next_granule(end, True)
         return runs
 
     def extents(self, offset: int, length: int, limit: int) -> list[tuple[int, int]]:
@@ -88,39 +149,37 @@ class Bits:
         for a `qemu:dirty-bitmap:` context). Past the bitmap's end reads as clean."""
         out: list[tuple[int, int]] = []
         end = offset + length
-        granules = self._granules
         pos = offset
         while pos < end and len(out) < limit:
             granule = pos >> self._shift
             if granule >= self.size:
                 out.append((end - pos, 0))
                 break
-            dirty = granules[granule]
-            nxt = granules.find(b"\x00" if dirty else _ONE, granule)
-            stop = end if nxt < 0 else min(end, nxt << self._shift)
-            out.append((stop - pos, dirty))
+            dirty = self.is_dirty(granule)
+            nxt = self.next_granule(granule, not dirty, -(-end >> self._shift))
+            # A clean run reaching the last granule goes on clean past the bitmap's end.
+            stop = end if not dirty and nxt >= self.size else min(end, nxt << self._shift)
+            out.append((stop - pos, int(dirty)))
             pos = stop
         return out
 
     def copy(self) -> Bits:
         other = Bits(0, self.granularity)
         other.length, other.size = self.length, self.size
-        other._granules = bytearray(self._granules)
+        other._bits = bytearray(self._bits)
         return other
 
     def restore(self, saved: Bits) -> None:
         """Take back the granules of a `copy()` of this bitmap (a transaction's undo)."""
         self.length, self.size = saved.length, saved.size
-        self._granules[:] = saved._granules
+        self._bits[:] = saved._bits
 
     def merge_from(self, other: Bits) -> None:
         """Mark what `other` marks (same length; any granularity: each dirty range of the
         other marks every granule of ours that it touches)."""
         if other.granularity == self.granularity:
-            merged = int.from_bytes(self._granules, "little") | int.from_bytes(
-                other._granules, "little"
-            )
-            self._granules[:] = merged.to_bytes(self.size, "little")
+            merged = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
+            self._bits[:] = merged.to_bytes(len(self._bits), "little")
             return
         for offset, length in other.dirty_runs():
             self.set(offset, length)
@@ -129,23 +188,20 @@ class Bits:
         """The bits as qsd keeps them: little-endian 64-bit words, granule i at bit i % 64
         of word i // 64, at least one word."""
         words = max(1, -(-self.size // 64))
-        if not self.size:
-            return bytes(8 * words)
-        digits = self._granules.translate(_AS_DIGITS)[::-1]
-        return int(digits, 2).to_bytes(8 * words, "little")
+        return bytes(self._bits) + bytes(8 * words - len(self._bits))
 
     def packed(self) -> bytes:
         """The bits as a qcow2 image stores them: granule i at bit i % 8 (least significant
         first) of byte i // 8, in ceil(size / 8) bytes."""
-        return self.serialise()[: -(-self.size // 8)]
+        return bytes(self._bits)
 
     def load_packed(self, data: bytes | bytearray) -> None:
         """Take every granule from `packed()` form; bits past `size` are ignored."""
-        n = self.size
-        if not n:
-            return
-        value = int.from_bytes(data[: -(-n // 8)], "little") & ((1 << n) - 1)
-        self._granules[:] = format(value, f"0{n}b").encode()[::-1].translate(_FROM_DIGITS)
+        nbytes = len(self._bits)
+        chunk = bytes(data[:nbytes])
+        self._bits[:] = chunk + bytes(nbytes - len(chunk))
+        if self.size & 7:
+            self._bits[-1] &= (1 << (self.size & 7)) - 1
 
     def sha256(self) -> str:
         """x-debug-block-dirty-bitmap-sha256: the hex SHA-256 of `serialise()`."""
