@@ -74,6 +74,7 @@ async def activate(graph: BlockGraph, node: BlockNode) -> None:
         except BaseException:
             node.options.active = False  # the transaction changed nothing
             raise
+        await node.driver.activate()
     for edge in list(node.parents):
         parent = edge.parent
         if isinstance(parent, ActivityAware):
@@ -107,11 +108,14 @@ async def _inactivate_recurse(graph: BlockGraph, node: BlockNode, top_level: boo
     if any(edge.perm & _WRITERS for edge in node.parents):
         # A user that cannot give up writing (a job, a resize in progress).
         raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+    # Only once nothing refuses: the driver hands the image over (qcow2 stores its bitmaps).
+    await node.driver.inactivate()
     node.options.active = False
     try:
         graph.refresh_perms(node)
     except QmpError as err:
         node.options.active = True  # the transaction changed nothing
+        await node.driver.activate()  # take the image back as the driver left it
         raise OSError(errno.EPERM, os.strerror(errno.EPERM)) from err
     for edge in list(node.children):
         await _inactivate_recurse(graph, edge.node, False)

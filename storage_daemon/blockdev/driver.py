@@ -156,6 +156,16 @@ class BlockDriver(ABC):
         """Extra ImageInfo members (cluster-size, format-specific, dirty-flag...)."""
         return {}
 
+    # --- blockdev-set-active (QEMU 10.0) ---------------------------------------------------
+
+    async def inactivate(self) -> None:
+        """The node goes inactive (its caches were flushed): leave the image in a state
+        another process can take over (raise OSError to refuse)."""
+
+    async def activate(self) -> None:
+        """The node is active again: drop what was cached about the image (another process
+        may have written it) and take it over."""
+
     # --- persistent dirty bitmaps (qcow2 stores them) --------------------------------------
 
     def check_can_store_bitmap(self, name: str, granularity: int) -> None:

@@ -612,6 +612,12 @@ class FileDriver(BlockDriver):
             start, end = min(start, cache[0]), max(end, cache[1])
         self._data_cache = (start, end)
 
+    async def activate(self) -> None:
+        """Back from inactive (QEMU 10.0): another process may have grown, shrunk or
+        rewritten the file; its length is read again and nothing cached about it is kept."""
+        self._may_punch()
+        self.length = await self._run(_current_length)
+
     def _may_punch(self) -> None:
         """A range may become a hole (or the file shorter): forget the cached data extent,
         and the mapping (views already handed out keep theirs until they are dropped)."""
@@ -645,3 +651,8 @@ def _truncate_job(fd: int, size: int) -> int:
         return size
     syscalls.allocate_first_block(fd, size)
     return max(size, os.fstat(fd).st_size)
+
+
+def _current_length(fd: int) -> int:
+    """The file's (or device's) length now (runs on the pool)."""
+    return syscalls.device_length(fd, os.fstat(fd))

@@ -173,8 +173,10 @@ def image_info(entries: list[StoredBitmap]) -> list[dict[str, object]]:
 # --- open ----------------------------------------------------------------------------------
 
 
-async def load(driver: Qcow2Driver) -> None:
-    """Read the directory and make every stored bitmap a persistent bitmap of the node."""
+async def load(driver: Qcow2Driver, *, readonly: bool, attach: bool = True) -> None:
+    """Read the directory and make every stored bitmap a persistent bitmap of the node
+    (read-only ones on a node that may not write the image now; none on an inactive node,
+    which only lists the directory, as qsd 10.0 does)."""
     hdr, meta = driver.hdr, driver.meta
     assert hdr is not None and meta is not None
     driver.stored = []
@@ -200,8 +202,9 @@ async def load(driver: Qcow2Driver) -> None:
         raise QmpError(f"Could not read the bitmap directory: {err.strerror or err}") from err
     meta.set_bitmap_directory(dir_offset, dir_size)
     driver.stored = entries
-    readonly = not driver.writable
-    for e, bits in loaded:
+    for e, bits in loaded if attach else ():
+        if registry.find(driver.node, e.name) is not None:
+            continue  # added while inactive under a stored name: the one in memory wins
         inconsistent = bool(e.flags & IN_USE)
         registry.attach(
             driver.node,
@@ -264,6 +267,15 @@ async def mark_in_use(driver: Qcow2Driver) -> None:
     offset, _size = meta.bitmap_directory
     await meta.write(offset, pack_directory(driver.stored), OL_BITMAP_DIRECTORY)
     await meta.sync()
+
+
+def release(driver: Qcow2Driver, *, loaded_only: bool = False) -> None:
+    """The node's persistent bitmaps leave memory (they were stored): an inactivated node
+    loads them again from the image when it is activated, as qsd 10.0 does. `loaded_only`:
+    only the read-only ones loaded while the node could not write, not those added since."""
+    for bitmap in list(registry.bitmaps(driver.node)):
+        if bitmap.persistent and (bitmap.readonly or not loaded_only):
+            registry.release(driver.node, bitmap)
 
 
 def set_readonly(driver: Qcow2Driver) -> None:
@@ -472,6 +484,7 @@ __all__ = [
     "mark_in_use",
     "pack_directory",
     "parse_directory",
+    "release",
     "remove",
     "report",
     "set_readonly",

@@ -101,6 +101,7 @@ class Qcow2Driver(BlockDriver):
         self._prealloc: bool | None = None  # metadata preallocation (None: not checked yet)
         self._bitmaps_stored_for_reopen = False
         self._background: set[asyncio.Task[None]] = set()
+        self._options: Any = None  # the typed open options (kept current by reopen)
 
     # --- opening ------------------------------------------------------------------------
 
@@ -120,14 +121,33 @@ class Qcow2Driver(BlockDriver):
             _OPENING.reset(token)
 
     async def _open(self, options: Any, opener: ChildOpener, file: BdrvChild) -> None:
-        writable = not self.node.options.read_only
-        self._writable = writable
+        self._writable = not self.node.options.read_only
+        self._options = options
+        await self._load_image(options, file)
+        hdr = self.hdr
+        assert hdr is not None
+        # Data file.
+        if hdr.incompatible & fmt.INCOMPAT_DATA_FILE:
+            if options.data_file is None:
+                raise QmpError("'data-file' is required for this image")
+            self._data_file = await opener.open_child(
+                self.node, options.data_file, "data-file", ChildRole.DATA
+            )
+        elif options.data_file is not None:
+            raise QmpError("'data-file' can only be set for images with an external data file")
+        self._map_guest()
+        await self._open_backing(options, opener)
+        await self._take_over()
+        self._start_cache_cleaner(options.cache_clean_interval)
+
+    async def _load_image(self, options: Any, file: BdrvChild) -> None:
+        """Header, tables, snapshots and the metadata caches, as the image holds them now."""
         file_len = file.node.driver.getlength()
         head = await io.pread(file, 0, fmt.V3_HEADER_LENGTH + 8)
         try:
             hdr = fmt.parse_fixed_header(bytes(head))
             cluster0 = bytes(await io.pread(file, 0, hdr.cluster_size))
-            hdr = fmt.parse_header(cluster0, writable=writable)
+            hdr = fmt.parse_header(cluster0, writable=self._writable)
         except fmt.FormatError as err:
             raise QmpError(str(err)) from err
         self.hdr = hdr
@@ -170,28 +190,29 @@ class Qcow2Driver(BlockDriver):
         meta.build_overlap_map()
         meta.mark_snapshot_table(hdr.snapshots_offset, self._snapshot_table_size)
         meta.discard_kinds = opts.discard_kinds(options, self.node.options.discard)
-        # Data file.
-        data_edge = file
-        if hdr.incompatible & fmt.INCOMPAT_DATA_FILE:
-            if options.data_file is None:
-                raise QmpError("'data-file' is required for this image")
-            self._data_file = await opener.open_child(
-                self.node, options.data_file, "data-file", ChildRole.DATA
-            )
-            data_edge = self._data_file
-        elif options.data_file is not None:
-            raise QmpError("'data-file' can only be set for images with an external data file")
-        self.mapper = Mapper(meta, hdr.size, data_edge, self._data_file is not None)
-        self.writer = Writer(self, meta, self.mapper)
         self.lazy_refcounts = opts.lazy_refcounts(options, hdr)
-        await self._open_backing(options, opener)
-        await bitmaps.load(self)
-        if writable:
+        self._dirty_set = False
+
+    def _map_guest(self) -> None:
+        hdr, meta, file = self.hdr, self.meta, self._file
+        assert hdr is not None and meta is not None and file is not None
+        data_edge = self._data_file if self._data_file is not None else file
+        self.mapper = Mapper(meta, hdr.size, data_edge, self._data_file is not None)
+        if self.backing is not None:
+            self.mapper.backing = self.backing
+        self.writer = Writer(self, meta, self.mapper)
+
+    async def _take_over(self) -> None:
+        """The persistent bitmaps loaded; a writable, active node then readies the image for
+        writes. An inactive node (QEMU 10.0) leaves the image alone until it is activated:
+        another process may own it meanwhile."""
+        active = self.node.options.active
+        await bitmaps.load(self, readonly=not (self._writable and active), attach=active)
+        if self._writable and active:
             await self._prepare_writable()
             await bitmaps.mark_in_use(self)
             # Before our first write (see _check_preallocation).
             await self._check_preallocation()
-        self._start_cache_cleaner(options.cache_clean_interval)
 
     @staticmethod
     async def _read_table(file: BdrvChild, offset: int, entries: int, file_len: int) -> list[int]:
@@ -367,6 +388,36 @@ class Qcow2Driver(BlockDriver):
                 "No write access"
             )
 
+    # --- blockdev-set-active (QEMU 10.0) -------------------------------------------------
+
+    async def inactivate(self) -> None:
+        """Before another process may take the image over: the persistent bitmaps stored
+        (and dropped from memory), every cached table written back, the dirty bit off."""
+        if not self._writable or self._fenced or self.meta is None:
+            return
+        try:
+            async with self._lock:
+                await bitmaps.store(self)
+                await self._writeback()
+                await self._mark_clean()
+                await self.meta.sync()
+        except (OSError, Corruption) as err:
+            raise OSError(getattr(err, "errno", None) or errno.EIO, str(err)) from err
+        bitmaps.release(self)
+
+    async def activate(self) -> None:
+        """Another process may have changed the image while we were inactive: nothing cached
+        is trusted; header, tables and bitmaps are read again (QEMU's invalidate-cache)."""
+        file = self._file
+        if file is None or self._fenced:
+            return
+        async with self._lock:
+            bitmaps.release(self, loaded_only=True)  # loaded read-only while inactive
+            await self._load_image(self._options, file)
+            self._prealloc = None
+            self._map_guest()
+        await self._take_over()  # (takes the lock itself where it writes)
+
     async def _store_bitmaps(self) -> None:
         """Persistent bitmaps into the image (lock held); a failure is reported, as qsd
         reports it, and the rest of the close goes on."""
@@ -426,6 +477,7 @@ class Qcow2Driver(BlockDriver):
 
     def reopen_commit(self, change: ReopenChange) -> None:
         self._bitmaps_stored_for_reopen = False
+        self._options = change.options
         if change.new.read_only:
             if self._writable:
                 bitmaps.set_readonly(self)
