@@ -73,8 +73,10 @@ def test_merge_marks_what_the_source_touches(
     dst.merge_from(src)
     expect = model(length, g1, r1) | model(length, g1, src.dirty_runs())
     assert {g for g in range(dst.size) if dst.is_dirty(g)} == expect
+    assert dst.count == len(expect) * g1
     dst.restore(saved)
     assert dst.serialise() == saved.serialise()
+    assert dst.count == len(model(length, g1, r1)) * g1
 
 
 def test_resize_and_reset() -> None:
@@ -139,6 +141,23 @@ def test_resize_keeps_the_bits_past_the_end_clean(
     bits.resize(new_length)
     bits.resize(length)  # regrown: what was cut comes back clean
     assert {g for g in range(bits.size) if bits.is_dirty(g)} == kept
+    assert bits.count == len(kept) * gran
     loaded = Bits(length, gran)
     loaded.load_packed(bits.packed() + b"\xff")
     assert loaded.packed() == bits.packed()
+    assert loaded.count == bits.count
+    loaded.clear()
+    assert loaded.count == 0 and loaded.copy().count == 0
+
+
+def test_counts_stay_exact_across_ranges_wider_than_a_chunk() -> None:
+    """Marks and clears spanning more than 64 KiB of bits (counted by chunks)."""
+    bits = Bits(1 << 32, 512)  # 8 Mi granules, 1 MiB of bits
+    bits.set(100 * 512, 3 * 512)  # 3 granules dirty inside the range below
+    bits.set(0, 300 << 20)  # 600 Ki granules: 75 KiB of bits
+    assert bits.count == 300 << 20
+    bits.set(1 << 30, 1 << 30)
+    assert bits.count == (300 << 20) + (1 << 30)
+    bits.reset(512 * 7, 1 << 30)  # clears all of the first run but 7 granules
+    assert bits.count == 7 * 512 + (1 << 30) - (512 * 7)
+    assert bits.count == sum(n for _, n in bits.dirty_runs())

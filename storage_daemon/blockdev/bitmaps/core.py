@@ -18,6 +18,16 @@ _CLEAN = bytes(_CHUNK)
 _DIRTY = b"\xff" * _CHUNK
 
 
+def _popcount(bits: bytearray, start: int, end: int) -> int:
+    """Set bits in bytes [start, end); clean chunks skipped by comparison."""
+    total = 0
+    for pos in range(start, end, _CHUNK):
+        stop = min(end, pos + _CHUNK)
+        if not bits.startswith(_CLEAN if stop - pos == _CHUNK else _CLEAN[: stop - pos], pos):
+            total += int.from_bytes(bits[pos:stop], "little").bit_count()
+    return total
+
+
 def _first_not(bits: bytearray, pos: int, fill: bytes, size: int) -> int:
     """The first index in [pos, size) whose byte is not `fill[0]`; `size` if none.
     Whole chunks equal to `fill` are skipped with one comparison each (a 256 MiB bitmap in
@@ -35,7 +45,7 @@ def _first_not(bits: bytearray, pos: int, fill: bytes, size: int) -> int:
 class Bits:
     """Granules of `granularity` bytes (a power of two) over `length` bytes."""
 
-    __slots__ = ("_bits", "_shift", "granularity", "length", "size")
+    __slots__ = ("_bits", "_dirty", "_shift", "granularity", "length", "size")
 
     def __init__(self, length: int, granularity: int) -> None:
         if granularity <= 0 or granularity & (granularity - 1):
@@ -45,6 +55,7 @@ class Bits:
         self.length = 0
         self.size = 0
         self._bits = bytearray()
+        self._dirty = 0  # dirty granules, kept current by every change
         self.resize(length)
 
     def resize(self, length: int) -> None:
@@ -55,10 +66,13 @@ class Bits:
             self._bits.extend(bytes(nbytes - len(self._bits)))
         else:
             del self._bits[nbytes:]
-        if size < self.size and size & 7:
+        shrunk = size < self.size
+        if shrunk and size & 7:
             self._bits[-1] &= (1 << (size & 7)) - 1
         self.length = length
         self.size = size
+        if shrunk:
+            self._dirty = _popcount(self._bits, 0, len(self._bits))
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         first = max(0, offset) >> self._shift
@@ -75,8 +89,24 @@ class Bits:
         tail_mask = 0xFF >> (7 - ((last - 1) & 7))
         if head == tail:
             mask = head_mask & tail_mask
+            before = (bits[head] & mask).bit_count()
             bits[head] = bits[head] | mask if dirty else bits[head] & ~mask
-            return
+        else:
+            middle = (
+                int.from_bytes(bits[head + 1 : tail], "little").bit_count()
+                if tail - head <= _CHUNK
+                else _popcount(bits, head + 1, tail)
+            )
+            before = (
+                (bits[head] & head_mask).bit_count() + (bits[tail] & tail_mask).bit_count() + middle
+            )
+            self._fill_bytes(head, tail, head_mask, tail_mask, dirty)
+        self._dirty += (last - first) - before if dirty else -before
+
+    def _fill_bytes(
+        self, head: int, tail: int, head_mask: int, tail_mask: int, dirty: bool
+    ) -> None:
+        bits = self._bits
         if dirty:
             bits[head] |= head_mask
             bits[tail] |= tail_mask
@@ -98,18 +128,13 @@ class Bits:
 
     def clear(self) -> None:
         self._bits[:] = bytes(len(self._bits))
+        self._dirty = 0
 
     @property
     def count(self) -> int:
-        """Dirty bytes as qsd counts them: whole granules, the short last one included.
-        Clean chunks are skipped by comparison, so a mostly clean bitmap counts fast."""
-        bits = self._bits
-        total = 0
-        for pos in range(0, len(bits), _CHUNK):
-            end = min(len(bits), pos + _CHUNK)
-            if not bits.startswith(_CLEAN if end - pos == _CHUNK else _CLEAN[: end - pos], pos):
-                total += int.from_bytes(bits[pos:end], "little").bit_count()
-        return total << self._shift
+        """Dirty bytes as qsd counts them: whole granules, the short last one included
+        (kept as marks and clears happen, so a query never scans the bits)."""
+        return self._dirty << self._shift
 
     def is_dirty(self, granule: int) -> bool:
         return bool(self._bits[granule >> 3] >> (granule & 7) & 1)
@@ -167,12 +192,14 @@ class Bits:
         other = Bits(0, self.granularity)
         other.length, other.size = self.length, self.size
         other._bits = bytearray(self._bits)
+        other._dirty = self._dirty
         return other
 
     def restore(self, saved: Bits) -> None:
         """Take back the granules of a `copy()` of this bitmap (a transaction's undo)."""
         self.length, self.size = saved.length, saved.size
         self._bits[:] = saved._bits
+        self._dirty = saved._dirty
 
     def merge_from(self, other: Bits) -> None:
         """Mark what `other` marks (same length; any granularity: each dirty range of the
@@ -180,6 +207,7 @@ class Bits:
         if other.granularity == self.granularity:
             merged = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
             self._bits[:] = merged.to_bytes(len(self._bits), "little")
+            self._dirty = merged.bit_count()
             return
         for offset, length in other.dirty_runs():
             self.set(offset, length)
@@ -202,6 +230,7 @@ class Bits:
         self._bits[:] = chunk + bytes(nbytes - len(chunk))
         if self.size & 7:
             self._bits[-1] &= (1 << (self.size & 7)) - 1
+        self._dirty = _popcount(self._bits, 0, nbytes)
 
     def sha256(self) -> str:
         """x-debug-block-dirty-bitmap-sha256: the hex SHA-256 of `serialise()`."""
