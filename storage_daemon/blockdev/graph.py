@@ -425,13 +425,25 @@ class BlockGraph:
             return  # no loop to close it on: left for the owner to remove
         del self._nodes[node.name]
         # Monitor-owned children (the overlay's backing) are free for blockdev-del at once;
-        # implicit ones stay attached until the node is closed (it may flush through them).
+        # implicit ones stay attached until the node is closed (it may flush through them),
+        # but leave the node list now, as qsd frees them with it.
         for child in list(node.children):
             if child.node.monitor_owned:
                 self.detach(child)
+            else:
+                self._hide_implicit(child.node, node)
         task = loop.create_task(self._close_freed(node))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    def _hide_implicit(self, node: BlockNode, parent: BlockNode) -> None:
+        """An implicit node only `parent` (being freed) uses, and its own: out of the list."""
+        if node.monitor_owned or any(e.parent_node is not parent for e in node.parents):
+            return
+        if self._nodes.get(node.name) is node:
+            del self._nodes[node.name]
+        for edge in node.children:
+            self._hide_implicit(edge.node, node)
 
     async def _close_freed(self, node: BlockNode) -> None:
         try:

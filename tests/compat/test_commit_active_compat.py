@@ -377,3 +377,45 @@ def test_quit_while_ready(compat: Compat) -> None:
     )
     result.assert_same()
     check_images(compat)
+
+
+def test_snapshot_overlay_committed_back_is_freed(compat: Compat) -> None:
+    """The everyday round trip: blockdev-snapshot-sync puts an implicit overlay above an
+    exported image, then an active commit merges it back. After the pivot nothing uses the
+    overlay any more, and qsd frees it with the job: it leaves the node list (a persistent
+    bitmap added on it is stored into its image as it closes)."""
+    check(
+        compat,
+        [
+            *add_chain_by_nodes(),
+            Cmd(
+                "block-export-add",
+                {"type": "nbd", "id": "e0", "node-name": "top", "writable": True},
+            ),
+            Cmd(
+                "blockdev-snapshot-sync",
+                {
+                    "node-name": "top",
+                    "snapshot-file": "$D/ov.qcow2",
+                    "snapshot-node-name": "ov",
+                    "format": "qcow2",
+                },
+            ),
+            Cmd("block-dirty-bitmap-add", {"node": "ov", "name": "o1", "persistent": True}),
+            Cmd("block-commit", {**JOB, "device": "ov"}),
+            *ready(),
+            Cmd("job-complete", {"id": "c0"}),
+            *statuses(2),
+            WaitEvent("BLOCK_JOB_COMPLETED"),
+            *statuses(2),
+            Cmd("query-block-exports"),
+            Cmd("x-debug-query-block-graph"),
+            Cmd("query-named-block-nodes", {"flat": True}),
+            *finish(),
+        ],
+        setup=make_chain,
+        args=["--nbd-server", "addr.type=unix,addr.path=$D/nbd.sock"],
+    )
+    for side, d in compat.dirs.items():
+        info = _run("qemu-img", "info", "--output=json", str(d / "ov.qcow2"))
+        assert '"name": "o1"' in info, (side, info)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import chain, io
 from storage_daemon.blockdev.child import BdrvChild
+from storage_daemon.blockdev.jobs.block_job import free_orphans
 from storage_daemon.blockdev.jobs.mirror import MirrorJob
 from storage_daemon.blockdev.jobs.stream import allocated_above
 from storage_daemon.blockdev.perm import PERM_NONE, Perm
@@ -80,6 +81,15 @@ class ActiveCommitJob(MirrorJob):
         )
 
     # --- graph --------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """As qsd: an implicit top (a blockdev-snapshot-sync overlay) that the completed
+        commit replaced by the base is freed with the job's last reference to it."""
+        held = [self.source] + [
+            edge.node for edge in self.edges if edge.node not in (self.source, self.target)
+        ]
+        super().release()
+        free_orphans(self.graph, held)
 
     def _target_perms(self) -> tuple[Perm, Perm]:
         perm = Perm.WRITE

@@ -27,7 +27,7 @@ from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.copy_range import copy_up_write, copy_up_zeroes
 from storage_daemon.blockdev.drivers.copy_on_read import CopyOnReadDriver
 from storage_daemon.blockdev.drivers.throttle import ThrottleDriver
-from storage_daemon.blockdev.jobs.block_job import BlockJob
+from storage_daemon.blockdev.jobs.block_job import BlockJob, free_orphans
 from storage_daemon.blockdev.jobs.filters import (
     check_not_busy,
     drained,
@@ -553,16 +553,4 @@ class StreamJob(BlockJob):
                 move_parents(self.block_graph, cor, self.device, lambda edge: False)
             if not cor.parents:
                 self.block_graph.remove_internal(cor)
-        self._free_old_chain(held)
-
-    def _free_old_chain(self, held: list[BlockNode]) -> None:
-        """Free, top-down, the nodes only the job still held (the childless filter, the old
-        chain's implicit nodes): gone from the graph at once, as qsd frees them, closed in
-        the background (their protocol nodes leave the graph once that close has run)."""
-        graph = self.block_graph
-        for node in held:
-            if node.monitor_owned or node.parents or graph.find(node.name) is not node:
-                continue
-            for edge in [e for e in node.children if e.role & ChildRole.COW]:
-                graph.detach(edge)  # the next layer goes with it, not after its close
-            graph._free_if_orphan(node)
+        free_orphans(self.block_graph, held)  # the childless filter, the old chain
