@@ -16,6 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from storage_daemon.errors import PROG, prog_name
+
 if TYPE_CHECKING:
     import asyncio
 
@@ -23,13 +25,7 @@ if TYPE_CHECKING:
     from storage_daemon.loop_diagnostics import LoopWatch
     from storage_daemon.pidfile import PidFile
 
-PROG = "storage-daemon"
 LOOP_WATCH_ENV = "STORAGE_DAEMON_LOOP_WATCH_MS"  # loop_diagnostics.ENV_VAR
-
-
-def _prog_name(argv0: str) -> str:
-    base = os.path.basename(argv0)
-    return PROG if base in ("__main__.py", "") else base
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
@@ -157,7 +153,7 @@ def run(argv: Sequence[str], argv0: str) -> int:
     from storage_daemon.errors import QmpError
     from storage_daemon.pidfile import PidFile
 
-    prog = _prog_name(argv0)
+    prog = prog_name(argv0)
     try:
         # glibc's getopt names the program by argv[0] exactly as given.
         options = parse_argv(argv, argv0 if prog != PROG else PROG)

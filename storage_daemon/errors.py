@@ -7,6 +7,23 @@ ring boundary as a user error: drivers raise `OSError`, which the edges map in o
 
 from __future__ import annotations
 
+import os
+import sys
+
+PROG = "storage-daemon"
+"""The program name in messages when run as `python -m storage_daemon`."""
+
+
+def prog_name(argv0: str) -> str:
+    """The name messages start with, as qsd prints its argv[0]."""
+    base = os.path.basename(argv0)
+    return PROG if base in ("__main__.py", "") else base
+
+
+def report(message: str) -> None:
+    """qsd's error_report outside any command: `PROG: message` on standard error."""
+    sys.stderr.write(f"{prog_name(sys.argv[0])}: {message}\n")
+
 
 class QmpError(Exception):
     """A failure reported to a QMP client (or the command line) in qsd's words."""

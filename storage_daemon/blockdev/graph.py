@@ -416,6 +416,18 @@ class BlockGraph:
         if parent_node is None and not isinstance(edge.parent, Job):
             self._free_if_orphan(edge.node)
 
+    def free_orphans(self, held: list[BlockNode]) -> None:
+        """Free, top-down, the nodes of `held` nobody uses any more (implicit nodes a job let
+        go of after dropping them from a chain): gone from the list at once, with their own
+        implicit nodes, as qsd frees a node whose last reference goes; closed in the
+        background."""
+        for node in held:
+            if node.monitor_owned or node.parents or self._nodes.get(node.name) is not node:
+                continue
+            for edge in [e for e in node.children if e.role & ChildRole.COW]:
+                self.detach(edge)  # the next layer goes with it, not after its close
+            self._free_if_orphan(node)
+
     def _free_if_orphan(self, node: BlockNode) -> None:
         if node.monitor_owned or node.parents or self._nodes.get(node.name) is not node:
             return

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,6 @@ from storage_daemon.qapi.runtime import command_args, to_wire
 # first test's event loop (which would trip the slow-callback detector).
 load_handlers()
 to_wire(command_args("chardev-add", {"id": "w", "backend": {"type": "null", "data": {}}}))
-
-
-@pytest.fixture
-async def daemon() -> AsyncIterator[Daemon]:
-    d = Daemon()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 def backend(kind: str, **data: Any) -> dict[str, Any]:

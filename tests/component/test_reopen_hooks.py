@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +26,6 @@ command_args("blockdev-reopen", {"options": [{"driver": "raw", "node-name": "war
 command_args("blockdev-add", {"driver": "qcow2", "node-name": "warm", "file": "f"})
 importlib.import_module("storage_daemon.blockdev.drivers.qcow2.driver")
 Daemon()  # imports every command module
-
-
-@pytest.fixture
-async def daemon() -> AsyncIterator[Daemon]:
-    d = Daemon()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 async def _run(*argv: str) -> tuple[int, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,15 +28,6 @@ from storage_daemon.qapi.runtime import command_args
 command_args("blockdev-add", {"driver": "qcow2", "node-name": "warm", "file": "f"})
 importlib.import_module("storage_daemon.blockdev.drivers.qcow2.driver")
 Daemon()  # imports every command module
-
-
-@pytest.fixture
-async def daemon() -> AsyncIterator[Daemon]:
-    d = Daemon()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 async def _image(path: Path) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +87,6 @@ async def check_image(path: Path, model: bytes | bytearray) -> None:
     raw = path.with_suffix(".model")
     await asyncio.to_thread(raw.write_bytes, bytes(model))
     await arun("qemu-img", "compare", "-f", "qcow2", "-F", "raw", str(path), str(raw))
-
-
-@pytest.fixture
-async def daemon() -> AsyncIterator[Daemon]:
-    d = Daemon()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 class Events:

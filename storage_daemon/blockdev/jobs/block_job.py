@@ -174,16 +174,3 @@ class BlockJob(Job):
         if self.failed:
             entry["error"] = self.error
         return entry
-
-
-def free_orphans(graph: Any, held: list[Any]) -> None:
-    """Free, top-down, the nodes of `held` that only a job still held (implicit nodes a job
-    dropped from a chain): gone from the graph at once, as qsd frees a node whose last
-    reference goes, closed in the background (their protocol nodes leave the graph once
-    that close has run)."""
-    for node in held:
-        if node.monitor_owned or node.parents or graph.find(node.name) is not node:
-            continue
-        for edge in [e for e in node.children if e.role & ChildRole.COW]:
-            graph.detach(edge)  # the next layer goes with it, not after its close
-        graph._free_if_orphan(node)

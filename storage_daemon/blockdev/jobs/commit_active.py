@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import chain, io
 from storage_daemon.blockdev.child import BdrvChild
-from storage_daemon.blockdev.jobs.block_job import free_orphans
 from storage_daemon.blockdev.jobs.mirror import MirrorJob
 from storage_daemon.blockdev.jobs.stream import allocated_above
 from storage_daemon.blockdev.perm import PERM_NONE, Perm
@@ -89,7 +88,7 @@ class ActiveCommitJob(MirrorJob):
             edge.node for edge in self.edges if edge.node not in (self.source, self.target)
         ]
         super().release()
-        free_orphans(self.graph, held)
+        self.graph.free_orphans(held)
 
     def _target_perms(self) -> tuple[Perm, Perm]:
         perm = Perm.WRITE

@@ -27,7 +27,7 @@ from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.copy_range import copy_up_write, copy_up_zeroes
 from storage_daemon.blockdev.drivers.copy_on_read import CopyOnReadDriver
 from storage_daemon.blockdev.drivers.throttle import ThrottleDriver
-from storage_daemon.blockdev.jobs.block_job import BlockJob, free_orphans
+from storage_daemon.blockdev.jobs.block_job import BlockJob
 from storage_daemon.blockdev.jobs.filters import (
     check_not_busy,
     drained,
@@ -553,4 +553,4 @@ class StreamJob(BlockJob):
                 move_parents(self.block_graph, cor, self.device, lambda edge: False)
             if not cor.parents:
                 self.block_graph.remove_internal(cor)
-        free_orphans(self.block_graph, held)  # the childless filter, the old chain
+        self.block_graph.free_orphans(held)  # the childless filter, the old chain

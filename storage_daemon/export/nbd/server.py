@@ -132,7 +132,6 @@ class NbdExport(BlockExport):
     def _release_bitmaps(self, _export: BlockExport) -> None:
         for bitmap in self.bitmaps:
             bitmap.busy = False
-        self.bitmaps = []
 
     def publish(self, info: ExportInfo) -> None:
         """Make the export visible to clients (after every check passed).
@@ -708,12 +707,10 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif ctx.id == CONTEXT_ID_ALLOCATION_DEPTH:
                 out[ctx.id] = await _collect(edge, req, one, _depth)
             else:
-                export = self.export
-                index = ctx.id - CONTEXT_ID_FIRST_BITMAP
-                if not isinstance(export, NbdExport) or not 0 <= index < len(export.bitmaps):
-                    raise OSError(errno.EINVAL, "no such bitmap")  # cannot happen: same export
-                limit = 1 if one else MAX_EXTENTS
-                out[ctx.id] = export.bitmaps[index].bits.extents(req.offset, req.length, limit)
+                # A dirty bitmap context: its id indexes the export's bitmaps (handshake.py).
+                assert self.export is not None  # cleared only once no request is left
+                bits = self.export.bitmaps[ctx.id - CONTEXT_ID_FIRST_BITMAP].bits
+                out[ctx.id] = bits.extents(req.offset, req.length, 1 if one else MAX_EXTENTS)
         return out
 
 

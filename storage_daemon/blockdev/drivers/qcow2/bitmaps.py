@@ -15,9 +15,7 @@ rewrites the directory at once, as qsd does.
 
 from __future__ import annotations
 
-import os
 import struct
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -343,13 +341,6 @@ async def remove(driver: Qcow2Driver, name: str) -> None:
 # --- close ---------------------------------------------------------------------------------
 
 
-def report(message: str) -> None:
-    """qsd's error_report at close: `PROG: message` on stderr."""
-    base = os.path.basename(sys.argv[0])
-    prog = "storage-daemon" if base in ("__main__.py", "") else base
-    sys.stderr.write(f"{prog}: {message}\n")
-
-
 def unstorable(driver: Qcow2Driver) -> bool:
     """A read-only node holds persistent bitmaps it could not write back (added at run
     time; the loaded ones are read-only and stay as they are on disk)."""
@@ -486,7 +477,6 @@ __all__ = [
     "parse_directory",
     "release",
     "remove",
-    "report",
     "set_readonly",
     "store",
     "unstorable",

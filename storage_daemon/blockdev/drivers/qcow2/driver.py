@@ -43,7 +43,7 @@ from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
 from storage_daemon.blockdev.drivers.qcow2.writer import Writer
 from storage_daemon.blockdev.perm import Perm, cow_child_perm
 from storage_daemon.clock import Clock, SystemClock
-from storage_daemon.errors import QmpError
+from storage_daemon.errors import QmpError, report
 
 # The daemon sets this to its event bus' emit (name, data); tests may too.
 EVENT_SINK: Callable[[str, dict[str, Any]], None] | None = None
@@ -383,7 +383,7 @@ class Qcow2Driver(BlockDriver):
             except (OSError, Corruption):
                 pass
         elif not self._writable and bitmaps.unstorable(self):
-            bitmaps.report(
+            report(
                 f"Lost persistent bitmaps during inactivation of node '{self.node.name}': "
                 "No write access"
             )
@@ -424,9 +424,7 @@ class Qcow2Driver(BlockDriver):
         try:
             await bitmaps.store(self)
         except (OSError, Corruption) as err:
-            bitmaps.report(
-                f"Lost persistent bitmaps during inactivation of node '{self.node.name}': {err}"
-            )
+            report(f"Lost persistent bitmaps during inactivation of node '{self.node.name}': {err}")
 
     async def _mark_clean(self) -> None:
         """Lazy refcounts: the refcounts on disk, then the dirty bit off (lock held)."""
