@@ -25,6 +25,7 @@ from tests.compat.test_block_jobs_compat import (
     make_chain,
     statuses,
 )
+from tests.compat.test_graph_compat import snapshot_sync
 
 pytestmark = pytest.mark.compat
 
@@ -392,15 +393,7 @@ def test_snapshot_overlay_committed_back_is_freed(compat: Compat) -> None:
                 "block-export-add",
                 {"type": "nbd", "id": "e0", "node-name": "top", "writable": True},
             ),
-            Cmd(
-                "blockdev-snapshot-sync",
-                {
-                    "node-name": "top",
-                    "snapshot-file": "$D/ov.qcow2",
-                    "snapshot-node-name": "ov",
-                    "format": "qcow2",
-                },
-            ),
+            snapshot_sync("top", "ov", format="qcow2"),
             Cmd("block-dirty-bitmap-add", {"node": "ov", "name": "o1", "persistent": True}),
             Cmd("block-commit", {**JOB, "device": "ov"}),
             *ready(),

@@ -52,6 +52,16 @@ def export(node: str, export_id: str) -> Cmd:
                                     "name": export_id, "writable": True})  # fmt: skip
 
 
+def snapshot_sync(node: str, overlay: str, **extra: Any) -> Cmd:
+    """blockdev-snapshot-sync of `node` into `$D/<overlay>.qcow2`, node name `overlay`."""
+    args = {
+        "node-name": node,
+        "snapshot-file": f"$D/{overlay}.qcow2",
+        "snapshot-node-name": overlay,
+    }
+    return Cmd("blockdev-snapshot-sync", {**args, **extra})
+
+
 def test_blockdev_del_blockers(compat: Compat) -> None:
     """Backing blocker, implicit and monitor-less nodes, export before blocker, file child,
     a job's blocker, and the source a backup filter holds."""
@@ -143,15 +153,7 @@ def test_json_filenames(compat: Compat) -> None:
             Cmd("blockdev-del", {"node-name": "rf"}),
             NBD_START,
             export("top", "e0"),
-            Cmd(
-                "blockdev-snapshot-sync",
-                {
-                    "node-name": "top",
-                    "snapshot-file": "$D/ov.qcow2",
-                    "snapshot-node-name": "ov",
-                    "format": "qcow2",
-                },
-            ),
+            snapshot_sync("top", "ov", format="qcow2"),
             NESTED,
             *QUIT,
         ],
@@ -202,10 +204,7 @@ def test_overlay_freed_with_its_export(compat: Compat) -> None:
             Cmd("blockdev-add", qcow2("top", "top")),
             NBD_START,
             export("top", "e0"),
-            Cmd(
-                "blockdev-snapshot-sync",
-                {"node-name": "top", "snapshot-file": "$D/ov.qcow2", "snapshot-node-name": "ov"},
-            ),
+            snapshot_sync("top", "ov"),
             FLAT,
             Cmd("blockdev-del", {"node-name": "ov"}),
             Cmd("blockdev-del", {"node-name": "top"}),
