@@ -432,3 +432,46 @@ def broken(what: str) -> Callable[[Path], None]:
 def test_broken_bitmaps_refuse_the_open_as_qsd(compat: Compat, what: str) -> None:
     node = "driver=qcow2,node-name=d,file.driver=file,file.filename=$D/broken.qcow2,read-only=on"
     compat.check_cli(cli("--blockdev", node, setup=broken(what)))
+
+
+def over_blkdebug(node: str, image: str, rule: dict[str, Any]) -> Cmd:
+    """blockdev-add of a qcow2 node on `image` through a blkdebug node failing writes with
+    ENOSPC as `rule` arms it."""
+    debug = {"driver": "blkdebug", "node-name": f"{node}-dbg", "inject-error": [
+        {"errno": 28, **rule}], "image": {"driver": "file", "filename": image}}  # fmt: skip
+    return Cmd("blockdev-add", {"driver": "qcow2", "node-name": node, "file": debug})
+
+
+def test_failed_in_use_mark_refuses_the_open(compat: Compat) -> None:
+    """A read-write open first flags the stored bitmaps in use; when that write fails, qsd
+    refuses the open with "Can't update bitmap directory: No space left on device". (qsd
+    leaves the image's bitmaps inconsistent then; ours leaves it as it was.)"""
+    compat.check_transcript(
+        [over_blkdebug("q", "$D/rw.qcow2", {"event": "pwritev", "immediately": True})],
+        setup=make_images,
+    )
+
+
+def test_failed_store_at_close_is_reported(compat: Compat) -> None:
+    """Bitmaps that cannot be stored as the node closes (the first cluster allocation arms
+    ENOSPC for every write after it) are lost with qsd's report: "Lost persistent bitmaps
+    during inactivation of node 'q': Failed to allocate clusters for bitmap 'b0': No space
+    left on device" (qsd prints it without its program name inside a command)."""
+    pair = compat.daemons([], make_images)
+    for side, daemon in pair.items():
+        image = str(daemon.workdir / "rw.qcow2")
+        steps = [
+            over_blkdebug("q", image, {"event": "cluster_alloc"}),
+            Cmd("block-dirty-bitmap-add", {"node": "q", "name": "new", "persistent": True}),
+            Cmd("blockdev-del", {"node-name": "q"}),
+        ]
+        client = compat.connect(daemon)
+        client.negotiate()
+        for step in steps:
+            assert client.cmd(step.name, step.args) == {"return": {}}, side
+        client.cmd("quit")
+        assert daemon.wait_exit(10) == 0
+        assert (
+            "Lost persistent bitmaps during inactivation of node 'q': Failed to allocate "
+            f"clusters for bitmap '{NAMES[0]}': No space left on device"
+        ) in daemon.stderr, (side, daemon.stderr)

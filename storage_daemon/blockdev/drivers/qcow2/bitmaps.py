@@ -26,8 +26,9 @@ from storage_daemon.blockdev.drivers.qcow2.alloc import (
     FREE_ALWAYS,
     FREE_OTHER,
     OL_BITMAP_DIRECTORY,
+    Metadata,
 )
-from storage_daemon.errors import QmpError
+from storage_daemon.errors import QmpError, strerror
 
 if TYPE_CHECKING:
     from storage_daemon.blockdev.drivers.qcow2.driver import Qcow2Driver
@@ -260,11 +261,17 @@ async def mark_in_use(driver: Qcow2Driver) -> None:
         return
     meta = driver.meta
     assert meta is not None
+    flags = [e.flags for e in driver.stored]
     for e in driver.stored:
         e.flags |= IN_USE
     offset, _size = meta.bitmap_directory
-    await meta.write(offset, pack_directory(driver.stored), OL_BITMAP_DIRECTORY)
-    await meta.sync()
+    try:
+        await meta.write(offset, pack_directory(driver.stored), OL_BITMAP_DIRECTORY)
+        await meta.sync()
+    except OSError as err:
+        for e, before in zip(driver.stored, flags, strict=True):
+            e.flags = before
+        raise QmpError(f"Can't update bitmap directory: {strerror(err)}") from err
 
 
 def release(driver: Qcow2Driver, *, loaded_only: bool = False) -> None:
@@ -391,11 +398,12 @@ async def _write_bits(
     chunks = [data[start : start + cs] for start in range(0, len(data), cs)]
     used = [bool(chunk.strip(b"\0")) for chunk in chunks]  # all-zero clusters: no cluster
     table: list[int] = []
+    name = bitmap.name
     if any(used):
         # One run for all the data clusters, written at once.
-        base = await meta.alloc_clusters(sum(used))
+        base = await _alloc(meta, sum(used), name)
         run = b"".join(c + bytes(cs - len(c)) for c, u in zip(chunks, used, strict=True) if u)
-        await meta.write(base, run, None)
+        await _write(meta, base, run, name)
         for u in used:
             table.append(base if u else 0)
             base += cs if u else 0
@@ -405,8 +413,8 @@ async def _write_bits(
     if table:
         raw = fmt.pack_u64s(table)
         clusters = -(-len(raw) // cs)
-        table_offset = await meta.alloc_clusters(clusters)
-        await meta.write(table_offset, raw, None)  # only its bytes, as qsd: no padding allocated
+        table_offset = await _alloc(meta, clusters, name)
+        await _write(meta, table_offset, raw, name)  # only its bytes, as qsd: no padding
     extra = previous.extra_data if previous is not None else b""
     flags = (AUTO if bitmap.enabled else 0) | (
         previous.flags & EXTRA_DATA_COMPATIBLE if previous is not None else 0
@@ -439,8 +447,34 @@ async def clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, i
     return runs
 
 
+def failed(err: OSError, text: str) -> OSError:
+    """`err` with qsd's words in front ("Failed to ...: No space left on device")."""
+    return OSError(err.errno, f"{text}: {strerror(err)}")
+
+
+async def _alloc(meta: Metadata, clusters: int, name: str) -> int:
+    try:
+        return await meta.alloc_clusters(clusters)
+    except OSError as err:
+        raise failed(err, f"Failed to allocate clusters for bitmap '{name}'") from err
+
+
+async def _write(meta: Metadata, offset: int, data: bytes, name: str) -> None:
+    try:
+        await meta.write(offset, data, None)
+    except OSError as err:
+        raise failed(err, f"Failed to write bitmap '{name}' to file") from err
+
+
 async def _switch_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) -> None:
     """A new directory (or none), stable before the header names it; the old one freed."""
+    try:
+        await _write_directory(driver, entries)
+    except OSError as err:
+        raise failed(err, "Failed to update bitmap extension") from err
+
+
+async def _write_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) -> None:
     hdr, meta = driver.hdr, driver.meta
     assert hdr is not None and meta is not None
     cs = hdr.cluster_size

@@ -43,7 +43,7 @@ from storage_daemon.blockdev.drivers.qcow2.mapping import Mapper
 from storage_daemon.blockdev.drivers.qcow2.writer import Writer
 from storage_daemon.blockdev.perm import Perm, cow_child_perm
 from storage_daemon.clock import Clock, SystemClock
-from storage_daemon.errors import QmpError, report
+from storage_daemon.errors import QmpError, report, strerror
 
 # The daemon sets this to its event bus' emit (name, data); tests may too.
 EVENT_SINK: Callable[[str, dict[str, Any]], None] | None = None
@@ -401,8 +401,10 @@ class Qcow2Driver(BlockDriver):
                 await self._writeback()
                 await self._mark_clean()
                 await self.meta.sync()
-        except (OSError, Corruption) as err:
-            raise OSError(getattr(err, "errno", None) or errno.EIO, str(err)) from err
+        except OSError:
+            raise
+        except Corruption as err:
+            raise OSError(errno.EIO, str(err)) from err
         bitmaps.release(self)
 
     async def activate(self) -> None:
@@ -424,7 +426,10 @@ class Qcow2Driver(BlockDriver):
         try:
             await bitmaps.store(self)
         except (OSError, Corruption) as err:
-            report(f"Lost persistent bitmaps during inactivation of node '{self.node.name}': {err}")
+            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            report(
+                f"Lost persistent bitmaps during inactivation of node '{self.node.name}': {detail}"
+            )
 
     async def _mark_clean(self) -> None:
         """Lazy refcounts: the refcounts on disk, then the dirty bit off (lock held)."""
@@ -908,7 +913,7 @@ class Qcow2Driver(BlockDriver):
         except Corruption as err:
             raise await self.signal_corruption(err) from err
         except OSError as err:
-            raise QmpError(f"Failed to remove bitmap '{name}' from the image: {err}") from err
+            raise QmpError(err.strerror or strerror(err)) from err
 
     def snapshot_table_offset(self) -> tuple[int, int]:
         hdr = self.hdr
