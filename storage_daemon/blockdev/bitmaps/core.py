@@ -126,6 +126,11 @@ class Bits:
         if length > 0:
             self._fill(*self._span(offset, length), False)
 
+    def fill_granules(self, first: int, last: int, dirty: bool) -> None:
+        """Granules `[first, last)` (clipped to the bitmap) all dirty or all clean: for
+        callers that count in granules, without the byte-range rounding of set/reset."""
+        self._fill(max(0, first), min(self.size, last), dirty)
+
     def clear(self) -> None:
         self._bits[:] = bytes(len(self._bits))
         self._dirty = 0
