@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextvars import ContextVar
 
 PROG = "storage-daemon"
 """The program name in messages when run as `python -m storage_daemon`."""
@@ -20,9 +21,17 @@ def prog_name(argv0: str) -> str:
     return PROG if base in ("__main__.py", "") else base
 
 
+IN_COMMAND: ContextVar[bool] = ContextVar("in_command", default=False)
+"""Set while a monitor command runs (and in the tasks it starts)."""
+
+
 def report(message: str) -> None:
-    """qsd's error_report outside any command: `PROG: message` on standard error."""
-    sys.stderr.write(f"{prog_name(sys.argv[0])}: {message}\n")
+    """qsd's error_report on standard error: `PROG: message`, but the bare message while a
+    monitor command runs (qsd prints its name only when no monitor is current)."""
+    if IN_COMMAND.get():
+        sys.stderr.write(f"{message}\n")
+    else:
+        sys.stderr.write(f"{prog_name(sys.argv[0])}: {message}\n")
 
 
 class QmpError(Exception):

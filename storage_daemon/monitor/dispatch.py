@@ -23,7 +23,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from storage_daemon.errors import CommandNotFound
+from storage_daemon.errors import IN_COMMAND, CommandNotFound
 from storage_daemon.qapi.runtime import command_args, to_wire
 from storage_daemon.qapi_generated.commands import COMMANDS
 
@@ -184,5 +184,9 @@ class Dispatcher:
             raise CommandNotFound(f"The command {name} has not been found")
         handler = await self.handler(name)
         args = command_args(name, arguments)
-        result = await handler(CommandContext(self.daemon, monitor), args)
+        token = IN_COMMAND.set(True)
+        try:
+            result = await handler(CommandContext(self.daemon, monitor), args)
+        finally:
+            IN_COMMAND.reset(token)
         return {} if result is None else to_wire(result)

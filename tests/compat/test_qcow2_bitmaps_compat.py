@@ -452,26 +452,35 @@ def test_failed_in_use_mark_refuses_the_open(compat: Compat) -> None:
     )
 
 
-def test_failed_store_at_close_is_reported(compat: Compat) -> None:
+@pytest.mark.parametrize("closed_by", ["blockdev-del", "quit"])
+def test_failed_store_at_close_is_reported(compat: Compat, closed_by: str) -> None:
     """Bitmaps that cannot be stored as the node closes (the first cluster allocation arms
     ENOSPC for every write after it) are lost with qsd's report: "Lost persistent bitmaps
     during inactivation of node 'q': Failed to allocate clusters for bitmap 'b0': No space
-    left on device" (qsd prints it without its program name inside a command)."""
-    pair = compat.daemons([], make_images)
-    for side, daemon in pair.items():
-        image = str(daemon.workdir / "rw.qcow2")
+    left on device", without the program name in front while a command (blockdev-del)
+    runs, with it at exit (quit)."""
+    lines = {}
+    for side, daemon in compat.daemons([], make_images).items():
         steps = [
-            over_blkdebug("q", image, {"event": "cluster_alloc"}),
+            over_blkdebug("q", str(daemon.workdir / "rw.qcow2"), {"event": "cluster_alloc"}),
             Cmd("block-dirty-bitmap-add", {"node": "q", "name": "new", "persistent": True}),
-            Cmd("blockdev-del", {"node-name": "q"}),
         ]
+        if closed_by == "blockdev-del":
+            steps.append(Cmd("blockdev-del", {"node-name": "q"}))
         client = compat.connect(daemon)
         client.negotiate()
         for step in steps:
             assert client.cmd(step.name, step.args) == {"return": {}}, side
         client.cmd("quit")
         assert daemon.wait_exit(10) == 0
-        assert (
-            "Lost persistent bitmaps during inactivation of node 'q': Failed to allocate "
-            f"clusters for bitmap '{NAMES[0]}': No space left on device"
-        ) in daemon.stderr, (side, daemon.stderr)
+        lines[side] = [
+            Normaliser(daemon.workdir).text(line)
+            for line in daemon.stderr.splitlines()
+            if "Lost persistent bitmaps" in line
+        ]
+    prefix = "" if closed_by == "blockdev-del" else "PROG: "
+    expected = (
+        f"{prefix}Lost persistent bitmaps during inactivation of node 'q': Failed to allocate "
+        f"clusters for bitmap '{NAMES[0]}': No space left on device"
+    )
+    assert lines == {"ours": [expected], "reference": [expected]}
