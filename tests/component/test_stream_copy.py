@@ -327,6 +327,55 @@ async def test_a_drain_waits_for_the_copies_in_flight(
     await check_image(scratch / "top.qcow2", long_chain)
 
 
+@pytest.mark.parametrize("throttled", [False, True])
+async def test_copies_in_flight_one_at_a_time_under_a_throttle_filter(
+    daemon: Daemon,
+    scratch: Path,
+    long_chain: bytearray,
+    monkeypatch: pytest.MonkeyPatch,
+    throttled: bool,
+) -> None:
+    """With a throttle filter between the device and the top, the job copies one chunk at a
+    time, as qsd's stream always does (more would only queue in the filter); without one,
+    several chunks are in flight."""
+    top = await add(
+        daemon,
+        {"driver": "qcow2", "node-name": "top",
+         "file": {"driver": "file", "filename": str(scratch / "top.qcow2")}},
+    )  # fmt: skip
+    device = "top"
+    if throttled:
+        await daemon.run_command("object-add", {"qom-type": "throttle-group", "id": "tg0"})
+        await add(daemon, {"driver": "throttle", "node-name": "th", "file": "top",
+                           "throttle-group": "tg0"})  # fmt: skip
+        device = "th"
+    base = top.child("backing")
+    reading = most = 0
+    real_pread = io.pread
+
+    async def counted_pread(edge: BdrvChild, offset: int, length: int) -> Any:
+        nonlocal reading, most
+        if edge is not base:
+            return await real_pread(edge, offset, length)
+        reading += 1
+        most = max(most, reading)
+        try:
+            for _ in range(3):  # let whatever else the job would start, start
+                await asyncio.sleep(0)
+            return await real_pread(edge, offset, length)
+        finally:
+            reading -= 1
+
+    monkeypatch.setattr(io, "pread", counted_pread)
+    await daemon.run_command("block-stream", {"job-id": "s0", "device": device})
+    await wait_done(daemon, "s0")
+    assert (most == 1) if throttled else (most > 1), most
+    if throttled:
+        await daemon.run_command("blockdev-del", {"node-name": "th"})
+    await daemon.run_command("blockdev-del", {"node-name": "top"})
+    await check_image(scratch / "top.qcow2", long_chain)
+
+
 # --- the qcow2 writer's copy-up mode --------------------------------------------------
 
 

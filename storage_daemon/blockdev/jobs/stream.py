@@ -164,7 +164,9 @@ class _Copier:
 
     @property
     def full(self) -> bool:
-        return len(self.tasks) >= MAX_IN_FLIGHT
+        # Under a throttle filter one copy at a time, as qsd's stream (sequential always):
+        # more in flight would only queue in the filter, ahead of the device's own I/O.
+        return len(self.tasks) >= (1 if self.job.throttles else MAX_IN_FLIGHT)
 
     def start(self, offset: int, n: int) -> None:
         task = asyncio.get_running_loop().create_task(self._one(offset, n))
