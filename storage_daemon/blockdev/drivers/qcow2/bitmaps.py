@@ -447,7 +447,7 @@ async def clusters_of(driver: Qcow2Driver, e: StoredBitmap) -> list[tuple[int, i
     return runs
 
 
-def failed(err: OSError, text: str) -> OSError:
+def _failed(err: OSError, text: str) -> OSError:
     """`err` with qsd's words in front ("Failed to ...: No space left on device")."""
     return OSError(err.errno, f"{text}: {strerror(err)}")
 
@@ -456,14 +456,14 @@ async def _alloc(meta: Metadata, clusters: int, name: str) -> int:
     try:
         return await meta.alloc_clusters(clusters)
     except OSError as err:
-        raise failed(err, f"Failed to allocate clusters for bitmap '{name}'") from err
+        raise _failed(err, f"Failed to allocate clusters for bitmap '{name}'") from err
 
 
 async def _write(meta: Metadata, offset: int, data: bytes, name: str) -> None:
     try:
         await meta.write(offset, data, None)
     except OSError as err:
-        raise failed(err, f"Failed to write bitmap '{name}' to file") from err
+        raise _failed(err, f"Failed to write bitmap '{name}' to file") from err
 
 
 async def _switch_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) -> None:
@@ -471,7 +471,7 @@ async def _switch_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) ->
     try:
         await _write_directory(driver, entries)
     except OSError as err:
-        raise failed(err, "Failed to update bitmap extension") from err
+        raise _failed(err, "Failed to update bitmap extension") from err
 
 
 async def _write_directory(driver: Qcow2Driver, entries: list[StoredBitmap]) -> None:

@@ -401,8 +401,6 @@ class Qcow2Driver(BlockDriver):
                 await self._writeback()
                 await self._mark_clean()
                 await self.meta.sync()
-        except OSError:
-            raise
         except Corruption as err:
             raise OSError(errno.EIO, str(err)) from err
         bitmaps.release(self)
@@ -426,9 +424,9 @@ class Qcow2Driver(BlockDriver):
         try:
             await bitmaps.store(self)
         except (OSError, Corruption) as err:
-            detail = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             report(
-                f"Lost persistent bitmaps during inactivation of node '{self.node.name}': {detail}"
+                f"Lost persistent bitmaps during inactivation of node '{self.node.name}': "
+                + _error_text(err)
             )
 
     async def _mark_clean(self) -> None:
@@ -913,12 +911,20 @@ class Qcow2Driver(BlockDriver):
         except Corruption as err:
             raise await self.signal_corruption(err) from err
         except OSError as err:
-            raise QmpError(err.strerror or strerror(err)) from err
+            raise QmpError(_error_text(err)) from err
 
     def snapshot_table_offset(self) -> tuple[int, int]:
         hdr = self.hdr
         assert hdr is not None
         return hdr.snapshots_offset, self._snapshot_table_size
+
+
+def _error_text(err: OSError | Corruption) -> str:
+    """What a failed bitmap store or removal says: the text qsd's words were put in
+    (bitmaps.py), else the errno's text."""
+    if isinstance(err, Corruption):
+        return str(err)
+    return err.strerror or strerror(err)
 
 
 __all__ = ["EVENT_SINK", "OL_SNAPSHOT_TABLE", "Qcow2Driver", "set_event_sink"]
