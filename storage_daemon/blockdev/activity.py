@@ -14,6 +14,7 @@ import errno
 import os
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from storage_daemon.blockdev import io
 from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.node import BlockNode
 from storage_daemon.blockdev.perm import Perm
@@ -98,7 +99,9 @@ async def _inactivate_recurse(graph: BlockGraph, node: BlockNode, top_level: boo
     # A child still used by another active node stays active.
     if not top_level and has_active_node_parent(node):
         return
-    # Write cached metadata back before another process may take the image over.
+    # Write cached metadata back before another process may take the image over, once the
+    # writes still in flight have landed.
+    await io.settled()
     if not node.read_only:
         await node.driver.flush()
     for edge in list(node.parents):

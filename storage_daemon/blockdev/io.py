@@ -3,7 +3,8 @@
 Domain ring. Checks run in QEMU's order (permission, bounds), then requests are split at the
 driver's max_transfer, padded to its request_alignment (read-modify-write, serialised through
 the node's tracker), zero payloads turned into zero writes (detect-zeroes), and accounted.
-`pread_now`/`pwrite_now` do a request without waiting when every layer can, or nothing.
+`pread_now`/`pwrite_now` do a request without waiting when every layer can, or nothing;
+`pwrite_start` starts one that a driver finishes on its own thread and calls back.
 Block status lives in `io_status` (re-exported here). Invariant: a driver only sees in-bounds
 requests whose offset is a multiple of its request_alignment, whose end is one too or is the
 node's EOF, and no longer than max_transfer.
@@ -17,6 +18,7 @@ import os
 from collections.abc import Callable
 from contextvars import ContextVar
 from functools import partial
+from typing import Any
 
 from storage_daemon.blockdev import write_threshold as _threshold
 from storage_daemon.blockdev.bitmaps import registry as _bitmaps
@@ -327,29 +329,39 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
     stats.wr_total_time_ns += _now() - started
 
 
+def _write_hook(edge: BdrvChild, name: str, offset: int, end: int) -> Any:
+    """The driver's optional method `name` for a write of `[offset, end)` that may skip the
+    awaited path, or None (the driver has none, or the write needs that path: errors and
+    growth, detect-zeroes, padding, the write threshold, a split at max_transfer). The
+    checks of `pwrite_now` and `pwrite_start`; EPERM as `pwrite`."""
+    node = edge.node
+    drv = node.driver
+    hook = getattr(drv, name, None)
+    if hook is None:
+        return None
+    if not edge.perm._value_ & _WRITE or node.options.read_only:
+        raise _error(errno.EPERM)
+    length = end - offset
+    if offset < 0 or not length or end > drv.getlength():
+        return None
+    if node.options.detect_zeroes != "off" or drv.request_alignment != 1 or _threshold.ARMED:
+        return None
+    max_transfer = drv.max_transfer
+    return hook if not max_transfer or length <= max_transfer else None
+
+
 def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False) -> bool:
     """`pwrite` done without waiting, or False when some layer would have to wait (nothing
     was written, nothing counted: await `pwrite`). Drivers take part through an optional
     `pwritev_now(offset, data, fua)` returning False when they cannot (tmpfs writes do).
     Checks and errors as `pwrite`; detect-zeroes payloads are left to `pwrite`.
     """
-    node = edge.node
-    drv = node.driver
-    probe = getattr(drv, "pwritev_now", None)
-    if probe is None:
-        return False
-    if not edge.perm._value_ & _WRITE or node.options.read_only:
-        raise _error(errno.EPERM)
     length = len(data)
     end = offset + length
-    if offset < 0 or not length or end > drv.getlength():
-        return False  # errors and growth: the awaited path's
-    opts = node.options
-    if opts.detect_zeroes != "off" or drv.request_alignment != 1 or _threshold.ARMED:
+    probe = _write_hook(edge, "pwritev_now", offset, end)
+    if probe is None:
         return False
-    max_transfer = drv.max_transfer
-    if max_transfer and length > max_transfer:
-        return False
+    node = edge.node
     stats = node.stats
     started = _now()
     try:
@@ -372,6 +384,90 @@ def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False)
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
     return True
+
+
+WriteDone = Callable[[BaseException | None], None]
+
+_started = 0
+"""Writes `pwrite_start` began (one per layer) whose `done` has not run yet."""
+_settle_waiters: list[asyncio.Future[None]] = []
+
+
+async def settled() -> None:
+    """Return once every write begun by `pwrite_start` has ended: what qsd's drain waits for
+    before a graph change (a mirror's first scan, a snapshot, a resize, an inactivation)
+    so that no write lands behind a node's new users' back. Returns without yielding when
+    none is in flight; those writes end on their own (a page-cache copy), never blocked by
+    the caller."""
+    while _started:
+        waiter = asyncio.get_running_loop().create_future()
+        _settle_waiters.append(waiter)
+        await waiter
+
+
+def _settle_one() -> None:
+    global _started
+    _started -= 1
+    if not _started and _settle_waiters:
+        _wake_settled()
+
+
+def _wake_settled() -> None:
+    waiters = _settle_waiters[:]
+    _settle_waiters.clear()
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+def pwrite_start(edge: BdrvChild, offset: int, data: Buffer, done: WriteDone) -> bool:
+    """Start `pwrite` without a coroutine where a driver can finish it on its own and call
+    back, or return False (nothing done: `pwrite_now`, then `pwrite`). Drivers take part
+    through an optional `pwritev_start(offset, data, fua, done)` (large tmpfs writes on the
+    copier thread). Checks as `pwrite_now`; `done(None)` or `done(error)` follows on the
+    loop once the write ended, accounted as `pwrite` accounts it. No FUA: those sync.
+    """
+    length = len(data)
+    end = offset + length
+    start = _write_hook(edge, "pwritev_start", offset, end)
+    if start is None:
+        return False
+    node = edge.node
+    drv = node.driver
+    started = _now()
+
+    def written(error: BaseException | None) -> None:
+        global _started
+        _started -= 1
+        if not _started and _settle_waiters:
+            _wake_settled()
+        # write_done and pwrite's accounting, inlined: this runs for every large NBD write.
+        node.io_state.write_gen += 1
+        stats = node.stats
+        if end > stats.wr_highest_offset:
+            stats.wr_highest_offset = end
+        if _bitmaps.ARMED:
+            _mark_dirty(node, drv, offset, end)
+        if error is None:
+            stats.wr_operations += 1
+            stats.wr_bytes += length
+            stats.wr_total_time_ns += _now() - started
+        else:
+            stats.failed_wr_operations += 1
+        done(error)
+
+    global _started
+    _started += 1
+    try:
+        if start(offset, data, False, written):
+            return True
+    except Exception:
+        _settle_one()
+        node.stats.failed_wr_operations += 1
+        write_done(node, offset, end)
+        raise
+    _settle_one()
+    return False
 
 
 def write_prepare(node: BlockNode, end: int) -> None:

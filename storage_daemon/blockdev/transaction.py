@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from storage_daemon.blockdev import io
 from storage_daemon.blockdev.jobs.job import Job, JobTxn
 from storage_daemon.errors import QmpError
 
@@ -98,6 +99,7 @@ class DrainedSection:
 
     async def begin(self) -> None:
         self.drivers = _drivers_begin(nodes_above(self.node))
+        await io.settled()
         await self.refresh()
 
     async def refresh(self) -> None:

@@ -1,6 +1,6 @@
 """The I/O path's answers without waiting (`io.block_status_now`, `pread_now`,
-`pwrite_now`), qcow2 metadata preallocation (block status asks the file), and the file
-driver's data-extent cache.
+`pwrite_now`), writes started on the copier thread (`pwrite_start`, `settled`), qcow2
+metadata preallocation (block status asks the file), and the file driver's data-extent cache.
 
 Component ring: real images made by qemu-img/qemu-io, opened through the daemon's graph.
 A `_now` answer must always be None (nothing done) or exactly what the awaited call gives,
@@ -27,6 +27,7 @@ from storage_daemon.blockdev.driver import BlockStatus
 from storage_daemon.blockdev.drivers.file import FileDriver, syscalls
 from storage_daemon.blockdev.drivers.qcow2.driver import Qcow2Driver
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
+from storage_daemon.blockdev.transaction import DrainedSection
 from storage_daemon.daemon import Daemon
 
 pytestmark = pytest.mark.skipif(
@@ -398,4 +399,111 @@ async def test_qcow2_reads_at_once_follow_the_cached_mapping(images: dict[str, P
         assert io.pread_now(edge, 60 * KiB, 8192) is None  # two kinds: the awaited path's
         assert io.pread_now(edge, 2 * MiB, 4096) is None  # unallocated: not a host read
     finally:
+        await daemon.shutdown()
+
+
+# --- writes started on the copier thread ------------------------------------------------------
+
+
+async def test_large_tmpfs_writes_start_on_the_copier_and_count_as_awaited_ones(
+    shm_data: Path,
+) -> None:
+    daemon = Daemon()
+    try:
+        edge = await open_raw(daemon, shm_data, write=True)
+        file_node = edge.node.child("file").node  # type: ignore[union-attr]
+        ended: list[BaseException | None] = []
+        before, file_before = stats_of(edge), file_node.stats.wr_operations
+        payload = os.urandom(256 * KiB)
+        assert io.pwrite_start(edge, MiB, payload, ended.append)
+        assert ended == []  # it ends through the loop, never inside the call
+        # Counted once it ended, as the awaited write counts (both nodes).
+        assert stats_of(edge) == before
+        await io.settled()
+        assert ended == [None]
+        assert contents(shm_data)[MiB : MiB + 256 * KiB] == payload
+        after = stats_of(edge)
+        assert after[2:4] == (before[2] + 1, before[3] + 256 * KiB)
+        assert after[4] == max(before[4], MiB + 256 * KiB) and after[5] == before[5] + 1
+        assert file_node.stats.wr_operations == file_before + 1
+        # Left to the other paths: small writes, growth, detect-zeroes, other drivers.
+        assert not io.pwrite_start(edge, 0, bytes(4096), ended.append)
+        assert not io.pwrite_start(edge, 4 * MiB - 4096, bytes(256 * KiB), ended.append)
+        edge.node.options.detect_zeroes = "on"
+        assert not io.pwrite_start(edge, 0, bytes(256 * KiB), ended.append)
+        edge.node.options.detect_zeroes = "off"
+        await daemon.run_command(
+            "blockdev-add", {"driver": "null-co", "node-name": "n", "size": 4 * MiB}
+        )
+        null = daemon.graph.attach(
+            Parent(), daemon.graph.lookup("n"), "root", ChildRole.PRIMARY,
+            Perm.CONSISTENT_READ | Perm.WRITE, PERM_ALL,
+        )  # fmt: skip
+        assert not io.pwrite_start(null, 0, bytes(256 * KiB), ended.append)
+        ro = daemon.graph.attach(
+            Parent(), edge.node, "ro", ChildRole.PRIMARY, Perm.CONSISTENT_READ, PERM_ALL
+        )
+        with pytest.raises(OSError) as info:
+            io.pwrite_start(ro, 0, bytes(256 * KiB), ended.append)
+        assert info.value.errno == errno.EPERM
+        assert ended == [None] and stats_of(edge) == after
+    finally:
+        await daemon.shutdown()
+
+
+async def test_shutdown_waits_for_a_started_write(shm_data: Path) -> None:
+    daemon = Daemon()
+    edge = await open_raw(daemon, shm_data, write=True)
+    payload = os.urandom(1 * MiB)
+    ended: list[BaseException | None] = []
+    assert io.pwrite_start(edge, 2 * MiB, payload, ended.append)
+    await daemon.shutdown()  # closes the file: only once the write has ended
+    assert ended == [None]
+    assert contents(shm_data)[2 * MiB : 3 * MiB] == payload
+
+
+async def test_graph_changes_wait_until_started_writes_ended(
+    shm_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """qsd drains a node before a graph change, a resize or an inactivation: no write that
+    began before lands after. Here the copier's part is held back by hand (the file driver's
+    `pwritev_start` keeps its callback), so the write stays in flight until the test ends it."""
+    held: list[Any] = []
+
+    def hold(self: FileDriver, offset: int, data: Any, fua: bool, done: Any) -> bool:
+        held.append(done)
+        return True
+
+    monkeypatch.setattr(FileDriver, "pwritev_start", hold)
+    daemon = Daemon()
+    try:
+        edge = await open_raw(daemon, shm_data, write=True)
+        settled = io.settled()
+        with pytest.raises(StopIteration):
+            settled.send(None)  # nothing in flight: returns without yielding
+        ended: list[BaseException | None] = []
+        assert io.pwrite_start(edge, 0, bytes(256 * KiB), ended.append)
+        resize = asyncio.ensure_future(
+            daemon.run_command("block_resize", {"node-name": "r", "size": 8 * MiB})
+        )
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not resize.done() and len(contents(shm_data)) == 4 * MiB
+        held.pop()(None)  # the copy ends
+        await asyncio.wait_for(resize, 10)
+        assert ended == [None] and len(contents(shm_data)) == 8 * MiB
+        # A drained section (snapshots, stream, commit, reopen, export removal) too.
+        assert io.pwrite_start(edge, 0, bytes(256 * KiB), ended.append)
+        section = DrainedSection(edge.node)
+        begin = asyncio.ensure_future(section.begin())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not begin.done()
+        held.pop()(None)
+        await asyncio.wait_for(begin, 10)
+        await section.end()
+        assert ended == [None, None]
+    finally:
+        for done in held:
+            done(None)
         await daemon.shutdown()

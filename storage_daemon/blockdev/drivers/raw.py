@@ -127,6 +127,14 @@ class RawDriver(BlockDriver):
             return False
         return io.pwrite_now(file, self.offset + offset, data, fua=fua)
 
+    def pwritev_start(
+        self, offset: int, data: bytes | memoryview, fua: bool, done: io.WriteDone
+    ) -> bool:
+        file = self._file
+        if file is None or fua:
+            return False
+        return io.pwrite_start(file, self.offset + offset, data, done)
+
     async def pwrite_zeroes(self, offset: int, length: int, unmap: bool, fua: bool) -> None:
         await io.pwrite_zeroes(
             self._child(), self.offset + offset, length, may_unmap=unmap, fua=fua

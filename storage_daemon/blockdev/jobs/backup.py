@@ -283,6 +283,7 @@ class BackupJob(BlockJob):
     async def run(self) -> None:
         bcs = self.bcs
         assert bcs is not None
+        await io.settled()  # writes begun before the filter went in land before any copy
         if self.sync == "top":
             c = 0
             while c < bcs.clusters:

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener, ReopenChange
-from storage_daemon.blockdev.drivers.file import pool, syscalls
+from storage_daemon.blockdev.drivers.file import copier, pool, syscalls
+from storage_daemon.blockdev.drivers.file.copier import Done
 from storage_daemon.blockdev.drivers.file.locking import ImageLocks, ofd_locks_work
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
@@ -30,6 +31,9 @@ T = TypeVar("T")
 NOWAIT_MAX = 256 * 1024
 # tmpfs reads and writes up to this size run on the loop (256 KiB: ~40 us).
 INLINE_MAX = 256 * 1024
+COPIER_MIN = 128 * 1024
+"""tmpfs writes this large go to the copier thread when the caller can wait for a callback
+(`pwritev_start`): below it, the hand-over costs about as much loop time as the copy."""
 _WRITERS = Perm.WRITE | Perm.RESIZE  # what makes auto-read-only switch to read-write
 
 
@@ -87,6 +91,7 @@ class FileDriver(BlockDriver):
         self._flags = 0  # open flags other than the access mode
         self._handle: _Handle | None = None
         self._pending: _Handle | None = None  # prepared by check_perm, swapped by set_perm
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop that opened the node
         self._perm = PERM_NONE  # committed, as the lock bytes show it
         self._shared = PERM_ALL
         self._nowait = hasattr(os, "RWF_NOWAIT")
@@ -130,7 +135,7 @@ class FileDriver(BlockDriver):
         writable = not opts.read_only and not self._dynamic_ro
 
         syscalls.keep_freed_buffers()  # once per process: no page faults per request
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         fd, st = await loop.run_in_executor(None, self._open_fd, writable)
         handle = _Handle(fd, writable, self.filename)
         try:
@@ -408,6 +413,23 @@ class FileDriver(BlockDriver):
             raise
         if offset + len(data) > self.length:
             self.length = offset + len(data)
+        return True
+
+    def pwritev_start(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
+        """Start a large tmpfs write on the copier thread (`copier.py`), `done(error)` once it
+        ended; False (nothing done) for any other write. The fd stays open until then."""
+        length = len(data)
+        loop = self._loop
+        if self.direct or not self._inline or length < COPIER_MIN or fua or loop is None:
+            return False
+        handle = self._live()
+        handle.users += 1
+
+        def written(error: BaseException | None) -> None:
+            handle.release()  # (io.pwrite_start never grows the file: no length to update)
+            done(error)
+
+        copier.pwrite(loop, handle.fd, data, offset, written)
         return True
 
     def _mapped(self, offset: int, length: int) -> memoryview | None:
