@@ -267,18 +267,16 @@ class ServerConnection(Replies):
         self._out.clear()
         return out
 
-    def get_buffer(self, sizehint: int = -1) -> memoryview:
+    def get_buffer(self, sizehint: int = -1, predict: bool = True) -> memoryview:
         """Where the next received bytes go (asyncio.BufferedProtocol.get_buffer contract).
 
         During a large WRITE payload this is the payload's own buffer, trimmed to the bytes
         still missing, so the socket writes straight into the memory handed to the caller.
         Between requests, after a large WRITE, it is a payload buffer with room for a header
         and a payload of the same length in front: when the next request is such a WRITE
-        (nbdcopy, fio), its payload lands in place, in one recv, never copied.
+        (nbdcopy, fio), its payload lands in place, in one recv, never copied. (`predict`
+        False: none of that, for `receive_data`.)
         """
-        return self._get_buffer(True)
-
-    def _get_buffer(self, predict: bool) -> memoryview:
         if self.phase is Phase.GREETING:
             raise NbdUsageError("start() must be called before receiving")
         self._landing = None  # (a buffer handed out before but never filled)
@@ -338,7 +336,7 @@ class ServerConnection(Replies):
         events: list[Event] = []
         pos, total = 0, len(view)
         while pos < total:
-            target = self._get_buffer(False)
+            target = self.get_buffer(-1, False)
             n = min(len(target), total - pos)
             target[:n] = view[pos : pos + n]
             pos += n

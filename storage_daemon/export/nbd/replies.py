@@ -60,9 +60,13 @@ class Replies:
 
     def reply_ok(self, req: Request) -> bytes:
         """Success for every command but READ and BLOCK_STATUS (a simple reply, as qsd sends)."""
-        if req.command is Cmd.BLOCK_STATUS or req.command is Cmd.READ:
-            raise NbdUsageError(f"use the dedicated reply method for {req.command.name}")
-        self._first(req, None)
+        command = req.command
+        if command is Cmd.BLOCK_STATUS or command is Cmd.READ:
+            raise NbdUsageError(f"use the dedicated reply method for {command.name}")
+        if req._reply_state:  # (`_first`, inlined: the reply of every WRITE)
+            raise NbdUsageError(f"request {req.cookie:#x} already (partly) answered")
+        req._reply_state = 2
+        self.in_flight -= 1
         return simple_reply(req.cookie, 0)
 
     def reply_read(self, req: Request) -> bytes:

@@ -310,6 +310,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._pump_soon = False  # a _pump_deferred is scheduled
         self._batching = False  # inside _handle: it flushes when done
         self._budget = 0  # what _start may still run eagerly in this callback
+        # BufferedProtocol.get_buffer: the transport asks the core directly (it binds the
+        # method once; a forwarding method here cost a Python call per read).
+        self.get_buffer = self._core.get_buffer  # type: ignore[method-assign]
 
     def factory(self) -> NbdConnection:
         """The protocol factory handed to the loop for this (already accepted) socket."""
@@ -325,9 +328,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         transport.write(self._core.start())
         if self._server.handshake_limit > 0:
             self._timer = self._loop.call_later(self._server.handshake_limit, self._too_slow)
-
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return self._core.get_buffer(sizehint)
 
     def buffer_updated(self, nbytes: int) -> None:
         events = self._core.buffer_updated(nbytes)
