@@ -2,9 +2,10 @@
 
 Edge ring. Bytes go from the socket straight into the sans-IO core's buffers (asyncio/uvloop
 `BufferedProtocol`); each request the core hands out is answered in the read callback when
-every layer can do it without waiting (`io.*_now`), or a driver's own thread finishes it
-(`io.pwrite_start`: large tmpfs writes), else starts there (its first step runs at once) and continues as a task owned by its connection; replies go out as requests
-complete (out of order), those of one loop iteration in one write. Invariants: one callback
+every layer can do it without waiting (`io.*_now`) or is handed to a driver's own thread that
+calls back (`io.pwrite_start`: large tmpfs writes), else starts there (its first step runs at
+once) and continues as a task owned by its connection; replies go out as requests complete
+(out of order), those of one loop iteration in one write. Invariants: one callback
 does at most `EAGER_BUDGET` of work, at most `MAX_RUNNING` requests of a connection
 execute at once, the rest wait in a queue while reading is paused, and reading also stops
 while the socket's send buffer is above its high-water mark, so a client that never reads

@@ -3,8 +3,10 @@
 Blocking syscalls run on the driver's own thread pool (`pool.py`). Two kinds of small I/O run
 on the loop instead, as they never wait for a device: any I/O on tmpfs (shmem pages are only
 ever memory; a 4 KiB read costs ~2 us, a pool hop ~9 us) and cached reads elsewhere, tried with
-RWF_NOWAIT. Permissions are mirrored as OFD lock bytes (`locking.py`).
-Invariant: an fd stays open while a pool thread may still use it (`_Handle` counts users).
+RWF_NOWAIT. Large tmpfs writes whose caller takes a callback go to one copier thread
+(`copier.py`). Permissions are mirrored as OFD lock bytes (`locking.py`).
+Invariant: an fd stays open while a pool or copier thread may still use it (`_Handle` counts
+users).
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ NOWAIT_MAX = 256 * 1024
 # tmpfs reads and writes up to this size run on the loop (256 KiB: ~40 us).
 INLINE_MAX = 256 * 1024
 COPIER_MIN = 128 * 1024
-"""tmpfs writes this large go to the copier thread when the caller can wait for a callback
-(`pwritev_start`): below it, the hand-over costs about as much loop time as the copy."""
+"""tmpfs writes this large (any size above: 1 MiB ones went to the pool before) go to the
+copier thread when the caller takes a callback (`pwritev_start`): below it, the hand-over
+costs about as much loop time as the copy."""
 _WRITERS = Perm.WRITE | Perm.RESIZE  # what makes auto-read-only switch to read-write
 
 
