@@ -101,7 +101,7 @@ async def _inactivate_recurse(graph: BlockGraph, node: BlockNode, top_level: boo
         return
     # Write cached metadata back before another process may take the image over, once the
     # writes still in flight have landed.
-    await io.settled()
+    await io.settled(node)
     if not node.read_only:
         await node.driver.flush()
     for edge in list(node.parents):

@@ -25,6 +25,7 @@ from storage_daemon.blockdev.bitmaps import registry as _bitmaps
 from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.driver import BlockDriver
 from storage_daemon.blockdev.io_align import (
+    IoState,
     RequestTracker,
     TrackedRequest,
     align_down,
@@ -388,36 +389,36 @@ def pwrite_now(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = False)
 
 WriteDone = Callable[[BaseException | None], None]
 
-_started = 0
-"""Writes `pwrite_start` began (one per layer) whose `done` has not run yet."""
-_settle_waiters: list[asyncio.Future[None]] = []
 
-
-async def settled() -> None:
-    """Return once every write begun by `pwrite_start` has ended: what qsd's drain waits for
-    before a graph change (a mirror's first scan, a snapshot, a resize, an inactivation)
-    so that no write lands behind a node's new users' back. Returns without yielding when
-    none is in flight; those writes end on their own (a page-cache copy), never blocked by
-    the caller."""
-    while _started:
-        waiter = asyncio.get_running_loop().create_future()
-        _settle_waiters.append(waiter)
+async def settled(node: BlockNode) -> None:
+    """Return once every write `pwrite_start` began through `node` has ended: what qsd's
+    drain waits for before a graph change (a mirror's first scan, a snapshot, a resize, an
+    inactivation), so that no write lands behind the back of the node's new users. Returns
+    without yielding when none is in flight; those writes end on their own (a page-cache
+    copy on another thread), whatever the caller does meanwhile."""
+    state = node.io_state
+    while state.started:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        state.settle_waiters.append(partial(_resolve, waiter))
         await waiter
 
 
-def _settle_one() -> None:
-    global _started
-    _started -= 1
-    if not _started and _settle_waiters:
-        _wake_settled()
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
-def _wake_settled() -> None:
-    waiters = _settle_waiters[:]
-    _settle_waiters.clear()
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
+def _ended(state: IoState) -> None:
+    """One write `pwrite_start` began through the node of `state` has ended."""
+    state.started -= 1
+    if not state.started and state.settle_waiters:
+        _wake_settled(state)
+
+
+def _wake_settled(state: IoState) -> None:
+    waiters, state.settle_waiters = state.settle_waiters, []
+    for wake in waiters:
+        wake()
 
 
 def pwrite_start(edge: BdrvChild, offset: int, data: Buffer, done: WriteDone) -> bool:
@@ -434,13 +435,13 @@ def pwrite_start(edge: BdrvChild, offset: int, data: Buffer, done: WriteDone) ->
         return False
     node = edge.node
     drv = node.driver
+    state = node.io_state
     started = _now()
 
     def written(error: BaseException | None) -> None:
-        global _started
-        _started -= 1
-        if not _started and _settle_waiters:
-            _wake_settled()
+        state.started -= 1  # (`_ended`, inlined)
+        if not state.started and state.settle_waiters:
+            _wake_settled(state)
         # write_done and pwrite's accounting, inlined: this runs for every large NBD write.
         node.io_state.write_gen += 1
         stats = node.stats
@@ -456,17 +457,16 @@ def pwrite_start(edge: BdrvChild, offset: int, data: Buffer, done: WriteDone) ->
             stats.failed_wr_operations += 1
         done(error)
 
-    global _started
-    _started += 1
+    state.started += 1
     try:
         if start(offset, data, False, written):
             return True
     except Exception:
-        _settle_one()
+        _ended(state)
         node.stats.failed_wr_operations += 1
         write_done(node, offset, end)
         raise
-    _settle_one()
+    _ended(state)
     return False
 
 

@@ -99,7 +99,7 @@ class DrainedSection:
 
     async def begin(self) -> None:
         self.drivers = _drivers_begin(nodes_above(self.node))
-        await io.settled()
+        await io.settled(self.node)
         await self.refresh()
 
     async def refresh(self) -> None:

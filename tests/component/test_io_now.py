@@ -417,10 +417,12 @@ async def test_large_tmpfs_writes_start_on_the_copier_and_count_as_awaited_ones(
         payload = os.urandom(256 * KiB)
         assert io.pwrite_start(edge, MiB, payload, ended.append)
         assert ended == []  # it ends through the loop, never inside the call
+        assert edge.node.io_state.started == file_node.io_state.started == 1  # in flight
         # Counted once it ended, as the awaited write counts (both nodes).
         assert stats_of(edge) == before
-        await io.settled()
+        await io.settled(edge.node)
         assert ended == [None]
+        assert edge.node.io_state.started == file_node.io_state.started == 0
         assert contents(shm_data)[MiB : MiB + 256 * KiB] == payload
         after = stats_of(edge)
         assert after[2:4] == (before[2] + 1, before[3] + 256 * KiB)
@@ -478,7 +480,7 @@ async def test_graph_changes_wait_until_started_writes_ended(
     daemon = Daemon()
     try:
         edge = await open_raw(daemon, shm_data, write=True)
-        settled = io.settled()
+        settled = io.settled(edge.node)
         with pytest.raises(StopIteration):
             settled.send(None)  # nothing in flight: returns without yielding
         ended: list[BaseException | None] = []

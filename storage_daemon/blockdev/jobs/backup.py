@@ -283,7 +283,7 @@ class BackupJob(BlockJob):
     async def run(self) -> None:
         bcs = self.bcs
         assert bcs is not None
-        await io.settled()  # writes begun before the filter went in land before any copy
+        await io.settled(self.source)  # writes begun before the filter land before any copy
         if self.sync == "top":
             c = 0
             while c < bcs.clusters:

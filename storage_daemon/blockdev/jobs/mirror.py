@@ -603,7 +603,9 @@ class MirrorJob(BlockJob):
             return
         # qsd's job first waits in its first scan or copy: the command returns here.
         self.release_start()
-        await io.settled()  # writes begun before the filter went in are in the first scan
+        await io.settled(
+            self.source
+        )  # writes begun before the filter went in are in the first scan
         await self._scan()
         self.initialised = True
         ready = False

@@ -56,7 +56,7 @@ async def block_resize(ctx: CommandContext, args: Any) -> None:
         raise QmpError("Parameter 'size' expects a >0 size")
     edge = graph.attach(UnnamedBackend(), node, "root", ChildRole.PRIMARY, Perm.RESIZE, PERM_ALL)
     try:
-        await io.settled()  # (qsd drains the node first) no write lands past a new end
+        await io.settled(node)  # (qsd drains the node first) no write lands past a new end
         await io.truncate(edge, args.size)
     except OSError as err:
         raise QmpError(err.strerror or os.strerror(err.errno or 0)) from err
