@@ -308,6 +308,8 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
         _threshold_check(node, drv, end)
     stats = node.stats
     opts = node.options
+    state = node.io_state
+    state.started += 1  # in flight: a drain (`settled`) waits for it
     started = _now()
     try:
         if opts.detect_zeroes != "off" and is_zero(data):
@@ -325,6 +327,7 @@ async def pwrite(edge: BdrvChild, offset: int, data: Buffer, *, fua: bool = Fals
         # QEMU bumps the generation and the highest offset whether or not the write worked,
         # and marks the dirty bitmaps too.
         write_done(node, offset, end)
+        _ended(state)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
@@ -391,11 +394,12 @@ WriteDone = Callable[[BaseException | None], None]
 
 
 async def settled(node: BlockNode) -> None:
-    """Return once every write `pwrite_start` began through `node` has ended: what qsd's
-    drain waits for before a graph change (a mirror's first scan, a snapshot, a resize, an
-    inactivation), so that no write lands behind the back of the node's new users. Returns
-    without yielding when none is in flight; those writes end on their own (a page-cache
-    copy on another thread), whatever the caller does meanwhile."""
+    """Return once every write, zero write and discard in flight through `node` has ended
+    (awaited ones, and those `pwrite_start` began): what qsd's drain waits for before a
+    graph change (a mirror's first scan, a snapshot, a resize, an inactivation), so that no
+    write lands behind the back of the node's new users. Returns without yielding when none
+    is in flight. Requests a filter queues (throttle) are let go by the drained section
+    that calls this first."""
     state = node.io_state
     while state.started:
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -409,7 +413,7 @@ def _resolve(waiter: asyncio.Future[None]) -> None:
 
 
 def _ended(state: IoState) -> None:
-    """One write `pwrite_start` began through the node of `state` has ended."""
+    """One write in flight through the node of `state` has ended."""
     state.started -= 1
     if not state.started and state.settle_waiters:
         _wake_settled(state)
@@ -637,6 +641,8 @@ async def pwrite_zeroes(
     fast_only = fast_only or _NO_FALLBACK.get()
     unmap = may_unmap and node.options.discard == "unmap"
     stats = node.stats
+    state = node.io_state
+    state.started += 1  # in flight: a drain (`settled`) waits for it
     started = _now()
     token = _NO_FALLBACK.set(True) if fast_only else None
     try:
@@ -648,6 +654,7 @@ async def pwrite_zeroes(
         if token is not None:
             _NO_FALLBACK.reset(token)
         write_done(node, offset, end)
+        _ended(state)
     stats.wr_operations += 1
     stats.wr_bytes += length
     stats.wr_total_time_ns += _now() - started
@@ -767,9 +774,12 @@ async def pdiscard(edge: BdrvChild, offset: int, length: int) -> None:
         if node.options.discard == "unmap":
             if _threshold.ARMED:
                 _threshold.check(node, end)  # unpadded: qsd checks discards as asked
+            state = node.io_state
+            state.started += 1  # in flight: a drain (`settled`) waits for it
             try:
                 await _discard(node, drv, offset, end, eof)
             finally:
+                _ended(state)
                 if _bitmaps.ARMED:
                     _bitmaps.mark(node, offset, length)  # as asked, like qsd
     except Exception:

@@ -149,7 +149,7 @@ class RequestTracker:
 @dataclass(eq=False)
 class IoState:
     """Per-node state of the generic I/O path: the tracker, the flush generations, and the
-    writes begun by `io.pwrite_start` that a drain waits for.
+    writes in flight that a drain waits for.
 
     `write_gen` counts completed modifications; a flush whose generation was already flushed
     skips the driver's own flush (QEMU's flushed_gen), which saves an fdatasync per idle flush.
@@ -159,6 +159,6 @@ class IoState:
     write_gen: int = 0
     flushed_gen: int = 0
     started: int = 0
-    """Writes `io.pwrite_start` began through the node and that have not ended yet."""
+    """Writes, zero writes and discards in flight through the node (`io.settled`)."""
     settle_waiters: list[Callable[[], None]] = field(default_factory=list)
     """What `io.settled(node)` callers wait on, called once `started` is back at 0."""

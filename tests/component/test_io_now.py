@@ -509,3 +509,37 @@ async def test_graph_changes_wait_until_started_writes_ended(
         for done in held:
             done(None)
         await daemon.shutdown()
+
+
+async def test_a_drain_waits_for_awaited_writes_in_flight(
+    shm_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for writes on the awaited path (the pool's, e.g. on ext4): a mirror started
+    while one is on a pool thread must not scan the source before it has landed."""
+    release = asyncio.Event()
+    real = FileDriver.pwritev
+
+    async def slow(self: FileDriver, offset: int, data: Any, fua: bool) -> None:
+        await release.wait()
+        await real(self, offset, data, fua)
+
+    monkeypatch.setattr(FileDriver, "pwritev", slow)
+    daemon = Daemon()
+    try:
+        edge = await open_raw(daemon, shm_data, write=True)
+        write = asyncio.ensure_future(io.pwrite(edge, 0, b"\x5a" * 4096))
+        await asyncio.sleep(0)
+        assert edge.node.io_state.started == 1
+        section = DrainedSection(edge.node)
+        begin = asyncio.ensure_future(section.begin())
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not begin.done() and not write.done()
+        release.set()
+        await asyncio.wait_for(begin, 10)
+        assert write.done() and contents(shm_data)[:4096] == b"\x5a" * 4096
+        await section.end()
+        assert edge.node.io_state.started == 0
+    finally:
+        release.set()
+        await daemon.shutdown()
