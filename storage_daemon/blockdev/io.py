@@ -447,7 +447,7 @@ def pwrite_start(edge: BdrvChild, offset: int, data: Buffer, done: WriteDone) ->
         if not state.started and state.settle_waiters:
             _wake_settled(state)
         # write_done and pwrite's accounting, inlined: this runs for every large NBD write.
-        node.io_state.write_gen += 1
+        state.write_gen += 1
         stats = node.stats
         if end > stats.wr_highest_offset:
             stats.wr_highest_offset = end

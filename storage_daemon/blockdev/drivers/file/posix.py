@@ -31,7 +31,8 @@ T = TypeVar("T")
 # Reads up to this size try the page cache on the loop: a larger copy would hold the loop
 # longer than a thread hop costs (1 MiB took ~150 us, which the pool overlaps with other work).
 NOWAIT_MAX = 256 * 1024
-# tmpfs reads and writes up to this size run on the loop (256 KiB: ~40 us).
+# tmpfs reads and writes up to this size run on the loop (256 KiB: ~40 us), but for writes
+# from COPIER_MIN whose caller takes a callback (`pwritev_start`).
 INLINE_MAX = 256 * 1024
 COPIER_MIN = 128 * 1024
 """tmpfs writes this large (any size above: 1 MiB ones went to the pool before) go to the
