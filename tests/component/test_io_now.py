@@ -453,6 +453,36 @@ async def test_large_tmpfs_writes_start_on_the_copier_and_count_as_awaited_ones(
         await daemon.shutdown()
 
 
+async def test_writes_to_a_file_on_disk_start_on_its_writer_thread(scratch: Path) -> None:
+    """Off tmpfs every buffered write may wait (journal, dirty throttling): none runs inline,
+    and a 4 KiB one starts on the file's writer thread too, counted as the awaited one.
+    O_DIRECT writes are left to the awaited path (aligned buffers, the pool)."""
+    path = scratch / "disk.img"
+    path.write_bytes(os.urandom(4 * MiB))
+    daemon = Daemon()
+    try:
+        edge = await open_raw(daemon, path, write=True)
+        assert not io.pwrite_now(edge, 0, bytes(4096))  # never inline off tmpfs
+        ended: list[BaseException | None] = []
+        before = stats_of(edge)
+        assert io.pwrite_start(edge, 12288, b"\xc3" * 4096, ended.append)
+        assert ended == [] and edge.node.io_state.started == 1
+        await io.settled(edge.node)
+        assert ended == [None]
+        after = stats_of(edge)
+        assert after[2:4] == (before[2] + 1, before[3] + 4096) and after[5] == before[5] + 1
+        assert bytes(await io.pread(edge, 12288, 4096)) == b"\xc3" * 4096
+    finally:
+        await daemon.shutdown()
+    assert path.read_bytes()[12288 : 12288 + 4096] == b"\xc3" * 4096
+    daemon = Daemon()
+    try:
+        edge = await open_raw(daemon, path, write=True, cache={"direct": True})
+        assert not io.pwrite_start(edge, 0, bytes(4096), ended.append)
+    finally:
+        await daemon.shutdown()
+
+
 async def test_shutdown_waits_for_a_started_write(shm_data: Path) -> None:
     daemon = Daemon()
     edge = await open_raw(daemon, shm_data, write=True)

@@ -70,7 +70,8 @@ microseconds. What is left waits in the queue for the next callback (reading pau
 EAGER_COST = 16 * 1024
 START_MIN = 128 * 1024
 """WRITEs this large are offered to `io.pwrite_start` first: a driver may finish them on a
-thread of its own (tmpfs copies) while the loop reads on; smaller ones cost less inline."""
+thread of its own (tmpfs copies) while the loop reads on; smaller ones cost less inline, and
+only go there when they cannot run inline (a file on a disk: no task, no coroutine)."""
 WRITE_HIGH_WATER = 8 * 1024 * 1024
 WRITE_LOW_WATER = 2 * 1024 * 1024
 SEND_BUFFER = 1024 * 1024
@@ -465,20 +466,16 @@ class NbdConnection(asyncio.BufferedProtocol):
                 payload = req.payload
                 assert payload is not None
                 fua = self._writethrough or bool(req.flags & _FUA)
-                if (
-                    not fua
-                    and len(payload) >= START_MIN
-                    and io.pwrite_start(edge, req.offset, payload, partial(self._written, req))
-                ):
-                    self._running += 1
-                    req.payload = None
+                large = len(payload) >= START_MIN
+                if not fua and large and self._write_start(edge, req, payload):
                     return True
-                if not io.pwrite_now(edge, req.offset, payload, fua=fua):
-                    return False
-                self._budget -= req.length
-                req.payload = None
-                self._send(self._core.reply_ok(req))
-                return True
+                if io.pwrite_now(edge, req.offset, payload, fua=fua):
+                    self._budget -= req.length
+                    req.payload = None
+                    self._send(self._core.reply_ok(req))
+                    return True
+                # Not inline (a file on a disk): a driver's writer thread, else a task.
+                return not fua and not large and self._write_start(edge, req, payload)
         except OSError as err:
             req.payload = None
             self._fail(req, err.errno or errno.EIO)
@@ -489,6 +486,14 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._fail(req, errno.EIO)
             return True
         return False
+
+    def _write_start(self, edge: BdrvChild, req: Request, payload: io.Buffer) -> bool:
+        """Hand the WRITE to `io.pwrite_start`; `_written` answers it. False: not taken."""
+        if not io.pwrite_start(edge, req.offset, payload, partial(self._written, req)):
+            return False
+        self._running += 1
+        req.payload = None
+        return True
 
     def _written(self, req: Request, error: BaseException | None) -> None:
         """A WRITE that `_answer_now` started (`io.pwrite_start`) ended: answer it."""

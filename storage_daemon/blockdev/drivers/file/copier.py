@@ -1,15 +1,19 @@
-"""One thread that copies large writes into tmpfs while the event loop reads the next request.
+"""A writer thread per open file: writes whose caller takes a callback, in order, off the loop.
 
-Edge ring. A write to tmpfs never waits for a device, so small ones run inline on the loop.
-A large one is a page-cache copy of ~70 us per 256 KiB: done inline, it is time the loop does
-not spend receiving the next request, and the loop is the one thread the NBD data path has.
-This thread does those copies in submission order, with the GIL released during each, and
-hands the results back in batches: one `call_soon_threadsafe` wakes the loop for everything
-finished meanwhile. One thread, not the pool: the copies need CPU, not concurrency, and on two
-cores every further thread only contends for them and for the GIL (measured: a pool thread
-per payload cost more than the copy).
-Invariant: each job's `done(error)` runs on its loop once, after its syscall ended; jobs of
-one loop complete in submission order.
+Edge ring. Two kinds of write come here (`posix.FileDriver.pwritev_start`):
+- large tmpfs writes: a page-cache copy of ~70 us per 256 KiB, time the loop would otherwise
+  not spend receiving the next request (small ones run inline on the loop);
+- every buffered write to a file elsewhere (ext4, xfs...), which may wait for the journal or
+  for dirty-page throttling and so must not run on the loop. Without a task, a future and a
+  pool thread each, a 4 KiB NBD write costs the loop about half the CPU (120 -> 70 us).
+One thread per file, not the pool: buffered writes to one file are serialised by the kernel
+(the inode lock) anyway, and on two cores more threads only contend for them and for the GIL
+(measured: a pool thread per payload cost more than the copy). Per file, not per process, so
+that a file on a slow disk never holds up the writes to another.
+The thread writes with the GIL released and hands results back in batches: one
+`call_soon_threadsafe` wakes the loop for everything finished meanwhile.
+Invariant: each job's `done(error)` runs on the loop once, after its syscall ended, in
+submission order; the thread ends once `stop()` was called and the jobs before it are done.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ import asyncio
 import logging
 import os
 import queue
-import threading
 from collections import deque
 from collections.abc import Callable
 
@@ -28,22 +31,51 @@ from storage_daemon.blockdev.drivers.file.syscalls import write_full
 log = logging.getLogger(__name__)
 
 Done = Callable[[BaseException | None], None]
+_Job = tuple[int, bytes | bytearray | memoryview, int, Done]
 
 
-class _Mailbox:
-    """Finished jobs of one loop, and whether a wake-up for them is already on its way."""
+class Copier:
+    """The writer thread of one open file, started on its first job."""
 
-    __slots__ = ("finished", "loop", "signalled")
+    __slots__ = ("_alive", "_finished", "_jobs", "_loop", "_signalled", "_started")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.finished: deque[tuple[Done, BaseException | None]] = deque()
-        self.signalled = False
+        self._loop = loop
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._finished: deque[tuple[Done, BaseException | None]] = deque()
+        self._signalled = False  # a wake-up for `_finished` is on its way to the loop
+        self._started = False
+        self._alive = _thread.allocate_lock()  # held from the thread's start to its end
 
-    def deliver(self) -> None:
+    def pwrite(
+        self, fd: int, data: bytes | bytearray | memoryview, offset: int, done: Done
+    ) -> None:
+        """Write all of `data` at `offset` of `fd` on the thread; `done(None)` or
+        `done(OSError)` follows on the loop. The caller keeps `fd` open until then."""
+        self._jobs.put((fd, data, offset, done))
+        if not self._started:
+            self._started = True
+            self._alive.acquire()
+            # Not threading.Thread: its start() waits until the new thread runs (pool.py).
+            _thread.start_new_thread(self._work, ())
+
+    def stop(self) -> None:
+        """End the thread once the jobs already submitted are done (the file is closing)."""
+        if self._started:
+            self._jobs.put(None)
+
+    def join(self, timeout: float) -> bool:
+        """Blocking (not on the loop): wait up to `timeout` s for the thread to end; True
+        once it has (or never started)."""
+        if self._alive.acquire(timeout=timeout):
+            self._alive.release()
+            return True
+        return False
+
+    def _deliver(self) -> None:
         """On the loop: run the `done` of every finished job."""
-        self.signalled = False  # before draining: a job finished from now on signals again
-        finished = self.finished
+        self._signalled = False  # before draining: a job finished from now on signals again
+        finished = self._finished
         while finished:
             done, error = finished.popleft()
             try:
@@ -51,68 +83,34 @@ class _Mailbox:
             except Exception:  # one caller's bug must not hold back the others' results
                 log.exception("copier: a completion callback failed")
 
-
-_Job = tuple[_Mailbox, int, bytes | bytearray | memoryview, int, Done]
-
-_jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
-_boxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
-_lock = threading.Lock()
-_started = False
-
-
-def pwrite(
-    loop: asyncio.AbstractEventLoop,
-    fd: int,
-    data: bytes | bytearray | memoryview,
-    offset: int,
-    done: Done,
-) -> None:
-    """Write all of `data` at `offset` of `fd` on the copier thread; `done(None)` or
-    `done(OSError)` follows on `loop` (the running one: the caller's, passed in since
-    `get_running_loop` costs a getpid). The caller keeps `fd` open until then."""
-    box = _boxes.get(loop)
-    if box is None:
-        box = _box(loop)
-    _jobs.put((box, fd, data, offset, done))
-    if not _started:
-        _start()
-
-
-def _box(loop: asyncio.AbstractEventLoop) -> _Mailbox:
-    for old in [other for other in _boxes if other.is_closed()]:
-        del _boxes[old]  # (tests run many loops in one process)
-    box = _boxes[loop] = _Mailbox(loop)
-    return box
-
-
-def _start() -> None:
-    global _started
-    with _lock:
-        if _started:
-            return
-        _started = True
-    # Not threading.Thread: its start() waits until the new thread runs (see pool.py).
-    _thread.start_new_thread(_work, ())
-
-
-def _work() -> None:
-    # Lean on purpose: whatever runs here between two pwrites holds the GIL the loop needs.
-    get = _jobs.get
-    write = os.pwrite
-    while True:
-        box, fd, data, offset, done = get()
-        error: BaseException | None = None
+    def _work(self) -> None:
         try:
-            written = write(fd, data, offset)
-            if written < len(data):  # tmpfs full, or a signal: finish it, or get the errno
-                write_full(fd, memoryview(data).cast("B")[written:], offset + written, 0)
-        except BaseException as exc:  # handed to `done` on the loop
-            error = exc
-        box.finished.append((done, error))
-        if not box.signalled:
-            box.signalled = True
+            self._write_until_stopped()
+        finally:
+            self._alive.release()
+
+    def _write_until_stopped(self) -> None:
+        # Lean on purpose: whatever runs here between two pwrites holds the GIL the loop needs.
+        get = self._jobs.get
+        write = os.pwrite
+        finished = self._finished
+        while True:
+            job = get()
+            if job is None:
+                return
+            fd, data, offset, done = job
+            error: BaseException | None = None
             try:
-                box.loop.call_soon_threadsafe(box.deliver)
-            except RuntimeError:
-                box.finished.clear()  # the loop is closed: nobody waits for these any more
-        del box, data, done, error
+                written = write(fd, data, offset)
+                if written < len(data):  # disk full, or a signal: finish it, or get the errno
+                    write_full(fd, memoryview(data).cast("B")[written:], offset + written, 0)
+            except BaseException as exc:  # handed to `done` on the loop
+                error = exc
+            finished.append((done, error))
+            if not self._signalled:
+                self._signalled = True
+                try:
+                    self._loop.call_soon_threadsafe(self._deliver)
+                except RuntimeError:
+                    finished.clear()  # the loop is closed: nobody waits for these any more
+            del job, data, done, error

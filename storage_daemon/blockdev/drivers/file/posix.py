@@ -3,9 +3,10 @@
 Blocking syscalls run on the driver's own thread pool (`pool.py`). Two kinds of small I/O run
 on the loop instead, as they never wait for a device: any I/O on tmpfs (shmem pages are only
 ever memory; a 4 KiB read costs ~2 us, a pool hop ~9 us) and cached reads elsewhere, tried with
-RWF_NOWAIT. Large tmpfs writes whose caller takes a callback go to one copier thread
-(`copier.py`). Permissions are mirrored as OFD lock bytes (`locking.py`).
-Invariant: an fd stays open while a pool or copier thread may still use it (`_Handle` counts
+RWF_NOWAIT. Writes whose caller takes a callback (large ones on tmpfs, all buffered ones
+elsewhere) go to the file's own writer thread (`copier.py`). Permissions are mirrored as OFD
+lock bytes (`locking.py`).
+Invariant: an fd stays open while a pool or writer thread may still use it (`_Handle` counts
 users).
 """
 
@@ -20,8 +21,8 @@ from typing import Any, TypeVar
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.driver import BlockDriver, BlockStatus, ChildOpener, ReopenChange
-from storage_daemon.blockdev.drivers.file import copier, pool, syscalls
-from storage_daemon.blockdev.drivers.file.copier import Done
+from storage_daemon.blockdev.drivers.file import pool, syscalls
+from storage_daemon.blockdev.drivers.file.copier import Copier, Done
 from storage_daemon.blockdev.drivers.file.locking import ImageLocks, ofd_locks_work
 from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm
 from storage_daemon.errors import QmpError
@@ -36,8 +37,8 @@ NOWAIT_MAX = 256 * 1024
 INLINE_MAX = 256 * 1024
 COPIER_MIN = 128 * 1024
 """tmpfs writes this large (any size above: 1 MiB ones went to the pool before) go to the
-copier thread when the caller takes a callback (`pwritev_start`): below it, the hand-over
-costs about as much loop time as the copy."""
+writer thread when the caller takes a callback (`pwritev_start`): below it, the hand-over
+costs about as much loop time as the copy. Elsewhere every buffered write may go there."""
 _WRITERS = Perm.WRITE | Perm.RESIZE  # what makes auto-read-only switch to read-write
 
 
@@ -46,7 +47,7 @@ def _wire(value: Any) -> Any:
 
 
 class _Handle:
-    """An open fd, its lock bytes, and how many pool jobs still use it."""
+    """An open fd, its lock bytes, its writer thread, and how many jobs still use it."""
 
     def __init__(self, fd: int, writable: bool, filename: str) -> None:
         self.fd = fd
@@ -55,19 +56,27 @@ class _Handle:
         self.users = 0
         self.retired = False
         self.idle: asyncio.Future[None] | None = None  # set by close(), done at users == 0
+        self.copier: Copier | None = None  # started by the first `pwritev_start`
 
     def release(self) -> None:
         self.users -= 1
         if self.retired and self.users == 0:
-            os.close(self.fd)  # no data of ours is pending: the close cannot block for long
+            self.close_fd()
             if self.idle is not None and not self.idle.done():
                 self.idle.set_result(None)
 
     def retire(self) -> None:
-        """Close once no pool job uses the fd any more (its locks go with it)."""
+        """Close once no job uses the fd any more (its locks go with it)."""
         self.retired = True
         if self.users == 0:
-            os.close(self.fd)
+            self.close_fd()
+
+    def close_fd(self) -> None:
+        """No job uses the fd: close it (nothing of ours is pending, it cannot block for
+        long), and let the writer thread end."""
+        if self.copier is not None:
+            self.copier.stop()
+        os.close(self.fd)
 
 
 class FileDriver(BlockDriver):
@@ -199,7 +208,7 @@ class FileDriver(BlockDriver):
         for handle in handles:
             handle.retired = True  # with pool jobs still running, the last one closes it
             if handle.users == 0:
-                await loop.run_in_executor(None, os.close, handle.fd)
+                await loop.run_in_executor(None, handle.close_fd)
             else:
                 # The pool's threads do not hold the process open at exit: wait for the
                 # syscalls of cancelled requests here, so none is cut short.
@@ -420,20 +429,23 @@ class FileDriver(BlockDriver):
         return True
 
     def pwritev_start(self, offset: int, data: bytes | memoryview, fua: bool, done: Done) -> bool:
-        """Start a large tmpfs write on the copier thread (`copier.py`), `done(error)` once it
-        ended; False (nothing done) for any other write. The fd stays open until then."""
-        length = len(data)
+        """Start a buffered write on the file's writer thread (`copier.py`), `done(error)`
+        once it ended; False (nothing done) for small tmpfs writes (inline is cheaper), FUA
+        and O_DIRECT ones. The fd stays open until then."""
         loop = self._loop
-        if self.direct or not self._inline or length < COPIER_MIN or fua or loop is None:
+        if self.direct or fua or loop is None or (self._inline and len(data) < COPIER_MIN):
             return False
         handle = self._live()
+        writer = handle.copier
+        if writer is None:
+            writer = handle.copier = Copier(loop)
         handle.users += 1
 
         def written(error: BaseException | None) -> None:
             handle.release()  # (io.pwrite_start never grows the file: no length to update)
             done(error)
 
-        copier.pwrite(loop, handle.fd, data, offset, written)
+        writer.pwrite(handle.fd, data, offset, written)
         return True
 
     def _mapped(self, offset: int, length: int) -> memoryview | None:
