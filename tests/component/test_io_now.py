@@ -483,6 +483,67 @@ async def test_writes_to_a_file_on_disk_start_on_its_writer_thread(scratch: Path
         await daemon.shutdown()
 
 
+@pytest.mark.parametrize("where", ["tmpfs", "disk"])
+async def test_qcow2_writes_into_allocated_clusters_go_without_a_task(
+    where: str, shm_dir: Path, scratch: Path
+) -> None:
+    """A write into clusters that are allocated, COPIED (refcount 1) and whose L2 table is
+    cached needs no metadata change: done inline on tmpfs (`pwrite_now`), started on the
+    file's writer thread elsewhere (`pwrite_start`), its host cluster counted in flight
+    meanwhile. Clusters shared with a snapshot, unallocated ones, or a table not cached yet
+    are left to the awaited path."""
+    path = (shm_dir if where == "tmpfs" else scratch) / "inplace.qcow2"
+    await asyncio.to_thread(_snapshotted, path)
+    daemon = Daemon()
+    try:
+        edge = await open_image(daemon, path, "qcow2", write=True)
+        drv = edge.node.driver
+        assert isinstance(drv, Qcow2Driver) and drv.meta is not None
+        payload = os.urandom(4096)
+        ended: list[BaseException | None] = []
+        assert not io.pwrite_now(edge, 64 * KiB + 512, payload)  # its L2 table is not cached
+        assert not io.pwrite_start(edge, 64 * KiB + 512, payload, ended.append)
+        assert bytes(await io.pread(edge, 0, 512)) == b"\x11" * 512  # (loads the table)
+        assert not io.pwrite_now(edge, 512, payload)  # shared with the snapshot
+        assert not io.pwrite_start(edge, 512, payload, ended.append)
+        assert not io.pwrite_start(edge, MiB, payload, ended.append)  # unallocated
+        assert not io.pwrite_start(edge, 128 * KiB - 512, payload, ended.append)  # crosses
+        before = stats_of(edge)
+        if where == "tmpfs":
+            assert io.pwrite_now(edge, 64 * KiB + 512, payload)
+            assert not drv.meta.inflight
+        else:
+            assert not io.pwrite_now(edge, 64 * KiB + 512, payload)  # may wait: never inline
+            assert io.pwrite_start(edge, 64 * KiB + 512, payload, ended.append)
+            assert len(drv.meta.inflight) == 1 and ended == []  # its host cluster stays put
+            await io.settled(edge.node)
+            assert ended == [None] and not drv.meta.inflight
+        after = stats_of(edge)
+        assert after[2:4] == (before[2] + 1, before[3] + 4096) and after[5] == before[5] + 1
+        assert bytes(await io.pread(edge, 64 * KiB, 1024)) == b"\x22" * 512 + payload[:512]
+    finally:
+        await daemon.shutdown()
+    image = await asyncio.to_thread(_checked_contents, path, 128 * KiB)
+    expected = b"\x11" * (64 * KiB) + b"\x22" * 512 + payload + b"\x22" * (60 * KiB - 512)
+    assert image == expected
+
+
+def _snapshotted(path: Path) -> None:
+    """64 KiB shared with a snapshot, then 64 KiB written after it (COPIED again)."""
+    qcow2(path, "4M", writes=("write -P 0x11 0 64k",))
+    sh("qemu-img", "snapshot", "-c", "s1", str(path))
+    sh("qemu-io", "-f", "qcow2", "-c", "write -P 0x22 64k 64k", str(path))
+
+
+def _checked_contents(path: Path, length: int) -> bytes:
+    """`qemu-img check` passes, and the first `length` bytes as qemu-img reads them."""
+    sh("qemu-img", "check", "-q", str(path))
+    raw = path.with_suffix(".raw")
+    sh("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(raw))
+    with open(raw, "rb") as f:
+        return f.read(length)
+
+
 async def test_shutdown_waits_for_a_started_write(shm_data: Path) -> None:
     daemon = Daemon()
     edge = await open_raw(daemon, shm_data, write=True)

@@ -784,6 +784,24 @@ class Qcow2Driver(BlockDriver):
 
         await self._run_write(op, fua, (offset, len(data)))
 
+    def pwritev_now(self, offset: int, data: bytes | memoryview, fua: bool) -> bool:
+        """A write into allocated clusters whose L2 table is cached, done at once on tmpfs
+        (`Writer.write_in_place_now`); False: nothing done, await `pwritev`."""
+        writer = self.writer
+        if fua or self._fenced or writer is None:
+            return False
+        return writer.write_in_place_now(offset, data, None)
+
+    def pwritev_start(
+        self, offset: int, data: bytes | memoryview, fua: bool, done: io.WriteDone
+    ) -> bool:
+        """The same write started on the file's writer thread, `done(error)` once it ended;
+        False: nothing done."""
+        writer = self.writer
+        if fua or self._fenced or writer is None:
+            return False
+        return writer.write_in_place_now(offset, data, done)
+
     async def pwritev_compressed(self, offset: int, data: bytes | memoryview) -> None:
         """Whole clusters, compressed (QEMU's rules in compressed.py)."""
         from storage_daemon.blockdev.drivers.qcow2.compressed import write_compressed

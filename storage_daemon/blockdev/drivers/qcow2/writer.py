@@ -1,7 +1,9 @@
 """Guest writes, zero writes and discards of a qcow2 image, one cluster at a time.
 
-Domain ring; runs under the driver's metadata lock, except `write_in_place` (data only, into
-clusters needing no metadata change; `Metadata.inflight` keeps their refcounts up meanwhile)
+Domain ring; runs under the driver's metadata lock, except `write_in_place` and
+`write_in_place_now` (data only, into clusters needing no metadata change; awaited, or done
+inline on tmpfs or started on the file's writer thread when the L2 table is cached;
+`Metadata.inflight` keeps their refcounts up meanwhile)
 and the data of runs of new clusters (`PendingAlloc`: reserved in the refcounts under the
 lock, written by the driver without it, then linked in L2 under it again, while requests on
 their guest clusters wait). Order per cluster: allocate (refcount in the cache), write the
@@ -202,52 +204,123 @@ class Writer:
         await comes between the lookup and counting the write in `Metadata.inflight`, so the
         mapping is current when the write starts, and its clusters cannot be freed (and
         reused) before it ends."""
+        if not self._may_write_in_place(offset, len(data)):
+            return False
+        _, table = await self.mapper.l2_for(offset >> self.cb)
+        target = self._in_place(offset, len(data), table)
+        if target is None:
+            return False
+        host, clusters = target
+        self._count(clusters)
+        try:
+            self._event("write_aio")
+            await io.pwrite(self.mapper.data, host, data)
+        finally:
+            self._uncount(clusters)
+        return True
+
+    def write_in_place_now(
+        self, offset: int, data: bytes | memoryview, done: io.WriteDone | None
+    ) -> bool:
+        """`write_in_place` without waiting, when the L2 table is cached: done at once
+        (`io.pwrite_now`: tmpfs) without `done`, or started (`io.pwrite_start`: the file's
+        writer thread) with it, `done(error)` following once it ended. False: nothing was
+        done (await `write_in_place`), as also with a blkdebug node listening for events.
+        Corruption is left to the awaited path, which finds it again and reports it."""
+        if not self._may_write_in_place(offset, len(data)):
+            return False
+        edge = self.mapper.data
+        if getattr(edge.node.driver, "debug_event", None) is not None:
+            return False  # it hears write_aio first, and takes no write without waiting
+        meta = self.meta
+        l1_entry = meta.l1[(offset >> self.cb) // self.l2_entries]
+        table = meta.l2_cache.get(l1_entry & fmt.L1E_OFFSET_MASK)
+        try:
+            target = self._in_place(offset, len(data), table)
+        except Corruption:
+            return False
+        if target is None:
+            return False
+        host, clusters = target
+        self._count(clusters)
+        if done is None:
+            try:
+                return io.pwrite_now(edge, host, data)
+            finally:
+                self._uncount(clusters)
+
+        def written(error: BaseException | None) -> None:
+            self._uncount(clusters)
+            done(error)
+
+        try:
+            started = io.pwrite_start(edge, host, data, written)
+        except BaseException:
+            self._uncount(clusters)
+            raise
+        if not started:
+            self._uncount(clusters)
+        return started
+
+    def _may_write_in_place(self, offset: int, length: int) -> bool:
+        """What `write_in_place` checks before looking at the L2 table: one table, with
+        COPIED in its L1 entry; no extended L2 entries, no copy-up."""
+        if self.ext or not length or copy_up_active():
+            return False  # a copy-up looks at the mapping under the lock
+        first = offset >> self.cb
+        l1_index = first // self.l2_entries
+        if l1_index != ((offset + length - 1) >> self.cb) // self.l2_entries:
+            return False
+        l1 = self.meta.l1
+        return l1_index < len(l1) and bool(l1[l1_index] & fmt.OFLAG_COPIED)
+
+    def _in_place(
+        self, offset: int, length: int, table: bytearray | None
+    ) -> tuple[int, range] | None:
+        """Where a write of `[offset, offset+length)` that `_may_write_in_place` lies in the
+        file (host offset, host clusters), or None unless every cluster is NORMAL, COPIED
+        and follows the previous one. Raises Corruption if it overlaps metadata."""
+        if table is None:
+            return None
         cb = self.cb
         first = offset >> cb
-        if self.ext or not data or copy_up_active():
-            return False  # a copy-up looks at the mapping under the lock
-        last = (offset + len(data) - 1) >> cb
+        last = (offset + length - 1) >> cb
         l2_entries = self.l2_entries
-        if first // l2_entries != last // l2_entries:
-            return False
-        meta = self.meta
-        l1_index = first // l2_entries
-        if l1_index >= len(meta.l1) or not meta.l1[l1_index] & fmt.OFLAG_COPIED:
-            return False
-        _, table = await self.mapper.l2_for(first)
-        if table is None:
-            return False
         has_df = self.mapper.has_data_file
         start = 0
         for index in range(first, last + 1):
             entry = fmt.l2_get(table, index % l2_entries, False)
             kind = fmt.cluster_type(entry, False, has_df)
             if kind != ClusterType.NORMAL or not (entry.copied or has_df):
-                return False
+                return None
             host = self._host_of(entry, index)
             if index == first:
                 start = host
             elif host != start + ((index - first) << cb):
-                return False
+                return None
         if not has_df:
-            meta.check_overlap(start, (last - first + 1) << cb)
-        clusters = range(start >> cb, (start >> cb) + last - first + 1)
-        inflight = meta.inflight
+            self.meta.check_overlap(start, (last - first + 1) << cb)
+        return start + (offset & (self.cs - 1)), range(
+            start >> cb, (start >> cb) + last - first + 1
+        )
+
+    def _count(self, clusters: range) -> None:
+        """The write into `clusters` is in flight: their refcounts stay up until `_uncount`."""
+        inflight = self.meta.inflight
         for cluster in clusters:
             inflight[cluster] = inflight.get(cluster, 0) + 1
-        try:
-            self._event("write_aio")
-            await io.pwrite(self.mapper.data, start + (offset & (self.cs - 1)), data)
-        finally:
-            for cluster in clusters:
-                left = inflight[cluster] - 1
-                if left:
-                    inflight[cluster] = left
-                else:
-                    del inflight[cluster]
-            if not inflight and meta.inflight_waiters:
-                meta.inflight_done()
-        return True
+
+    def _uncount(self, clusters: range) -> None:
+        meta = self.meta
+        inflight = meta.inflight
+        for cluster in clusters:
+            left = inflight[cluster] - 1
+            if left:
+                inflight[cluster] = left
+            else:
+                del inflight[cluster]
+        if not inflight and meta.inflight_waiters:
+            meta.inflight_done()
 
     async def _unallocated(self, offset: int, length: int) -> list[tuple[int, int]]:
         """The parts of a range whose reads come from the backing file (a copy-up may write
