@@ -5,7 +5,8 @@ Edge ring. Two kinds of write come here (`posix.FileDriver.pwritev_start`):
   not spend receiving the next request (small ones run inline on the loop);
 - every buffered write to a file elsewhere (ext4, xfs...), which may wait for the journal or
   for dirty-page throttling and so must not run on the loop. Without a task, a future and a
-  pool thread each, a 4 KiB NBD write costs the loop about half the CPU (120 -> 70 us).
+  pool hop each, a 4 KiB NBD write to a settled ext4 file cost the daemon 63-78 us of CPU
+  instead of 116-131 (bench/README.md, "Session 9").
 One thread per file, not the pool: buffered writes to one file are serialised by the kernel
 (the inode lock) anyway, and on two cores more threads only contend for them and for the GIL
 (measured: a pool thread per payload cost more than the copy). Per file, not per process, so
