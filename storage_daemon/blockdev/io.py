@@ -428,8 +428,9 @@ def _wake_settled(state: IoState) -> None:
 def pwrite_start(edge: BdrvChild, offset: int, data: Buffer, done: WriteDone) -> bool:
     """Start `pwrite` without a coroutine where a driver can finish it on its own and call
     back, or return False (nothing done: `pwrite_now`, then `pwrite`). Drivers take part
-    through an optional `pwritev_start(offset, data, fua, done)` (large tmpfs writes on the
-    copier thread). Checks as `pwrite_now`; `done(None)` or `done(error)` follows on the
+    through an optional `pwritev_start(offset, data, fua, done)` (the file driver's writer
+    thread: large tmpfs writes, buffered ones elsewhere; qcow2 passes on writes into
+    allocated clusters). Checks as `pwrite_now`; `done(None)` or `done(error)` follows on the
     loop once the write ended, accounted as `pwrite` accounts it. No FUA: those sync.
     """
     length = len(data)

@@ -1,5 +1,5 @@
 """The I/O path's answers without waiting (`io.block_status_now`, `pread_now`,
-`pwrite_now`), writes started on the copier thread (`pwrite_start`, `settled`), qcow2
+`pwrite_now`), writes started on a file's writer thread (`pwrite_start`, `settled`), qcow2
 metadata preallocation (block status asks the file), and the file driver's data-extent cache.
 
 Component ring: real images made by qemu-img/qemu-io, opened through the daemon's graph.
@@ -402,7 +402,7 @@ async def test_qcow2_reads_at_once_follow_the_cached_mapping(images: dict[str, P
         await daemon.shutdown()
 
 
-# --- writes started on the copier thread ------------------------------------------------------
+# --- writes started on the file's writer thread -----------------------------------------------
 
 
 async def test_large_tmpfs_writes_start_on_the_copier_and_count_as_awaited_ones(

@@ -14,7 +14,7 @@ MIN_SIZE = 64 * 1024
 MAX_BYTES = 2 * 1024 * 1024 + 8192
 """What one pool keeps at most: eight 256 KiB nbdcopy payloads, or two 1 MiB fio writes, each
 with room for a request header in front (a payload that lands in place, protocol.py). Large
-tmpfs writes are still busy on the copier thread while the next ones arrive (copier.py)."""
+writes are still busy on the file's writer thread while the next ones arrive (copier.py)."""
 
 _probe = [bytearray(1)]
 _IDLE_REFS = getrefcount(_probe[0])
