@@ -349,10 +349,31 @@ async def test_not_qcow2_and_loops(tmp_path: Path) -> None:
     assert await daemon.run_command("query-named-block-nodes", {}) == []
 
 
+async def _first_write_is_fatal(img: Path, offset: int, data: bytes) -> dict[str, Any]:
+    """Open `img` read-write, write `data` at `offset`: EIO and a fatal corruption event,
+    whose payload is returned."""
+    from storage_daemon.blockdev.drivers.qcow2 import driver as qdrv
+
+    events: list[tuple[str, dict[str, Any]]] = []
+    qdrv.set_event_sink(lambda name, payload: events.append((name, payload)))
+    try:
+        daemon = Daemon()
+        edge = await open_node(daemon, img, write=True)
+        with pytest.raises(OSError) as err:
+            await io.pwrite(edge, offset, data)
+        assert err.value.errno == 5
+        assert events[0][0] == "BLOCK_IMAGE_CORRUPTED"
+        assert events[0][1]["fatal"] is True
+        with pytest.raises(OSError):
+            await io.pread(edge, 0, 512)
+        await close_node(daemon, edge)
+    finally:
+        qdrv.set_event_sink(None)
+    return events[0][1]
+
+
 async def test_write_over_metadata_marks_corrupt_and_fences(tmp_path: Path) -> None:
     import struct
-
-    from storage_daemon.blockdev.drivers.qcow2 import driver as qdrv
 
     img = await create(tmp_path / "c.qcow2", "1M")
     await qemu_io(img, "write -P 0x01 0 64k")
@@ -362,25 +383,38 @@ async def test_write_over_metadata_marks_corrupt_and_fences(tmp_path: Path) -> N
     # Point guest cluster 0 at the L1 table (COPIED, so the write goes in place).
     struct.pack_into(">Q", data, l2_offset, l1_offset | (1 << 63))
     img.write_bytes(bytes(data))
-    events: list[tuple[str, dict[str, Any]]] = []
-    qdrv.set_event_sink(lambda name, payload: events.append((name, payload)))
-    try:
-        daemon = Daemon()
-        edge = await open_node(daemon, img, write=True)
-        with pytest.raises(OSError) as err:
-            await io.pwrite(edge, 0, b"\xff" * 512)
-        assert err.value.errno == 5
-        assert events[0][0] == "BLOCK_IMAGE_CORRUPTED"
-        assert events[0][1]["fatal"] is True
-        assert events[0][1]["msg"] == (
-            "Preventing invalid write on metadata (overlaps with active L1 table)"
-        )
-        with pytest.raises(OSError):
-            await io.pread(edge, 0, 512)
-        await close_node(daemon, edge)
-    finally:
-        qdrv.set_event_sink(None)
+    event = await _first_write_is_fatal(img, 0, b"\xff" * 512)
+    assert event["msg"] == "Preventing invalid write on metadata (overlaps with active L1 table)"
     assert struct.unpack_from(">Q", img.read_bytes(), 72)[0] & 2  # corrupt bit persisted
     with pytest.raises(QmpError) as info:
         await open_node(Daemon(), img, write=True)
     assert info.value.desc == "qcow2: Image is corrupt; cannot be opened read/write"
+
+
+@pytest.mark.parametrize(
+    ("victim", "message"),
+    [
+        ("header", "Preventing invalid allocation of L2 table at offset 0"),
+        ("refcount-table", "Preventing invalid write on metadata (overlaps with refcount table)"),
+    ],
+)
+async def test_metadata_counted_free_is_never_allocated_over(
+    tmp_path: Path, victim: str, message: str
+) -> None:
+    """A refblock that calls the header's (or the refcount table's) cluster free: the next
+    allocation picks it; a new L2 table must not be written there (qsd's messages, fatal)."""
+    import struct
+
+    img = await create(tmp_path / "c.qcow2", "1G")  # 64 KiB clusters: one L2 per 512 MiB
+    data = bytearray(img.read_bytes())
+    reftable = struct.unpack_from(">Q", data, 48)[0]
+    refblock = struct.unpack_from(">Q", data, reftable)[0]
+    cluster = 0 if victim == "header" else reftable >> 16
+    struct.pack_into(">H", data, refblock + 2 * cluster, 0)
+    img.write_bytes(bytes(data))
+    before = img.read_bytes()[: 2 << 16]  # the header and refcount table clusters
+    event = await _first_write_is_fatal(img, 600 << 20, b"\x5a" * 65536)  # a second L2
+    assert event["msg"] == message
+    after = img.read_bytes()
+    assert after[:72] == before[:72]  # the header is intact (only the corrupt bit may change)
+    assert after[reftable : reftable + 16] == before[reftable : reftable + 16]

@@ -149,6 +149,13 @@ class Metadata:
             if self.meta.get(cluster) == name:
                 del self.meta[cluster]
 
+    def claim(self, offset: int, size: int, name: str) -> None:
+        """Mark freshly allocated clusters as the metadata `name`, after checking that no
+        live structure sits there: refcounts that call a header or table cluster free
+        (a corrupt image) would otherwise let the new mark hide it from `check_overlap`."""
+        self.check_overlap(offset, size)
+        self._mark(offset, size, name)
+
     def build_overlap_map(self) -> None:
         hdr = self.hdr
         self.meta.clear()
@@ -266,9 +273,11 @@ class Metadata:
     async def new_l2(self, l1_index: int, template: bytearray | None) -> tuple[int, bytearray]:
         """Allocate an L2 table (zeroed or a copy of `template`), stable before L1 points at it."""
         offset = await self.alloc_clusters(1)
+        if offset == 0:  # qsd's own check, whatever the overlap-check option says
+            raise Corruption("Preventing invalid allocation of L2 table at offset 0", -1, -1)
         table = bytearray(template) if template is not None else bytearray(self.cluster_size)
         await self.write_refblocks()
-        self._mark(offset, self.cluster_size, OL_ACTIVE_L2)
+        self.claim(offset, self.cluster_size, OL_ACTIVE_L2)
         if template is not None:
             debug_event(self.file, "l2_alloc_cow_read")
         debug_event(self.file, "l2_alloc_write")

@@ -72,7 +72,7 @@ async def _grow_l1(driver: Qcow2Driver, size: int) -> None:
     await meta.write_refblocks()
     entries = [*meta.l1, *([0] * (need - len(meta.l1)))]
     table = fmt.pack_u64s(entries)
-    meta._mark(new_offset, clusters * cs, OL_ACTIVE_L1)
+    meta.claim(new_offset, clusters * cs, OL_ACTIVE_L1)
     debug_event(meta.file, "l1_grow_write_table")
     await meta.write(new_offset, table + bytes(clusters * cs - len(table)), OL_ACTIVE_L1)
     await meta.sync()

@@ -79,7 +79,7 @@ async def _write_table(driver: Qcow2Driver, snaps: list[fmt.Snapshot]) -> None:
         clusters = -(-len(data) // cs)
         new_offset = await meta.alloc_clusters(clusters)
         await meta.write_refblocks()
-        meta.mark_snapshot_table(new_offset, clusters * cs)
+        meta.claim(new_offset, clusters * cs, OL_SNAPSHOT_TABLE)
         await meta.write(new_offset, data + bytes(clusters * cs - len(data)), OL_SNAPSHOT_TABLE)
     await meta.sync()
     old_offset, old_size = driver.snapshot_table_offset()
@@ -144,7 +144,7 @@ async def _create(
     if l1_size:
         clusters = -(-l1_bytes // cs)
         snap_l1_offset = await meta.alloc_clusters(clusters)
-        meta._mark(snap_l1_offset, l1_bytes, OL_INACTIVE_L1)
+        meta.claim(snap_l1_offset, l1_bytes, OL_INACTIVE_L1)
         copy = fmt.pack_u64s([e & ~fmt.OFLAG_COPIED for e in l1])
         await meta.write(snap_l1_offset, copy + bytes(clusters * cs - l1_bytes), OL_INACTIVE_L1)
     # One more reference on every L2 table and cluster the active L1 reaches.
