@@ -152,6 +152,37 @@ def test_compress_cluster_round_trips_and_refuses_growth(zstd: bool) -> None:
     assert compress_cluster(rng.randbytes(cs), cs - 1, zstd) is None
 
 
+@pytest.mark.parametrize("zstd", [False, True])
+def test_a_stream_longer_than_a_cluster_is_never_inflated_whole(zstd: bool) -> None:
+    """A hostile image's compressed cluster may expand to far more than a cluster (a few KiB
+    to gigabytes): no more memory than a cluster's worth is used. As qsd: zstd's longer
+    frame is EIO; deflate fills the cluster and ignores the rest (qcow2 only knows the
+    stream's length to a sector, so qsd takes the cluster once it is full)."""
+    import tracemalloc
+
+    import zstandard
+
+    cs = 64 * KiB
+    if zstd:
+        bomb = zstandard.ZstdCompressor().compress(bytes(256 * 1024 * KiB))
+    else:
+        packer = zlib.compressobj(9, zlib.DEFLATED, -12)
+        bomb = packer.compress(bytes(256 * 1024 * KiB)) + packer.flush()
+    assert len(bomb) < 512 * KiB
+    tracemalloc.start()
+    try:
+        if zstd:
+            with pytest.raises(OSError) as err:
+                decompress(bomb, cs, zstd)
+            assert err.value.errno == errno.EIO
+        else:
+            assert decompress(bomb, cs, zstd) == bytes(cs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * KiB
+
+
 def test_zlib_stream_is_raw_deflate_with_a_4k_window() -> None:
     data = b"abc" * 20000
     out = compress_cluster(data, len(data), False)

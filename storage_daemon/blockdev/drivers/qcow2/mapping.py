@@ -15,6 +15,7 @@ import errno
 import os
 import struct
 import zlib
+from io import BytesIO
 from typing import NamedTuple
 
 from storage_daemon.blockdev import io
@@ -49,12 +50,17 @@ def _eio() -> OSError:
 
 
 def decompress(data: bytes, cluster_size: int, zstd: bool) -> bytes:
-    """One compressed cluster's bytes; EIO when the stream is not a full cluster."""
+    """One compressed cluster's bytes; EIO when the stream is not exactly a full cluster.
+    Output is bounded by the cluster size (one byte more, to tell a longer stream): a
+    hostile image's few KiB of zstd can otherwise expand to gigabytes."""
     try:
         if zstd:
             if zstandard is None:
                 raise OSError(errno.ENOTSUP, "zstd compression is not supported")
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+            reader = zstandard.ZstdDecompressor().stream_reader(BytesIO(data))
+            out = reader.read(cluster_size + 1)
+            if len(out) > cluster_size:  # more than a cluster: qsd's EIO, as for a short one
+                raise _eio()
         else:
             out = zlib.decompressobj(-12).decompress(data, cluster_size)
     except (zlib.error, ValueError) as err:
