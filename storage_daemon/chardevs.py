@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from storage_daemon.errors import QmpError
+from storage_daemon.hostpath import host_path
 from storage_daemon.keyval import (
     parse_bool,
     parse_json_option,
@@ -329,7 +330,7 @@ async def add_chardev(
 
 def _open(path: str, flags: int) -> int:
     try:
-        return os.open(path, flags | os.O_CLOEXEC, 0o666)
+        return os.open(host_path(path), flags | os.O_CLOEXEC, 0o666)
     except OSError as exc:
         raise QmpError(f"Could not open '{path}': {os.strerror(exc.errno or 0)}") from exc
 

@@ -19,6 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from storage_daemon.errors import QmpError
+from storage_daemon.hostpath import host_path
 
 _LISTEN_BACKLOG = 16
 _CLOSE_TIMEOUT = 2.0
@@ -288,9 +289,9 @@ class SocketChardev(Chardev):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                        os.unlink(self.path)
-                sock.bind(self.path)
+                    if stat.S_ISSOCK(os.lstat(host_path(self.path)).st_mode):
+                        os.unlink(host_path(self.path))
+                sock.bind(host_path(self.path))
                 sock.listen(_LISTEN_BACKLOG)
             except OSError as exc:
                 sock.close()
@@ -350,7 +351,7 @@ class SocketChardev(Chardev):
     async def _connect(self) -> Connection:
         try:
             if self.path is not None:
-                reader, writer = await asyncio.open_unix_connection(self.path)
+                reader, writer = await asyncio.open_unix_connection(host_path(self.path))
                 local = writer.get_extra_info("sockname") or ""
                 desc = f"unix:{local}"
             else:
@@ -410,4 +411,4 @@ class SocketChardev(Chardev):
             self._listener = None
             if self.path is not None:
                 with contextlib.suppress(OSError):
-                    os.unlink(self.path)
+                    os.unlink(host_path(self.path))

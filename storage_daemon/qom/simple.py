@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from storage_daemon.errors import QmpError
+from storage_daemon.hostpath import host_path
 from storage_daemon.qdict import qdict_order
 from storage_daemon.qom.base import UserObject
 
@@ -113,7 +114,7 @@ class Secret(UserObject):
             raise QmpError("Either 'file' or 'data' must be provided")
         if path is not None:
             try:
-                with open(path, "rb") as handle:
+                with open(host_path(path), "rb") as handle:
                     raw = handle.read()
             except OSError as exc:
                 reason = os.strerror(exc.errno or 0)

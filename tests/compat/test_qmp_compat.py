@@ -490,3 +490,21 @@ def test_block_resize_blockstats_and_query_block(compat: Compat) -> None:
         ],
         setup=make_raw_image,
     )
+
+
+def test_nul_in_file_names(compat: Compat) -> None:
+    """JSON may put U+0000 in a name: qsd keeps it as the bytes C0 80 (modified UTF-8), so
+    opening a missing file fails as usual, and files and sockets are created under that
+    name; never an internal error."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "file", "node-name": "x", "filename": "$D/a\0b"}),
+            Cmd(
+                "chardev-add",
+                {"id": "c1", "backend": {"type": "file", "data": {"out": "$D/e\0f"}}},
+            ),
+            Cmd("blockdev-add", {"driver": "file", "node-name": "y", "filename": "$D/e\0f"}),
+            Cmd("nbd-server-start", {"addr": {"type": "unix", "data": {"path": "$D/n\0s"}}}),
+            Cmd("query-named-block-nodes", {"flat": True}),
+        ]
+    )

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2] / "storage_daemon"
 
 PURE_MODULES = [
     "keyval.py",
+    "hostpath.py",
     "qdict.py",
     "qapi/parser.py",
     "qapi/schema.py",

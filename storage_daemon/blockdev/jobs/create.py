@@ -22,6 +22,7 @@ from storage_daemon.blockdev.drivers.file.locking import ImageLocks
 from storage_daemon.blockdev.jobs.job import Job
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
 from storage_daemon.errors import QmpError
+from storage_daemon.hostpath import host_path
 
 if TYPE_CHECKING:
     from storage_daemon.blockdev.graph import BlockGraph
@@ -124,7 +125,7 @@ async def create_file(job: CreateJob, options: Any) -> None:
 def _file_open(filename: str) -> tuple[int, ImageLocks]:
     """Create (or open) the file and take qsd's create locks; runs on the pool."""
     try:
-        fd = os.open(filename, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(host_path(filename), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as err:
         raise QmpError(
             f"Could not create '{filename}': {os.strerror(err.errno or errno.EIO)}"

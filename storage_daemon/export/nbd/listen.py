@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 
 from storage_daemon.errors import QmpError
+from storage_daemon.hostpath import host_path
 
 _UNIX_PATH_MAX = 108
 BACKLOG = 128
@@ -90,16 +91,17 @@ def _bind_unix(endpoint: Endpoint) -> Listener:
             sock.bind("\0" + path)
             sock.listen(BACKLOG)
             return Listener(sock)
+        host = host_path(path)
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket file: qsd unlinks it too
+            if stat.S_ISSOCK(os.lstat(host).st_mode):
+                os.unlink(host)  # a stale socket file: qsd unlinks it too
         try:
-            sock.bind(path)
+            sock.bind(host)
         except OSError as err:
             raise QmpError(f"Failed to bind socket to {path}: {_strerror(err)}") from err
-        ino = os.lstat(path).st_ino
+        ino = os.lstat(host).st_ino
         sock.listen(BACKLOG)
-        return Listener(sock, path, ino)
+        return Listener(sock, host, ino)
     except BaseException:
         sock.close()
         raise

@@ -15,6 +15,8 @@ import os
 import stat
 import struct
 
+from storage_daemon.hostpath import host_path
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -133,7 +135,7 @@ def map_readonly(fd: int, length: int) -> mmap.mmap:
 
 def open_image(path: str, flags: int) -> tuple[int, os.stat_result]:
     """Open and fstat, closing the fd again if fstat fails."""
-    fd = os.open(path, flags)
+    fd = os.open(host_path(path), flags)
     try:
         return fd, os.fstat(fd)
     except BaseException:
