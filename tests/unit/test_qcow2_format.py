@@ -132,6 +132,49 @@ def test_hostile_extensions_match_qemu(
     assert ours(bad) == qemu(path)
 
 
+def _bitmaps_ext_offset(data: bytes) -> int:
+    offset = 112
+    while struct.unpack_from(">I", data, offset)[0] != fmt.EXT_BITMAPS:
+        offset += 8 + ((struct.unpack_from(">I", data, offset + 4)[0] + 7) & ~7)
+    return offset
+
+
+@pytest.mark.skipif(not HAVE_QEMU, reason="needs qemu-img")
+@pytest.mark.parametrize(
+    ("name", "ext_changes", "autoclear"),
+    [
+        ("reserved", ((12, ">I", 3),), 1),
+        ("length32", ((4, ">I", 32),), 1),
+        ("length8_no_autoclear", ((4, ">I", 8),), 0),  # the length is checked first
+        ("length24_no_autoclear", (), 0),  # accepted: the bitmaps are merely inconsistent
+    ],
+)
+def test_bitmaps_extension_checks_match_qemu(
+    tmp_path: Path, name: str, ext_changes: tuple[tuple[int, str, int], ...], autoclear: int
+) -> None:
+    path = tmp_path / f"{name}.qcow2"
+    make_image(path)
+    subprocess.run(["qemu-img", "bitmap", "--add", str(path), "b1"], check=True)
+    good = path.read_bytes()
+    ext = _bitmaps_ext_offset(good)
+    bad = patch(good, *((ext + at, code, value) for at, code, value in ext_changes))
+    path.write_bytes(patch(bad, (88, ">Q", autoclear)))
+    assert ours(path.read_bytes()) == qemu(path)
+
+
+def test_backing_name_ends_at_a_nul(tmp_path: Path) -> None:
+    """qsd reads the name as a C string: a NUL counted in backing_file_size ends it."""
+    base = tmp_path / "base.qcow2"
+    make_image(base)
+    data = make_image(tmp_path / "top.qcow2", backing=base)
+    hdr = fmt.parse_fixed_header(data)
+    data = patch(data, (16, ">I", hdr.backing_file_size + 1))
+    cluster0 = data[: hdr.cluster_size]
+    hdr = fmt.parse_header(cluster0)
+    fmt.parse_extensions(cluster0, hdr)
+    assert hdr.backing_file == str(base)
+
+
 def test_not_qcow2() -> None:
     with pytest.raises(fmt.FormatError, match=r"^Image is not in qcow2 format$"):
         fmt.parse_fixed_header(bytes(512))

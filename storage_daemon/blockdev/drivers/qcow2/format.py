@@ -301,8 +301,11 @@ def parse_extensions(cluster0: bytes, hdr: Header) -> None:
             hdr.backing_format = ext.data.split(b"\0", 1)[0].decode("utf-8", "replace")
         elif ext.type == EXT_CRYPTO and hdr.crypt_method != 2:
             raise FormatError("CRYPTO header extension only expected with LUKS encryption method")
-        elif ext.type == EXT_BITMAPS and hdr.autoclear & AUTOCLEAR_BITMAPS:
-            _check_bitmaps_ext(ext.data, hdr.cluster_size)
+        elif ext.type == EXT_BITMAPS:
+            if len(ext.data) != 24:  # checked first, with or without the autoclear bit (qsd)
+                raise FormatError("bitmaps_ext: Invalid extension length")
+            if hdr.autoclear & AUTOCLEAR_BITMAPS:
+                _check_bitmaps_ext(ext.data, hdr.cluster_size)
         elif ext.type == EXT_DATA_FILE:
             hdr.data_file = ext.data.split(b"\0", 1)[0].decode("utf-8", "replace")
     hdr.feature_names = feature_names(hdr.extensions)
@@ -311,13 +314,14 @@ def parse_extensions(cluster0: bytes, hdr: Header) -> None:
         if length > min(MAX_BACKING_NAME, hdr.cluster_size - hdr.backing_file_offset):
             raise FormatError("Backing file name too long")
         raw = bytes(cluster0[hdr.backing_file_offset : hdr.backing_file_offset + length])
-        hdr.backing_file = raw.decode("utf-8", "replace")
+        # A C string to qsd: a NUL inside ends the name there.
+        hdr.backing_file = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
 
 def _check_bitmaps_ext(data: bytes, cluster_size: int) -> None:
-    if len(data) < 24:
-        raise FormatError("bitmaps_ext: Invalid extension length")
-    nb_bitmaps, _reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
+    nb_bitmaps, reserved, dir_size, dir_offset = struct.unpack_from(">IIQQ", data)
+    if reserved:
+        raise FormatError("bitmaps_ext: Reserved field is not zero")
     if nb_bitmaps == 0:
         raise FormatError("found bitmaps extension with zero bitmaps")
     if nb_bitmaps > 65535:
