@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 from collections.abc import Awaitable, Callable, Container, Mapping
 from dataclasses import dataclass
 
@@ -154,6 +156,9 @@ class Monitor:
                 result = await self.owner.dispatcher(context, ex.command, ex.arguments)
             except QmpError as err:
                 return session.reply_error(ex, err)
+            except MemoryError:  # a size the host cannot hold (qsd aborts): a clean error
+                log.error("command %s: out of memory", ex.command)
+                return session.reply_error(ex, QmpError(os.strerror(errno.ENOMEM)))
             except Exception as exc:  # a handler bug must not take the monitor down
                 log.exception("command %s failed unexpectedly", ex.command)
                 return session.reply_error(ex, QmpError(f"internal error: {exc}"))

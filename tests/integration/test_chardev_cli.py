@@ -143,3 +143,26 @@ def test_driver_help_is_still_a_value(scratch: Path) -> None:
     assert result.stderr.endswith(
         ": --blockdev driver=help: Parameter 'driver' does not accept value 'help'\n"
     )
+
+
+def test_sizes_the_host_cannot_hold_are_a_clean_error(scratch: Path) -> None:
+    """qsd aborts on these (a ringbuf of 4 EiB, a bitmap of a 4 EiB node at 512 bytes a
+    bit); ours answers ENOMEM's text, keeps nothing half made, and serves on."""
+    huge = 1 << 62
+    with DaemonProcess(ours_command(), [], scratch) as daemon:
+        assert daemon.wait_ready(), daemon.stderr
+        with daemon.connect_qmp() as client:
+            client.negotiate()
+            ringbuf = {"type": "ringbuf", "data": {"size": huge}}
+            reply = client.cmd("chardev-add", {"id": "r", "backend": ringbuf})
+            assert reply["error"] == {"class": "GenericError", "desc": "Cannot allocate memory"}
+            null = {"driver": "null-co", "node-name": "n", "size": huge}
+            assert client.cmd("blockdev-add", null) == {"return": {}}
+            bitmap = {"node": "n", "name": "b", "granularity": 512}
+            reply = client.cmd("block-dirty-bitmap-add", bitmap)
+            assert reply["error"]["desc"] == "Cannot allocate memory"
+            nodes = client.cmd("query-named-block-nodes", {"flat": True})["return"]
+            assert "dirty-bitmaps" not in nodes[0]
+            assert [c["label"] for c in client.cmd("query-chardev")["return"]] == ["qmp0"]
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.stderr
