@@ -4,6 +4,7 @@ writes leave images that `qemu-img check` finds clean and `qemu-img compare` fin
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import subprocess
 from pathlib import Path
@@ -418,3 +419,24 @@ async def test_metadata_counted_free_is_never_allocated_over(
     after = img.read_bytes()
     assert after[:72] == before[:72]  # the header is intact (only the corrupt bit may change)
     assert after[reftable : reftable + 16] == before[reftable : reftable + 16]
+
+
+async def test_fast_zero_of_part_of_a_data_cluster_is_enotsup(tmp_path: Path) -> None:
+    """NBD's FAST_ZERO (BDRV_REQ_NO_FALLBACK): qcow2 zeroes part of a cluster only by
+    flagging a whole cluster that reads as zeroes anyway; over data qsd answers ENOTSUP
+    rather than writing zeroes. Without the flag both fall back to writing them."""
+    img = await create(tmp_path / "z.qcow2", "1M")
+    await qemu_io(img, "write -P 0xee 0 4k")
+    daemon = Daemon()
+    edge = await open_node(daemon, img, write=True)
+    try:
+        with pytest.raises(OSError) as err:
+            await io.pwrite_zeroes(edge, 0, 1, fast_only=True)
+        assert err.value.errno == errno.ENOTSUP
+        assert await io.pread(edge, 0, 2) == b"\xee\xee"  # nothing written
+        await io.pwrite_zeroes(edge, 65536, 1, fast_only=True)  # an empty cluster: flagged
+        await io.pwrite_zeroes(edge, 0, 1)
+        assert await io.pread(edge, 0, 2) == b"\x00\xee"
+    finally:
+        await close_node(daemon, edge)
+    await check_clean(img)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -649,12 +650,14 @@ class Writer:
     async def _zero_partial(self, start: int, stop: int) -> None:
         """Zero part of a unit. As qsd (v3): a unit that holds no data and reads as zeroes
         (unallocated without backing, or zero) gets the zero flag whole; otherwise zeroes are
-        written, unless the range reads as zeroes already."""
+        written, unless the range reads as zeroes already (a fast-only zero write: ENOTSUP)."""
         unit = self.sc
         ustart = start - start % unit
         if self.v3 and await self._reads_zero(ustart, min(ustart + unit, self.mapper.size)):
             await self._zero_units(ustart, ustart + unit, False)
             return
+        if not io.zero_fallback_allowed():  # FAST_ZERO: writing zeroes is the slow path
+            raise OSError(errno.ENOTSUP, os.strerror(errno.ENOTSUP))
         if not await self._reads_zero(start, stop):
             await self._write(start, memoryview(bytes(stop - start)))
 
