@@ -6,6 +6,8 @@ table entry points at data or tables that are not yet stable. Hence: refblocks a
 and synced before any L2 table that relies on them; new L2 tables, refblocks and grown tables
 are written and synced before the pointer to them; refcount decreases are applied only after
 the table change that dropped the reference is stable (`queue_free` + `writeback`).
+A refcount leaving its range is not corruption to qsd: an increase fails its operation with
+EINVAL, a free that would go below zero is logged and skipped (`writeback`).
 blkdebug events (`debug_event` on the file edge) are raised where qsd 7.2 raises them.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -86,6 +89,12 @@ class PendingFree:
     host_cluster: int
     count: int
     kind: str
+
+
+def _out_of_range() -> OSError:
+    """qsd's answer to a refcount leaving its range: EINVAL for the operation, no corrupt
+    mark (with refcount_bits=1 a valid image reaches it on its first internal snapshot)."""
+    return OSError(errno.EINVAL, os.strerror(errno.EINVAL))
 
 
 class Metadata:
@@ -337,7 +346,7 @@ class Metadata:
         found = await self._refblock(block_index)
         if found is None:
             if delta < 0:
-                raise Corruption(f"refcount underflow at cluster {cluster}")
+                raise _out_of_range()
             await self._new_refblock(block_index)
             if announce:  # qsd retries the allocation once the new refblock is hooked up
                 debug_event(self.file, "refblock_alloc")
@@ -349,9 +358,7 @@ class Metadata:
         slot = cluster % self.rb_entries
         value = fmt.refcount_get(block, slot, self.order) + delta
         if value < 0 or value > self.rc_max:
-            raise Corruption(
-                f"Refcount {'underflow' if value < 0 else 'overflow'} at cluster {cluster}"
-            )
+            raise _out_of_range()
         fmt.refcount_set(block, slot, self.order, value)
         self.rb_cache.mark_dirty(offset)
         if value == 0:
@@ -550,11 +557,10 @@ class Metadata:
             for number, free in enumerate(frees):
                 if number % 64 == 63:
                     await asyncio.sleep(0)
-                for cluster in range(free.host_cluster, free.host_cluster + free.count):
-                    if await self.update_refcount(cluster, -1) == 0:
-                        self._forget(cluster)
-                        if free.kind in self.discard_kinds or free.kind == FREE_ALWAYS:
-                            discards.append((cluster, 1))
+                for cluster in await self._apply_free(free):
+                    self._forget(cluster)
+                    if free.kind in self.discard_kinds or free.kind == FREE_ALWAYS:
+                        discards.append((cluster, 1))
             await self.write_refblocks()
             for cluster, count in discards:
                 try:
@@ -563,6 +569,18 @@ class Metadata:
                     )
                 except OSError:
                     pass  # discard is advisory
+
+    async def _apply_free(self, free: PendingFree) -> list[int]:
+        """Drop one reference on each cluster of `free`; those now at refcount 0. All or
+        nothing, as qsd's free: when a refcount would fall below zero (a corrupt refblock)
+        nothing changes and qsd's line goes to stderr: the image stays usable, the clusters
+        keep the refcount they had (check reports the error, no more harm is done)."""
+        clusters = range(free.host_cluster, free.host_cluster + free.count)
+        for cluster in clusters:
+            if await self.get_refcount(cluster) < 1:
+                print(f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}", file=sys.stderr)
+                return []
+        return [cluster for cluster in clusters if await self.update_refcount(cluster, -1) == 0]
 
     async def wait_no_inflight(self) -> None:
         """Until no guest write is in flight outside the lock. Once no new one can start

@@ -156,12 +156,21 @@ async def _create(
         if number % _TABLES_PER_YIELD == _TABLES_PER_YIELD - 1:
             await asyncio.sleep(0)
     counting.append(True)
-    for number, (first, count) in enumerate(bumps):
-        for cluster in range(first >> hdr.cluster_bits, (first >> hdr.cluster_bits) + count):
-            await meta.update_refcount(cluster, 1)
-        if number % 1024 == 1023:
-            await meta.write_refblocks()  # bounded dirty set in the refblock cache
-            await asyncio.sleep(0)  # cached refblocks: counting alone never suspends
+    counted: list[int] = []
+    try:
+        for number, (first, count) in enumerate(bumps):
+            for cluster in range(first >> hdr.cluster_bits, (first >> hdr.cluster_bits) + count):
+                await meta.update_refcount(cluster, 1)
+                counted.append(cluster)
+            if number % 1024 == 1023:
+                await meta.write_refblocks()  # bounded dirty set in the refblock cache
+                await asyncio.sleep(0)  # cached refblocks: counting alone never suspends
+    except OSError:
+        # A refcount at its maximum (EINVAL, as qsd) or a failed refblock read: nothing
+        # names the snapshot yet, so the increases and its L1 copy are simply taken back.
+        await _uncount(meta, counted, snap_l1_offset, l1_bytes)
+        counting.clear()  # the COPIED flags hold again
+        raise
     await meta.write_refblocks()
     await meta.sync()
     # Everything is shared now: no active entry may be written in place any more.
@@ -176,6 +185,20 @@ async def _create(
         meta.inactive_l2.update(offset for _, offset in _l2_offsets(l1))
     await meta.writeback(edges)
     return snap
+
+
+async def _uncount(meta: Metadata, counted: list[int], l1_offset: int, l1_bytes: int) -> None:
+    """Undo a failed snapshot's counting: its increases, then its unnamed L1 copy. Lowering
+    the counts at once is safe (a crash leaks at most): no table on disk relies on them."""
+    for number, cluster in enumerate(reversed(counted)):
+        await meta.update_refcount(cluster, -1)
+        if number % 1024 == 1023:
+            await asyncio.sleep(0)
+    if l1_bytes:
+        meta._unmark(l1_offset, l1_bytes, OL_INACTIVE_L1)
+        first = l1_offset >> meta.cluster_bits
+        for cluster in range(first, first + -(-l1_bytes // meta.cluster_size)):
+            await meta.update_refcount(cluster, -1)
 
 
 async def _set_copied_flags(
