@@ -5,7 +5,9 @@ every instant (so a crash leaks clusters but never corrupts): refcount >= refere
 table entry points at data or tables that are not yet stable. Hence: refblocks are written
 and synced before any L2 table that relies on them; new L2 tables, refblocks and grown tables
 are written and synced before the pointer to them; refcount decreases are applied only after
-the table change that dropped the reference is stable (`queue_free` + `writeback`).
+the table change that dropped the reference is stable (`queue_free` + `writeback`). Until
+then the allocator never hands out a cluster with a free queued, even at refcount 0 (a
+corrupt refblock): the late free would take the reference of its new user.
 A refcount leaving its range is not corruption to qsd: an increase fails its operation with
 EINVAL, a free that would go below zero is logged and skipped (`writeback`).
 blkdebug events (`debug_event` on the file edge) are raised where qsd 7.2 raises them.
@@ -123,6 +125,8 @@ class Metadata:
         self.order = hdr.refcount_order
         self.rc_max = fmt.refcount_max(hdr.refcount_order)
         self.pending_frees: list[PendingFree] = []
+        # cluster -> frees queued on it: `_find_free` skips these whatever their refcount.
+        self.pending_clusters: dict[int, int] = {}
         # host cluster -> guest writes in flight outside the lock (Writer.write_in_place):
         # their refcounts must not fall (the cluster could be reused) until they are done.
         self.inflight: dict[int, int] = {}
@@ -485,8 +489,25 @@ class Metadata:
         return offset
 
     async def _find_free(self, count: int) -> int:
-        """The first run of `count` clusters with refcount 0, from the free hint on."""
-        cluster = self.free_hint
+        """The first run of `count` clusters with refcount 0 and no free queued, from the
+        free hint on. A queued free on a refcount-0 cluster only happens on a corrupt image,
+        so the runs are checked after the scan rather than slowing the scan down."""
+        start = await self._scan_free(self.free_hint, count)
+        pending = self.pending_clusters
+        while pending:
+            run = range(start, start + count)
+            busy = (
+                [c for c in run if c in pending]
+                if count <= len(pending)
+                else [c for c in pending if c in run]
+            )
+            if not busy:
+                break
+            start = await self._scan_free(max(busy) + 1, count)
+        return start
+
+    async def _scan_free(self, cluster: int, count: int) -> int:
+        """The first run of `count` clusters with refcount 0 from `cluster` on."""
         run_start = cluster
         entries = self.rb_entries
         while cluster - run_start < count:
@@ -515,6 +536,9 @@ class Metadata:
             debug_event(self.file, "refblock_alloc")
             debug_event(self.file, "refblock_load")
         self.pending_frees.append(PendingFree(first, count, kind))
+        pending = self.pending_clusters
+        for cluster in range(first, first + count):
+            pending[cluster] = pending.get(cluster, 0) + 1
         if self.on_dirty is not None:
             self.on_dirty()
 
@@ -554,13 +578,18 @@ class Metadata:
                     frees = [free for free in frees if not self._busy(free)]
                     self.pending_frees[:0] = busy
             discards: list[tuple[int, int]] = []
-            for number, free in enumerate(frees):
-                if number % 64 == 63:
-                    await asyncio.sleep(0)
-                for cluster in await self._apply_free(free):
-                    self._forget(cluster)
-                    if free.kind in self.discard_kinds or free.kind == FREE_ALWAYS:
-                        discards.append((cluster, 1))
+            try:
+                for number, free in enumerate(frees):
+                    if number % 64 == 63:
+                        await asyncio.sleep(0)
+                    for cluster in await self._apply_free(free):
+                        self._forget(cluster)
+                        if free.kind in self.discard_kinds or free.kind == FREE_ALWAYS:
+                            discards.append((cluster, 1))
+            finally:
+                # Applied, skipped, or (after an I/O error) dropped: a leak at worst.
+                for free in frees:
+                    self._unqueue(free)
             await self.write_refblocks()
             for cluster, count in discards:
                 try:
@@ -569,6 +598,13 @@ class Metadata:
                     )
                 except OSError:
                     pass  # discard is advisory
+
+    def _unqueue(self, free: PendingFree) -> None:
+        pending = self.pending_clusters
+        for cluster in range(free.host_cluster, free.host_cluster + free.count):
+            left = pending.pop(cluster, 1) - 1
+            if left:
+                pending[cluster] = left
 
     async def _apply_free(self, free: PendingFree) -> list[int]:
         """Drop one reference on each cluster of `free`; those now at refcount 0. All or
@@ -579,6 +615,9 @@ class Metadata:
         for cluster in clusters:
             if await self.get_refcount(cluster) < 1:
                 print(f"qcow2_free_clusters failed: {os.strerror(errno.EINVAL)}", file=sys.stderr)
+                # The allocator skipped the refcount-0 cluster while the free was queued;
+                # it may hand it out again now.
+                self.free_hint = min(self.free_hint, free.host_cluster)
                 return []
         return [cluster for cluster in clusters if await self.update_refcount(cluster, -1) == 0]
 
