@@ -156,19 +156,19 @@ async def _create(
         if number % _TABLES_PER_YIELD == _TABLES_PER_YIELD - 1:
             await asyncio.sleep(0)
     counting.append(True)
-    counted: list[int] = []
+    counted = 0  # clusters whose count went up, in the order of `bumps`
     try:
         for number, (first, count) in enumerate(bumps):
             for cluster in range(first >> hdr.cluster_bits, (first >> hdr.cluster_bits) + count):
                 await meta.update_refcount(cluster, 1)
-                counted.append(cluster)
+                counted += 1
             if number % 1024 == 1023:
                 await meta.write_refblocks()  # bounded dirty set in the refblock cache
                 await asyncio.sleep(0)  # cached refblocks: counting alone never suspends
     except OSError:
         # A refcount at its maximum (EINVAL, as qsd) or a failed refblock read: nothing
         # names the snapshot yet, so the increases and its L1 copy are simply taken back.
-        await _uncount(meta, counted, snap_l1_offset, l1_bytes)
+        await _uncount(meta, bumps, counted, snap_l1_offset, l1_bytes)
         counting.clear()  # the COPIED flags hold again
         raise
     await meta.write_refblocks()
@@ -187,11 +187,19 @@ async def _create(
     return snap
 
 
-async def _uncount(meta: Metadata, counted: list[int], l1_offset: int, l1_bytes: int) -> None:
-    """Undo a failed snapshot's counting: its increases, then its unnamed L1 copy. Lowering
-    the counts at once is safe (a crash leaks at most): no table on disk relies on them."""
-    for number, cluster in enumerate(reversed(counted)):
-        await meta.update_refcount(cluster, -1)
+async def _uncount(
+    meta: Metadata, bumps: list[tuple[int, int]], counted: int, l1_offset: int, l1_bytes: int
+) -> None:
+    """Undo a failed snapshot's counting: the first `counted` increases of `bumps`, then
+    its unnamed L1 copy. Lowering the counts at once is safe (a crash leaks at most): no
+    table on disk relies on them."""
+    for number, (first, count) in enumerate(bumps):
+        if counted <= 0:
+            break
+        start = first >> meta.cluster_bits
+        for cluster in range(start, start + min(count, counted)):
+            await meta.update_refcount(cluster, -1)
+        counted -= count
         if number % 1024 == 1023:
             await asyncio.sleep(0)
     if l1_bytes:
