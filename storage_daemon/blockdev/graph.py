@@ -540,9 +540,10 @@ class BlockGraph:
             old.parents[:] = edges
             raise
 
-    def refresh_perms(self, node: BlockNode) -> None:
-        """Recompute `node`'s permissions and its children's (after activity changed)."""
-        self._transaction({}, touched=[node])
+    def refresh_perms(self, *nodes: BlockNode) -> None:
+        """Recompute the permissions of `nodes` and their children (after their users or
+        activity changed), in that order, as one transaction: all or nothing."""
+        self._transaction({}, touched=list(nodes))
 
     def _transaction(
         self,

@@ -402,6 +402,27 @@ def test_backup_errors(compat: Compat) -> None:
     )
 
 
+def test_backup_lock_conflict_leaves_graph_as_it_was(compat: Compat) -> None:
+    """The filter cannot take its permissions (the target is the source's own file, opened
+    writable a second time): the error, then no filter left and the source free to delete."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "file", "node-name": "fa",
+                                 "filename": "$D/src.raw", "read-only": True}),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "src", "file": "fa"}),
+            Cmd("blockdev-add", {"driver": "file", "node-name": "tgt",
+                                 "filename": "$D/src.raw"}),
+            backup(),
+            *statuses(2),  # created, null
+            Cmd("x-debug-query-block-graph"),
+            Cmd("query-named-block-nodes", {"flat": True}),
+            Cmd("blockdev-del", {"node-name": "src"}),
+            *finish(named=True),
+        ],
+        setup=make_images,
+    )  # fmt: skip
+
+
 def test_fleecing_nodes(compat: Compat) -> None:
     """copy-before-write and snapshot-access added by hand (image fleecing), and removed."""
     src = {

@@ -419,6 +419,45 @@ async def test_errors(daemon: Daemon, args: dict[str, Any], message: str) -> Non
     assert [n.name for n in daemon.graph if not n.name.startswith("#")] == ["src", "tgt"]
 
 
+@pytest.mark.parametrize("with_client", [False, True])
+async def test_refused_filter_leaves_the_graph_as_it_was(
+    daemon: Daemon, scratch: Path, with_client: bool
+) -> None:
+    """The target is the source's own file opened writable again, so the filter cannot stop
+    others writing below it (qsd: a lock conflict). Whether that shows when the users move
+    onto the filter or when the job takes it, the graph ends as it began."""
+    image = scratch / "same.raw"
+    image.write_bytes(b"\0" * 4 * MiB)
+    file_ro = {"driver": "file", "node-name": "fa", "filename": str(image), "read-only": True}
+    await daemon.run_command("blockdev-add", file_ro)
+    await daemon.run_command("blockdev-add", {"driver": "raw", "node-name": "ra", "file": "fa"})
+    file_rw = {"driver": "file", "node-name": "fb", "filename": str(image)}
+    await daemon.run_command("blockdev-add", file_rw)
+    graph = daemon.graph
+    ra = graph.lookup("ra")
+    client = None
+    if with_client:
+        client = graph.attach(Client(), ra, "root", ChildRole(0), Perm.CONSISTENT_READ, PERM_ALL)
+    names = [n.name for n in graph]
+    perms = {(e.parent_node and e.parent_node.name, e.name): (e.perm, e.shared)
+             for n in graph for e in n.parents}  # fmt: skip
+    with pytest.raises(QmpError) as failure:
+        await daemon.run_command(
+            "blockdev-backup", {"job-id": "b0", "device": "ra", "target": "fb", "sync": "full"}
+        )
+    prefix = "Could not replace node: " if with_client else ""
+    assert failure.value.desc == prefix + 'Failed to get shared "write" lock'
+    assert [n.name for n in graph] == names
+    assert {(e.parent_node and e.parent_node.name, e.name): (e.perm, e.shared)
+            for n in graph for e in n.parents} == perms  # fmt: skip
+    assert [e.parent for e in ra.parents] == ([client.parent] if client else [])
+    if client is not None:
+        assert client.node is ra
+        graph.detach(client)
+    for name in ("ra", "fa", "fb"):
+        await daemon.run_command("blockdev-del", {"node-name": name})
+
+
 async def test_size_mismatch_and_duplicate_id(daemon: Daemon, images: Path) -> None:
     await arun("qemu-img", "create", "-f", "qcow2", str(images / "big.qcow2"), "8M")
     await daemon.run_command("blockdev-add", qcow2("big", images / "big.qcow2"))

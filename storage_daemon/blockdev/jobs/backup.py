@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from storage_daemon.blockdev import io
 from storage_daemon.blockdev.bitmaps import registry as bitmap_registry
-from storage_daemon.blockdev.child import ChildRole
+from storage_daemon.blockdev.child import BdrvChild, ChildRole
 from storage_daemon.blockdev.drivers.copy_before_write import (
     MAX_CHUNK,
     BlockCopyState,
@@ -222,6 +222,9 @@ class BackupJob(BlockJob):
         except QmpError as err:
             raise QmpError(f"Could not create node: {err.desc}", err.error_class) from err
         self.cbw = cbw
+        # The source stays held (as the stand-in main node) until the filter is in place, so
+        # that a failure can let go of the filter and the target and leave the graph as it was.
+        held: list[BdrvChild] = []
         try:
             own_edge = cbw.primary
             try:
@@ -233,15 +236,19 @@ class BackupJob(BlockJob):
                 )
             except QmpError as err:
                 raise QmpError(f"Could not replace node: {err.desc}", err.error_class) from err
-            main = graph.attach(self, cbw, "main node", ChildRole(0), PERM_NONE, PERM_ALL)
-            stand_in = self.edges[0]
-            self.edges[0] = main
-            graph.detach(stand_in)
-            self.add_node("target", self.target, PERM_NONE, PERM_ALL)
+            held.append(graph.attach(self, cbw, "main node", ChildRole(0), PERM_NONE, PERM_ALL))
+            held.append(self.add_node("target", self.target, PERM_NONE, PERM_ALL))
             graph.refresh_perms(cbw)  # the filter has users now: it unshares writes
         except BaseException:
+            for edge in reversed(held):  # as clean(): the job's nodes first, then the filter
+                if edge in self.edges:
+                    self.edges.remove(edge)
+                graph.detach(edge)
             await self._drop_filter()
             raise
+        stand_in = self.edges[0]
+        self.edges[0] = held[0]
+        graph.detach(stand_in)
         driver = cbw.driver
         assert isinstance(driver, CopyBeforeWriteDriver) and driver.bcs is not None
         bcs = self.bcs = driver.bcs

@@ -67,22 +67,23 @@ def move_parents(
         if not keep(edge) and (edge.parent_node is None or edge.parent_node not in below)
     ]
     graph.check_links_movable(edges, old)  # qsd: "Cannot change 'backing' link to 'X'"
+    old_users = list(old.parents)
     for edge in edges:
         old.parents.remove(edge)
         edge.node = new
     new.parents[:0] = edges
+    refresh = [new]
+    if refresh_old:
+        refresh.insert(0 if old_first else 1, old)
     try:
-        if refresh_old and old_first:
-            graph.refresh_perms(old)
-        graph.refresh_perms(new)
-        if refresh_old and not old_first:
-            graph.refresh_perms(old)
+        # One transaction: when it fails nothing was committed, so putting the edges back
+        # is the whole rollback (a second permission update could fail the same way).
+        graph.refresh_perms(*refresh)
     except BaseException:
         for edge in edges:
             new.parents.remove(edge)
             edge.node = old
-        old.parents[:0] = edges
-        graph.refresh_perms(old)
+        old.parents[:] = old_users
         raise
     for edge in edges:
         parent: Any = edge.parent
