@@ -149,3 +149,38 @@ def test_cancelled_stream_holds_the_implicit_chain_until_dismissed(compat: Compa
         ],
         setup=make_chain,
     )
+
+
+def test_stream_of_a_held_filter_is_busy(compat: Compat) -> None:
+    """A pending job's filter, then the same filter once the job is cancelled (childless,
+    still held until dismissed): another block-stream on it is refused as busy, before
+    its backing-file check; after dismiss the filter is gone."""
+    stream_flt = {"job-id": "s1", "device": "flt"}
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "nn", "size": 1 << 20}),
+            Cmd("block-stream", {"job-id": "s0", "device": "nn", "auto-finalize": False,
+                                 "auto-dismiss": False, "filter-node-name": "flt"}),
+            *statuses(4),  # created, running, waiting, pending
+            Cmd("block-stream", stream_flt),
+            Cmd("block-stream", {**stream_flt, "backing-file": "x"}),
+            Cmd("block-stream", {"job-id": "s1", "device": "nn"}),
+            Cmd("job-cancel", {"id": "s0"}),
+            *statuses(1),  # aborting
+            WaitEvent("BLOCK_JOB_CANCELLED"),
+            *statuses(1),  # concluded
+            Cmd("block-stream", stream_flt),
+            Cmd("block-stream", {**stream_flt, "backing-file": "x"}),
+            Cmd("block-stream", {**stream_flt, "bottom": "nn"}),
+            Cmd("block-stream", {**stream_flt, "base-node": "nn"}),
+            Cmd("blockdev-backup", {"job-id": "b1", "device": "flt", "target": "nn",
+                                    "sync": "full"}),
+            Cmd("query-jobs"),
+            Cmd("job-dismiss", {"id": "s0"}),
+            *statuses(1),  # null
+            Cmd("block-stream", stream_flt),
+            Cmd("x-debug-query-block-graph"),
+            Cmd("quit"),
+            ExpectEof(),
+        ]
+    )  # fmt: skip

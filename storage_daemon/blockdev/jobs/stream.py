@@ -226,11 +226,13 @@ class StreamJob(BlockJob):
         device = graph.lookup(args.device)
         base: BlockNode | None = None
         bottom: BlockNode | None = None
+        # None for a job's filter that was dropped from the graph while the job still holds
+        # it (a cancelled job not yet dismissed): refused as busy below.
         top = chain.skip_filters(device)
-        assert top is not None
         if args.base is not None:
             # Only the backing images of the first non-filter node (bdrv_find_backing_image).
-            base = chain.find_by_filename(top, args.base)
+            # (qsd 7.2 aborts on a filter without its child here.)
+            base = chain.find_by_filename(top, args.base) if top is not None else None
             if base is None:
                 raise QmpError(f"Can't find '{args.base}' in the backing chain")
         if args.base_node is not None:
@@ -247,8 +249,6 @@ class StreamJob(BlockJob):
                 raise QmpError(
                     f"Node '{args.bottom}' is not in a chain starting from '{args.device}'"
                 )
-        if base is None and args.backing_file is not None:
-            raise QmpError("backing file specified, but streaming the entire chain")
         if bottom is not None:
             base_overlay = bottom
         elif base is not None:
@@ -271,6 +271,9 @@ class StreamJob(BlockJob):
         while node is not None and node is not new_base:
             check_not_busy(node)
             node = chain.below(node)
+        assert top is not None  # a filter without its child is the busy filter of a job
+        if base is None and args.backing_file is not None:
+            raise QmpError("backing file specified, but streaming the entire chain")
         self.device = device  # qsd's job target: the filter goes above it, even a filter
         self.top = top  # the first non-filter node from the device down: what is copied into
         self.base_overlay = base_overlay
