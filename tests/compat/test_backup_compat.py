@@ -423,6 +423,24 @@ def test_backup_lock_conflict_leaves_graph_as_it_was(compat: Compat) -> None:
     )  # fmt: skip
 
 
+def test_formats_on_a_snapshot_access_without_filter(compat: Compat) -> None:
+    """snapshot-access above a node that is no copy-before-write filter: every read fails
+    (ENOTSUP), so qcow2 cannot read its header; raw opens (it reads nothing)."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "disk0", "size": 1 << 20}),
+            Cmd("blockdev-add", {"driver": "snapshot-access", "node-name": "sa", "file": "disk0"}),
+            Cmd("blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "sa"}),
+            Cmd("blockdev-add", {"driver": "raw", "node-name": "r", "file": "sa"}),
+            Cmd("query-named-block-nodes", {"flat": True}),
+            Cmd("blockdev-del", {"node-name": "r"}),
+            Cmd("blockdev-del", {"node-name": "sa"}),
+            *finish(),
+        ],
+        setup=make_images,
+    )
+
+
 def test_fleecing_nodes(compat: Compat) -> None:
     """copy-before-write and snapshot-access added by hand (image fleecing), and removed."""
     src = {

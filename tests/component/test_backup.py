@@ -552,6 +552,24 @@ async def test_fleecing_view_and_break_snapshot(daemon: Daemon, images: Path) ->
         await daemon.run_command("blockdev-del", {"node-name": name})
 
 
+async def test_qcow2_on_a_snapshot_access_without_filter(daemon: Daemon) -> None:
+    """Reads of a snapshot-access node with no copy-before-write below fail (ENOTSUP): qcow2
+    reports qsd's header error, raw (which reads nothing to open) opens."""
+    nul = {"driver": "null-co", "node-name": "nul", "size": MiB}
+    await daemon.run_command("blockdev-add", nul)
+    sa = {"driver": "snapshot-access", "node-name": "sa", "file": "nul"}
+    await daemon.run_command("blockdev-add", sa)
+    with pytest.raises(QmpError) as failure:
+        await daemon.run_command(
+            "blockdev-add", {"driver": "qcow2", "node-name": "q", "file": "sa"}
+        )
+    assert failure.value.desc == "Could not read qcow2 header: Operation not supported"
+    assert daemon.graph.find("q") is None
+    await daemon.run_command("blockdev-add", {"driver": "raw", "node-name": "r", "file": "sa"})
+    for name in ("r", "sa", "nul"):
+        await daemon.run_command("blockdev-del", {"node-name": name})
+
+
 async def test_shutdown_with_a_running_backup(daemon: Daemon) -> None:
     """The daemon's shutdown cancels the job, which takes its filter out first."""
     client = attach_client(daemon, "src")

@@ -143,13 +143,16 @@ class Qcow2Driver(BlockDriver):
     async def _load_image(self, options: Any, file: BdrvChild) -> None:
         """Header, tables, snapshots and the metadata caches, as the image holds them now."""
         file_len = file.node.driver.getlength()
-        head = await io.pread(file, 0, fmt.V3_HEADER_LENGTH + 8)
         try:
+            head = await io.pread(file, 0, fmt.V3_HEADER_LENGTH + 8)
             hdr = fmt.parse_fixed_header(bytes(head))
+            # qsd reads the extensions piecemeal from here; one failure text covers both.
             cluster0 = bytes(await io.pread(file, 0, hdr.cluster_size))
             hdr = fmt.parse_header(cluster0, writable=self._writable)
         except fmt.FormatError as err:
             raise QmpError(str(err)) from err
+        except OSError as err:  # e.g. a snapshot-access node with no copy-before-write below
+            raise QmpError(f"Could not read qcow2 header: {strerror(err)}") from err
         self.hdr = hdr
         cs = hdr.cluster_size
         cache_cfg = opts.check_options(options, hdr)
