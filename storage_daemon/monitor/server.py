@@ -136,6 +136,18 @@ class Monitor:
                     await owner.closed.wait()
                     return
                 else:
+                    # One command per loop turn: a client that pipelines many must not hold
+                    # the loop (NBD clients, other monitors) for the whole batch, and its
+                    # replies go out (or fail: it is gone) as they are made.
+                    await asyncio.sleep(0)
+                    if conn.reader.at_eof():
+                        # The client closed its side: push the replies out, which fails at
+                        # once if it is gone entirely (not if it only half-closed to read).
+                        await writer.drain()
+                    if writer.is_closing():
+                        # A reply could not be sent: the client is gone. Its queued commands
+                        # are dropped, as qsd drops them, so the next client is served at once.
+                        return
                     writer.write(await self._execute(context, session, event))
                 if self._closing:
                     return

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -61,6 +62,12 @@ class Fake:
         if name == "quit":
             self.quit_requested.set()
             return {}
+        if name == "busy":  # a command that works ~5 ms without suspending (query-qmp-schema)
+            deadline = time.monotonic() + 0.005
+            while time.monotonic() < deadline:
+                pass
+            self.finished.append("busy")
+            return {}
         raise QmpError(f"The command {name} has not been found", "CommandNotFound")
 
 
@@ -72,7 +79,7 @@ async def serving(
     server = MonitorServer(
         fake,
         VERSION,
-        commands={"query-version", "echo", "fail", "emit", "slow", "quit"},
+        commands={"query-version", "echo", "fail", "emit", "slow", "quit", "busy"},
         max_output_buffer=max_output_buffer,
     )
     fake.server = server
@@ -339,6 +346,39 @@ async def test_client_gone_mid_command(scratch: Path) -> None:
         assert await d.line() == b'{"return": {"after": true}}\r\n'
         assert fake.finished == ["slow"]
         await d.close()
+
+
+async def test_pipelined_commands_run_one_per_loop_turn(scratch: Path) -> None:
+    """40 commands of ~5 ms in one write: the loop runs other callbacks between them (the
+    suite fails a test whose callback holds the loop 50 ms), and every reply arrives."""
+    path = scratch / "m.sock"
+    async with serving(SocketChardev("m", path=str(path), wait=False)) as (_, fake):
+        client = await Raw.unix(path)
+        try:
+            await client.negotiate()
+            await client.send(b'{"execute":"busy"}' * 40)
+            for _ in range(40):
+                assert await client.line() == b'{"return": {}}\r\n'
+        finally:
+            await client.close()
+        assert fake.finished == ["busy"] * 40
+
+
+async def test_commands_of_a_client_gone_are_dropped(scratch: Path) -> None:
+    """A client that pipelines commands and hangs up: the rest of its queue is dropped, as
+    qsd drops it, and the next client is served at once (not after the whole queue)."""
+    path = scratch / "m.sock"
+    async with serving(SocketChardev("m", path=str(path), wait=False)) as (_, fake):
+        gone = await Raw.unix(path)
+        await gone.negotiate()
+        await gone.send(b'{"execute":"busy"}' * 40)
+        await gone.close()
+        client = await Raw.unix(path)
+        try:
+            await client.negotiate()
+        finally:
+            await client.close()
+        assert len(fake.finished) < 40
 
 
 async def test_client_that_never_reads_is_dropped(scratch: Path) -> None:
