@@ -432,9 +432,7 @@ def subcluster_type(entry: L2Entry, sc_index: int, has_data_file: bool = False) 
     bitmap = entry.bitmap
     alloc = (bitmap >> sc_index) & 1
     zero = (bitmap >> (32 + sc_index)) & 1
-    if entry.compressed:
-        if bitmap:
-            raise InvalidEntry("compressed cluster with a subcluster bitmap")
+    if entry.compressed:  # its bitmap should be 0; qsd ignores it (only check reports it)
         return ClusterType.COMPRESSED
     host = entry.offset or (has_data_file and entry.copied)
     if not host:
