@@ -33,7 +33,7 @@ from storage_daemon.blockdev.perm import (
     PermUser,
     cumulative,
     find_conflict,
-    perm_names,
+    perm_words,
 )
 from storage_daemon.errors import QmpError
 
@@ -580,8 +580,7 @@ class BlockGraph:
                     for user in perm_users:
                         if user.perm & ~Perm.CONSISTENT_READ:
                             raise QmpError(
-                                f"Permission '{', '.join(perm_names(user.perm))}' "
-                                "unavailable on inactive node"
+                                f"Permission '{perm_words(user.perm)}' unavailable on inactive node"
                             )
                 # --- end activity ---
                 conflict = find_conflict(node.name, perm_users)

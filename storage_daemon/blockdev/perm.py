@@ -34,8 +34,14 @@ _BITS = (Perm.CONSISTENT_READ, Perm.WRITE, Perm.WRITE_UNCHANGED, Perm.RESIZE)
 
 
 def perm_names(perm: Perm) -> list[str]:
-    """Names in ascending bit order, as conflict messages and lock errors list them."""
+    """QAPI names (BlockPermission) in ascending bit order, as the queries list them."""
     return [_NAMES[bit] for bit in _BITS if perm & bit]
+
+
+def perm_words(perm: Perm) -> str:
+    """The permissions as qsd's messages name them: "consistent read, write unchanged"
+    (words, not the QAPI names), in ascending bit order."""
+    return ", ".join(_NAMES[bit].replace("-", " ") for bit in _BITS if perm & bit)
 
 
 def perm_list(perm: Perm) -> list[str]:
@@ -71,7 +77,7 @@ def find_conflict(node_name: str, users: Sequence[PermUser]) -> str | None:
             if clash:
                 return (
                     f"Permission conflict on node '{node_name}': permissions "
-                    f"'{', '.join(perm_names(clash))}' are both required by "
+                    f"'{perm_words(clash)}' are both required by "
                     f"{holder.description} and unshared by {refuser.description}."
                 )
     return None

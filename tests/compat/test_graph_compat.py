@@ -225,3 +225,20 @@ def test_overlay_freed_with_its_export(compat: Compat) -> None:
         ],
         setup=make_chain,
     )
+
+
+def test_permission_words_in_conflicts(compat: Compat) -> None:
+    """qsd's messages name permissions in words ("consistent read", "write unchanged"),
+    unlike the queries, which use the QAPI names ("consistent-read")."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", {"driver": "file", "node-name": "f0", "filename": "$D/base.qcow2"}),
+            Cmd("blockdev-add", {"driver": "qcow2", "node-name": "d0", "file": "f0"}),
+            Cmd(
+                "blockdev-mirror",
+                {"job-id": "j", "device": "d0", "target": "f0", "sync": "full"},
+            ),
+            Cmd("blockdev-add", {"driver": "file", "node-name": "f1", "filename": "$D/base.qcow2"}),
+        ],
+        setup=make_chain,
+    )

@@ -230,10 +230,10 @@ async def test_inactive_node_grants_only_consistent_read() -> None:
     reader = graph.attach(User(), node, "root", ChildRole.PRIMARY, Perm.CONSISTENT_READ, PERM_ALL)
     with pytest.raises(QmpError) as info:
         graph.attach(User(), node, "root", ChildRole.PRIMARY, Perm.CONSISTENT_READ | Perm.WRITE)
-    assert info.value.desc == "Permission 'consistent-read, write' unavailable on inactive node"
+    assert info.value.desc == "Permission 'consistent read, write' unavailable on inactive node"
     with pytest.raises(QmpError) as info:
         graph.set_edge_perm(reader, Perm.WRITE_UNCHANGED, PERM_ALL)
-    assert info.value.desc == "Permission 'write-unchanged' unavailable on inactive node"
+    assert info.value.desc == "Permission 'write unchanged' unavailable on inactive node"
     # A user holding write keeps a node from going inactive.
     await run(daemon, "blockdev-set-active", {"node-name": "n", "active": True})
     graph.set_edge_perm(reader, Perm.CONSISTENT_READ | Perm.WRITE, PERM_ALL)

@@ -13,7 +13,7 @@ import ctypes
 import errno
 import fcntl
 
-from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm, lock_bit_index, perm_names
+from storage_daemon.blockdev.perm import PERM_ALL, PERM_NONE, Perm, lock_bit_index, perm_words
 from storage_daemon.errors import QmpError
 
 F_OFD_GETLK = 36
@@ -116,12 +116,12 @@ class ImageLocks:
         for bit in _BITS:
             if perm & bit and self._taken(SHARED_LOCK_BASE + lock_bit_index(bit)):
                 raise QmpError(
-                    f'Failed to get "{perm_names(bit)[0]}" lock', hint=lock_hint(self.filename)
+                    f'Failed to get "{perm_words(bit)}" lock', hint=lock_hint(self.filename)
                 )
         for bit in _BITS:
             if not shared & bit and self._taken(PERM_LOCK_BASE + lock_bit_index(bit)):
                 raise QmpError(
-                    f'Failed to get shared "{perm_names(bit)[0]}" lock',
+                    f'Failed to get shared "{perm_words(bit)}" lock',
                     hint=lock_hint(self.filename),
                 )
 
