@@ -197,3 +197,49 @@ def test_block_resize_qcow2_matches_qsd(sides: dict[str, tuple[Path, RawQmp]]) -
             {k: v for k, v in e.items() if k != "offset"} for e in side["map"]["out"]
         ]
     assert ours == ref
+
+
+@pytest.mark.parametrize("under", ["file", "qcow2"])
+def test_blockdev_create_over_a_longer_node_keeps_its_length(
+    sides: dict[str, tuple[Path, RawQmp]], under: str
+) -> None:
+    """qsd writes the new image over what the node holds and never shrinks it: a 64 MiB
+    file keeps its length, and a qcow2 node used as the file keeps its virtual size (ours
+    truncated it to 0 first, and failed on the qcow2 node)."""
+    seen: dict[str, Any] = {}
+    for side, (d, client) in sides.items():
+        outer = d / f"outer-{under}.img"
+        if under == "qcow2":
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(outer), "64M"], check=True
+            )
+        else:
+            outer.write_bytes(b"\x33" * (64 << 20))
+        subprocess.run(
+            ["qemu-io", "-f", under if under == "qcow2" else "raw", "-c", "write -P 0x33 0 1M",
+             str(outer)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        client.cmd("blockdev-add", {"driver": "file", "node-name": "o", "filename": str(outer)})
+        file_node = "o"
+        if under == "qcow2":
+            client.cmd("blockdev-add", {"driver": "qcow2", "node-name": "oq", "file": "o"})
+            file_node = "oq"
+        result = run_job(client, "c", {"driver": "qcow2", "file": file_node, "size": 1 << 20})
+        nodes = client.cmd("query-named-block-nodes", {"flat": True})["return"]
+        sizes = {n["node-name"]: n["image"]["virtual-size"] for n in nodes}
+        for node in ("oq", "o") if under == "qcow2" else ("o",):
+            client.cmd("blockdev-del", {"node-name": node})
+        inner = d / "inner.img"
+        if under == "qcow2":
+            subprocess.run(["qemu-img", "convert", "-O", "raw", str(outer), str(inner)], check=True)
+        else:
+            shutil.copyfile(outer, inner)
+        seen[side] = {
+            "job": result,
+            "sizes": sizes,
+            "outer": qemu_img(d, "info", "--output=json", str(outer)),
+            "inner": qemu_img(d, "check", "-f", "qcow2", str(inner)),
+            "inner-bytes": inner.read_bytes(),
+        }
+    assert seen["ours"] == seen["reference"]

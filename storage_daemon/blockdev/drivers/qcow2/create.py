@@ -73,10 +73,12 @@ async def write_image(edge: BdrvChild, layout: lay.Layout, backing: bool = False
     unallocated, so reads still come from the backing file (as qsd's)."""
     p = layout.params
     cb = p.cluster_bits
-    # Our job edge may not write past EOF (qsd's create backend may): size the file first.
-    if io.length(edge):
-        await io.truncate(edge, 0)
-    await io.truncate(edge, layout.file_length)
+    # qsd's create backend writes past the end of the file; our job edge may not, so a
+    # shorter file is grown first. A longer one keeps its length (its old tail is left,
+    # unreferenced, as qsd leaves it): truncating it would shrink a node used as the file,
+    # e.g. a qcow2 node, whose size its users see.
+    if io.length(edge) < layout.file_length:
+        await io.truncate(edge, layout.file_length)
     await io.pwrite(edge, layout.reftable_cluster << cb, lay.reftable_bytes(layout))
     for cluster, block in lay.refblocks(layout):
         await io.pwrite(edge, cluster << cb, block)
