@@ -93,6 +93,13 @@ def test_secret_and_authz(compat: Compat) -> None:
             add("secret", "s5"),
             add("secret", "s6", data="abc", keyid="s0"),
             add("secret", "s7", data="abc", keyid="nosuch", iv="AAAAAAAAAAAAAAAAAAAAAA=="),
+            # glib's lenient base64: newlines, an incomplete last group, '=' inside a group
+            add("secret", "b0", data="pw", format="base64"),
+            add("secret", "b1", data="c\nHc=", format="base64"),
+            add("secret", "b2", data="cH=cabcd", format="base64"),
+            add("secret", "b3", data="a b=", format="base64"),
+            add("secret", "k0", data="A" * 43, format="base64"),  # 30 bytes, the rest dropped
+            add("secret", "e0", data="abc", keyid="k0", iv="AAAAAAAAAAAAAAAAAAAAAA=="),
             add("authz-simple", "a0", identity="bob"),
             qlist("/objects/a0"),
             qset("/objects/a0", "identity", "alice"),
