@@ -18,6 +18,7 @@ from storage_daemon.blockdev import chain
 from storage_daemon.blockdev.child import BdrvChild
 from storage_daemon.blockdev.graph import check_not_blocked, op_blocker
 from storage_daemon.blockdev.jobs.job import Job
+from storage_daemon.blockdev.perm import Perm
 from storage_daemon.blockdev.transaction import Action, register_action
 from storage_daemon.errors import QmpError
 
@@ -277,9 +278,12 @@ class ExternalSnapshot(Action):
                 raise QmpError("An IO error has occurred") from err
         new = await self.open_new(old)
         self.new = new
-        if new.parents:
+        # As qsd: "in use" means some user reads the overlay (it would see the image change
+        # under it); one only written to, such as a mirror target, may get its backing now.
+        if new.perm & Perm.CONSISTENT_READ:
             raise QmpError("The overlay is already in use")
-        check_not_blocked(new)
+        if new.driver.is_filter:
+            raise QmpError("Filters cannot be used as overlays")
         if chain.cow_child(new) is not None:
             raise QmpError("The overlay already has a backing image")
         if not new.driver.supports_backing:

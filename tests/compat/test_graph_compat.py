@@ -242,3 +242,38 @@ def test_permission_words_in_conflicts(compat: Compat) -> None:
         ],
         setup=make_chain,
     )
+
+
+def test_blockdev_snapshot_overlay_checks(compat: Compat) -> None:
+    """Which overlays blockdev-snapshot takes: one that nothing reads (users that only write,
+    or none; a user that reads makes it "in use"); not a filter, not the node itself (a
+    cycle), not a driver without backing files; the graph afterwards."""
+
+    def add(driver: str, name: str, **opts: Any) -> Cmd:
+        return Cmd("blockdev-add", {"driver": driver, "node-name": name, **opts})
+
+    def snap(node: str, overlay: str) -> Cmd:
+        return Cmd("blockdev-snapshot", {"node": node, "overlay": overlay})
+
+    compat.check_transcript(
+        [
+            add("file", "f0", filename="$D/base.qcow2"),
+            add("qcow2", "d0", file="f0"),
+            add("null-co", "n0", size=1 << 20),
+            add("blkdebug", "x2", image="f0"),
+            add("raw", "x7", file={"driver": "file", "filename": "$D/snap.qcow2"}),
+            snap("x7", "x2"),
+            add("null-aio", "na", size=1 << 20),
+            add("copy-on-read", "x9", file="na"),
+            snap("d0", "x9"),
+            add("copy-on-read", "x3", file="d0"),
+            snap("d0", "d0"),
+            add("copy-on-read", "x4", file="n0"),
+            snap("x7", "n0"),
+            snap("x7", "f0"),  # read by d0: in use
+            snap("x7", "d0"),
+            Cmd("query-named-block-nodes", {"flat": True}),
+            Cmd("x-debug-query-block-graph"),
+        ],
+        setup=make_chain,
+    )
