@@ -75,6 +75,14 @@ async def image_info(node: BlockNode, flat: bool = False) -> dict[str, Any]:
         info["actual-size"] = actual
     info["virtual-size"] = node_length(node)
     info.update(extra)
+    if "snapshots" not in info and node.children:
+        # qsd lists the snapshots a node would take through its primary child (filters,
+        # raw over qcow2), as blockdev-snapshot-internal-sync falls back to them.
+        from storage_daemon.blockdev.snapshot_internal import snapshot_driver
+
+        holder = snapshot_driver(node)
+        if holder is not None and holder.snapshots:
+            info["snapshots"] = [snap.info() for snap in holder.snapshots]
     below = filtered_or_cow(node)
     if below is not None and not flat:
         info["backing-image"] = await image_info(below)

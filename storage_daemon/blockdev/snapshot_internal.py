@@ -41,9 +41,25 @@ async def _locked(driver: Qcow2Driver, work: Callable[[], Awaitable[Any]]) -> An
     return result[0]
 
 
-def _qcow2(node: BlockNode) -> Qcow2Driver | None:
-    driver = node.driver
-    return driver if isinstance(driver, Qcow2Driver) else None
+def snapshot_driver(node: BlockNode) -> Qcow2Driver | None:
+    """The qcow2 driver that takes `node`'s internal snapshots: its own, or, as qsd falls
+    back for drivers without snapshots (filters, raw), its primary child's when no other
+    child holds data, metadata or filtered data; None when there is none."""
+    from storage_daemon.blockdev.child import ChildRole
+
+    holds = ChildRole.DATA | ChildRole.METADATA | ChildRole.FILTERED
+    current: BlockNode | None = node
+    while current is not None:
+        driver = current.driver
+        if isinstance(driver, Qcow2Driver):
+            return driver
+        primary = current.primary
+        if primary is None or any(
+            edge is not primary and edge.role & holds for edge in current.children
+        ):
+            return None
+        current = primary.node
+    return None
 
 
 def _errno_text(err: OSError) -> str:
@@ -71,7 +87,7 @@ class InternalSnapshotAction(Action):
         check_not_blocked(node)
         if node.read_only:
             raise QmpError(f"Device '{device}' is read only")
-        driver = _qcow2(node)
+        driver = snapshot_driver(node)
         if driver is None:
             raise QmpError(
                 f"Block format '{node.driver.format_name()}' used by device '{device}' "
@@ -109,7 +125,7 @@ async def delete_internal(
     if sid is None and name is None:
         raise QmpError("Name or id must be provided")
     check_not_blocked(node)
-    driver = _qcow2(node)
+    driver = snapshot_driver(node)
     if driver is None:
         raise QmpError("Failed to get a snapshot list: Operation not supported")
     found = snap_ops.find(driver, sid, name)
@@ -131,4 +147,4 @@ async def delete_internal(
     return found.info()
 
 
-__all__ = ["ACTION", "InternalSnapshotAction", "delete_internal"]
+__all__ = ["ACTION", "InternalSnapshotAction", "delete_internal", "snapshot_driver"]

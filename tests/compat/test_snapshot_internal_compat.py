@@ -40,6 +40,7 @@ def make_images(d: Path) -> None:
     _run("qemu-img", "create", "-f", "raw", f"{d}/raw.img", "1M")
     _run("qemu-img", "create", "-f", "qcow2", f"{d}/ro.qcow2", "1M")
     _run("qemu-img", "snapshot", "-c", "snapA", f"{d}/ro.qcow2")
+    _run("qemu-img", "create", "-f", "qcow2", f"{d}/b.qcow2", "1M")
 
 
 ARGS = [
@@ -50,6 +51,11 @@ ARGS = [
     "--blockdev", "driver=file,filename=$D/raw.img,node-name=lone,read-only=on",
     "--blockdev", "driver=file,filename=$D/ro.qcow2,node-name=f2,read-only=on",
     "--blockdev", "driver=qcow2,file=f2,node-name=ro,read-only=on",
+    # filters and raw take internal snapshots through their primary child, as in qsd
+    "--blockdev", "driver=file,filename=$D/b.qcow2,node-name=f3",
+    "--blockdev", "driver=qcow2,file=f3,node-name=q3",
+    "--blockdev", "driver=blkdebug,image=q3,node-name=bd",
+    "--blockdev", "driver=raw,file=bd,node-name=rq",
     *NBD,
     "--export", "type=nbd,id=e0,node-name=q0,writable=on",
 ]  # fmt: skip
@@ -74,6 +80,9 @@ STEPS: list[tuple[str, Any]] = [
     snap("r1", "s"),
     snap("lone", "s"),  # read-only wins over the format
     snap("ro", ""),
+    snap("bd", "b1"),
+    snap("rq", "b2"),
+    delete("rq", name="b1"),
     snap("q0", ""),
     snap("q0", "s1"),
     snap("q0", "s1"),
