@@ -277,3 +277,29 @@ def test_blockdev_snapshot_overlay_checks(compat: Compat) -> None:
         ],
         setup=make_chain,
     )
+
+
+def test_block_resize_of_a_blocked_node(compat: Compat) -> None:
+    """A backing node or a job's node is refused before any permission is asked, with
+    qsd's text naming the device argument ("(null)" when only node-name was given)."""
+    compat.check_transcript(
+        [
+            Cmd("blockdev-add", qcow2("base", "base")),
+            Cmd("blockdev-add", qcow2("mid", "mid", backing="base")),
+            Cmd("block_resize", {"node-name": "base", "size": 8 << 20}),
+            Cmd("block_resize", {"device": "x", "node-name": "base", "size": 8 << 20}),
+            Cmd("block_resize", {"node-name": "mid-file", "size": 8 << 20}),
+            Cmd("blockdev-add", {"driver": "null-co", "node-name": "n0", "size": 4 << 20}),
+            Cmd("blockdev-add", qcow2("sn", "snap")),
+            Cmd(
+                "blockdev-mirror",
+                {"job-id": "j", "device": "n0", "target": "sn", "sync": "full", "speed": 1},
+            ),
+            Cmd("block_resize", {"node-name": "n0", "size": 8 << 20}),
+            Cmd("block_resize", {"node-name": "sn", "size": 8 << 20}),
+            Cmd("block_resize", {"node-name": "mid", "size": 8 << 20}),
+            Cmd("block-job-cancel", {"device": "j", "force": True}),
+            WaitEvent("JOB_STATUS_CHANGE"),
+        ],
+        setup=make_chain,
+    )

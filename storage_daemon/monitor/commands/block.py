@@ -8,7 +8,7 @@ from typing import Any
 from storage_daemon.blockdev import activity, io
 from storage_daemon.blockdev.backend import UnnamedBackend
 from storage_daemon.blockdev.child import ChildRole
-from storage_daemon.blockdev.graph import USER_ADD
+from storage_daemon.blockdev.graph import USER_ADD, op_blocker
 from storage_daemon.blockdev.info import block_stats, debug_block_graph, named_block_nodes
 from storage_daemon.blockdev.node_query import query_block_node
 from storage_daemon.blockdev.perm import PERM_ALL, Perm
@@ -54,6 +54,9 @@ async def block_resize(ctx: CommandContext, args: Any) -> None:
         )
     if args.size < 0:
         raise QmpError("Parameter 'size' expects a >0 size")
+    if op_blocker(node) is not None:  # a backing node, a job's: qsd names the device (NULL)
+        device = args.device if args.device is not None else "(null)"
+        raise QmpError(f"Device '{device}' is in use")
     edge = graph.attach(UnnamedBackend(), node, "root", ChildRole.PRIMARY, Perm.RESIZE, PERM_ALL)
     try:
         await io.settled(node)  # (qsd drains the node first) no write lands past a new end
