@@ -249,13 +249,19 @@ class BlockGraph:
         file child and before its backing child.
         """
         opts = node_options(options, inherited, inactive=inactive, cow=cow)
+        # qsd's order: a format or filter node's `file` reference is looked up first (its
+        # file is opened before the node itself), then force-share, then detect-zeroes,
+        # then the node name, then the driver's own options.
+        file_ref = getattr(options, "file", None)
+        if isinstance(file_ref, str):
+            self.lookup(file_ref)
+        if opts.force_share and not opts.read_only:
+            raise QmpError("force-share=on can only be used with read-only images")
         if opts.detect_zeroes == "unmap" and opts.discard != "unmap":
             raise QmpError(
                 "setting detect-zeroes to unmap is not allowed without setting discard "
                 "operation to unmap"
             )
-        if opts.force_share and not opts.read_only:
-            raise QmpError("force-share=on can only be used with read-only images")
         driver_name = wire(options.driver)
         if options.node_name is not None:
             name = options.node_name

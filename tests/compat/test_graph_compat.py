@@ -303,3 +303,30 @@ def test_block_resize_of_a_blocked_node(compat: Compat) -> None:
         ],
         setup=make_chain,
     )
+
+
+def test_blockdev_add_check_order(compat: Compat) -> None:
+    """When several things are wrong, qsd reports the `file` reference first (it opens the
+    file before the node), then force-share, detect-zeroes, the node name, the driver's own
+    options."""
+
+    def add(driver: str, name: str, **opts: Any) -> Cmd:
+        return Cmd("blockdev-add", {"driver": driver, "node-name": name, **opts})
+
+    compat.check_transcript(
+        [
+            add("file", "f0", filename="$D/base.qcow2"),
+            add("qcow2", "d0", file="f0"),
+            add("throttle", "f0", **{"throttle-group": "nosuch", "file": ""}),
+            add("throttle", "1abc", **{"throttle-group": "", "file": "nosuch"}),
+            add("qcow2", "#bad", file="nosuch"),
+            add("throttle", "x4", **{"throttle-group": "nosuch", "file": "nosuch"}),
+            add("raw", "x10", file="d0", **{"detect-zeroes": "unmap", "force-share": True}),
+            add("raw", "x11", file="nosuch", **{"detect-zeroes": "unmap", "force-share": True}),
+            add("raw", "f0", file="d0", **{"read-only": True, "force-share": True,
+                                          "detect-zeroes": "unmap"}),
+            add("raw", "1x", file="d0", **{"detect-zeroes": "unmap"}),
+            add("raw", "1x", file="d0"),
+        ],
+        setup=make_chain,
+    )  # fmt: skip
