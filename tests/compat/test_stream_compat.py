@@ -184,3 +184,33 @@ def test_stream_of_a_held_filter_is_busy(compat: Compat) -> None:
             ExpectEof(),
         ]
     )  # fmt: skip
+
+
+def test_a_read_only_device_is_reopened_not_the_node_below(compat: Compat) -> None:
+    """qsd reopens the device read-write when it is read-only, not the node below its
+    filters: a filter made read-only by a snapshot streams; a filter over a node that is
+    read-only cannot take the copy-on-read filter's writes."""
+
+    def add(driver: str, name: str, **opts: Any) -> Cmd:
+        return Cmd("blockdev-add", {"driver": driver, "node-name": name, **opts})
+
+    compat.check_transcript(
+        [
+            add("file", "f0", filename="$D/base.qcow2"),
+            add("qcow2", "d0", file="f0"),
+            add("blkdebug", "x2", image="d0"),
+            Cmd(
+                "blockdev-snapshot-sync",
+                {"node-name": "x2", "snapshot-file": "$D/s3.qcow2",
+                 "snapshot-node-name": "sn4", "format": "qcow2"},
+            ),
+            Cmd("block-stream", {"job-id": "j6", "device": "x2"}),
+            WaitEvent("JOB_STATUS_CHANGE"),
+            add("null-co", "n0", size=1 << 20, **{"read-only": True}),
+            Cmd("object-add", {"qom-type": "throttle-group", "id": "tg", "limits": {}}),
+            add("throttle", "x4", file="n0", **{"throttle-group": "tg"}),
+            Cmd("block-stream", {"job-id": "j11", "device": "x4"}),
+            Cmd("query-named-block-nodes", {"flat": True}),
+        ],
+        setup=make_chain,
+    )  # fmt: skip

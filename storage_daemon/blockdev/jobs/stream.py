@@ -287,7 +287,9 @@ class StreamJob(BlockJob):
         self.filter: BlockNode | None = None
         self.copier: _Copier | None = None  # the copies in flight, while run() runs
         self.block_graph = graph
-        self.grant = chain.WritableGrant(graph, top)
+        # qsd reopens the device read-write when it is read-only (not the node below its
+        # filters): a filter over a read-only node then fails to take the filter's writes.
+        self.grant = chain.WritableGrant(graph, device)
         self.writer_edge: BdrvChild | None = None  # the edge above the top (copy-up writes)
         # The throttle filters from the device down to the top, outermost first.
         self.throttles: list[ThrottleDriver] = []
@@ -297,10 +299,10 @@ class StreamJob(BlockJob):
         """Check the arguments, put the copy-on-read filter above the top (its name errors
         come before the job exists, as in qsd), then create the job on the filter."""
         job = cls(daemon, args)
-        if job.top.read_only:
-            # qsd holds the chain frozen while it reopens a read-only top read-write.
+        if job.device.read_only:
+            # qsd holds the chain frozen while it reopens a read-only device read-write.
             daemon.graph.unfreeze(daemon.graph.freeze_chain(job.device, job.above_base))
-        await job.grant.grant()  # qsd reopens a read-only top read-write (drained) for the job
+        await job.grant.grant()  # qsd reopens a read-only device read-write for the job
         try:
             async with drained(job.device):  # qsd's bdrv_insert_node drains the top
                 await job._insert_filter()
