@@ -288,10 +288,11 @@ class SocketChardev(Chardev):
         if self.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
+                path = host_path(self.path)
                 with contextlib.suppress(FileNotFoundError):
-                    if stat.S_ISSOCK(os.lstat(host_path(self.path)).st_mode):
-                        os.unlink(host_path(self.path))
-                sock.bind(host_path(self.path))
+                    if stat.S_ISSOCK(os.lstat(path).st_mode):
+                        os.unlink(path)
+                sock.bind(path)
                 sock.listen(_LISTEN_BACKLOG)
             except OSError as exc:
                 sock.close()

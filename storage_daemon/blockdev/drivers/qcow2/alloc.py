@@ -495,15 +495,10 @@ class Metadata:
         start = await self._scan_free(self.free_hint, count)
         pending = self.pending_clusters
         while pending:
-            run = range(start, start + count)
-            busy = (
-                [c for c in run if c in pending]
-                if count <= len(pending)
-                else [c for c in pending if c in run]
-            )
+            busy = [c for c in range(start, start + count) if c in pending]
             if not busy:
                 break
-            start = await self._scan_free(max(busy) + 1, count)
+            start = await self._scan_free(busy[-1] + 1, count)
         return start
 
     async def _scan_free(self, cluster: int, count: int) -> int:
